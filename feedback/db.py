@@ -1,0 +1,113 @@
+"""Opening the store: engine, SQLite pragmas, migrations, and read/write transactions.
+
+SQLite gets WAL (readers never block the writer), a busy timeout, foreign keys, and write
+transactions that start with `BEGIN IMMEDIATE`: a deferred transaction that later writes fails
+at once with SQLITE_BUSY whatever the timeout, so writers take the lock up front and wait.
+Any other SQLAlchemy URL (PostgreSQL) is used as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from feedback.config import database_url
+from feedback.errors import StoreUnavailable
+
+SQLITE_BUSY_TIMEOUT_S = 15.0
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Hand transaction control to SQLAlchemy's "begin" event below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write")
+                             else "BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """A new engine for `url`; SQLite files get their folder created and the pragmas above."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        connect_args = {"check_same_thread": False}
+        if "timeout" not in parsed.query:
+            connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args=connect_args)
+        _configure_sqlite(engine)
+        return engine
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the newest Alembic revision (a blank database gets every table)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except (OperationalError, DBAPIError) as exc:
+        raise StoreUnavailable(_describe(exc, engine)) from exc
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The process-wide engine for `url` (default: the configured URL), migrated on first use."""
+    url = url or database_url()
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = make_engine(url)
+            migrate(engine)
+            _engines[url] = engine
+        return engine
+
+
+def _describe(exc: Exception, engine: Engine) -> str:
+    where = engine.url.render_as_string(hide_password=True)
+    text = str(getattr(exc, "orig", exc)) or type(exc).__name__
+    if "locked" in text or "busy" in text:
+        return (f"The database is busy (locked by another program) and nothing was saved: {where}. "
+                "Try again in a moment.")
+    return (f"The database cannot be reached and nothing was saved: {where} ({text}). "
+            "Check that it is running and that the URL is right.")
+
+
+@contextmanager
+def transaction(*, write: bool = False, url: str | None = None) -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on error.
+
+    Database faults (locked, unreachable) surface as `StoreUnavailable` with a clear message;
+    the caller keeps whatever the user typed, since nothing was written.
+    """
+    engine = get_engine(url)
+    bind = engine.execution_options(write=True) if write else engine
+    try:
+        with Session(bind, expire_on_commit=False) as session, session.begin():
+            yield session
+    except (OperationalError, DBAPIError) as exc:
+        raise StoreUnavailable(_describe(exc, engine)) from exc

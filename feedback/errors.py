@@ -1,0 +1,17 @@
+"""The user-facing errors of the store; pages and CLIs turn them into a clear message."""
+
+
+class FeedbackError(Exception):
+    """Base class: something the user can act on, with a message that says what to do."""
+
+
+class InvalidInput(FeedbackError):
+    """Input that breaks a stated limit or rule (empty message, unknown reason, bad import line)."""
+
+
+class NotFound(FeedbackError):
+    """A conversation or message that does not exist, or belongs to another user."""
+
+
+class StoreUnavailable(FeedbackError):
+    """The database is locked, unreachable or not migrated; nothing was written."""
