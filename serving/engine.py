@@ -1,0 +1,335 @@
+"""The generation worker: one thread owns the model and decodes every reply, batched.
+
+Every browser session and the batch CLI submit requests here. The worker keeps one left-padded
+batch and a KV cache; a request that arrives mid-batch is prefilled alone and merged into the
+running batch (its cache left-padded to the same length), so several people chatting at once
+all see their replies progress, and the two cores never run two generations side by side.
+Finished or stopped rows are dropped from the batch. Each reply's tokens go only to its own
+`Reply`, so nobody's text is mixed with another's.
+
+A `Reply` keeps the whole text so far: a page interrupted by a rerun opens `stream()` again
+and gets everything from the start, then the rest as it comes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from serving.chat import build_prompt
+from serving.config import GenerationSettings, ServingConfig
+from serving.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class Reply:
+    """One reply being generated: its text so far, how it ended, and a way to stop it."""
+
+    def __init__(self, settings: GenerationSettings, trimmed: int) -> None:
+        self.settings = settings
+        self.trimmed = trimmed
+        self.version: str | None = None
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+        self.error: str | None = None
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.n_tokens = 0
+        self._text = ""
+        self._cond = threading.Condition()
+        self._cancel = threading.Event()
+        self._callbacks: list[Callable[[Reply], None]] = []
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the text so far is kept and `finish_reason` becomes "cancelled"."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def add_done_callback(self, fn: Callable[[Reply], None]) -> None:
+        """Call `fn(reply)` once finished (on the worker thread; at once if already done)."""
+        with self._cond:
+            if not self.done:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def stream(self, poll_s: float = 0.5) -> Iterator[str]:
+        """The text from its start: what exists now, then each new piece until done."""
+        sent = 0
+        while True:
+            with self._cond:
+                while len(self._text) <= sent and not self.done:
+                    self._cond.wait(poll_s)
+                text, done = self._text, self.done
+            if text.startswith(self._text[:sent]) and len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+            if done and sent >= len(self._text):
+                return
+
+    def wait(self, timeout: float | None = None) -> str:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError("the reply is still being generated")
+        return self._text
+
+    # -- worker side --
+    def _set_text(self, text: str) -> None:
+        with self._cond:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self._text = text
+            self._cond.notify_all()
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        with self._cond:
+            self.finish_reason, self.error = reason, error
+            callbacks, self._callbacks = self._callbacks, []
+            self._cond.notify_all()
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a callback's fault must not kill the worker
+                log.exception("reply callback failed")
+
+
+@dataclass
+class _Row:
+    reply: Reply
+    prompt_ids: list[int]
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """The shared worker. `submit` returns at once with a `Reply`; `generate` waits for many."""
+
+    def __init__(self, loaded: LoadedModel, config: ServingConfig | None = None) -> None:
+        self.config = config or ServingConfig()
+        self._loaded = loaded
+        self._next: LoadedModel | None = None
+        self._queue: queue.Queue[_Row] = queue.Queue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def version(self) -> str:
+        return (self._next or self._loaded).version
+
+    @property
+    def tokenizer(self):
+        return self._loaded.tokenizer
+
+    def swap_model(self, loaded: LoadedModel) -> None:
+        """Serve `loaded` for new replies once the replies in flight have finished."""
+        self._next = loaded
+
+    def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
+               *, system_prompt: str | None = None) -> Reply:
+        """Queue a reply to `messages` (user/assistant turns, oldest first, ending with user)."""
+        if self._closed.is_set():
+            raise RuntimeError("the engine is closed")
+        settings = (settings or GenerationSettings()).validate()
+        loaded = self._next or self._loaded
+        prompt = build_prompt(loaded.tokenizer, messages, context_window=loaded.context_window,
+                              max_new_tokens=settings.max_new_tokens, system_prompt=system_prompt)
+        reply = Reply(settings, prompt.trimmed)
+        gen = None
+        if settings.seed is not None:
+            gen = torch.Generator().manual_seed(settings.seed)
+        self._queue.put(_Row(reply, prompt.input_ids, generator=gen))
+        return reply
+
+    def generate(self, conversations: list[list[dict[str, str]]],
+                 settings: GenerationSettings | None = None, *,
+                 system_prompt: str | None = None) -> list[Reply]:
+        """Replies to many conversations, batched by the worker; returns when all are done."""
+        replies = [self.submit(c, settings, system_prompt=system_prompt) for c in conversations]
+        for r in replies:
+            r.wait()
+        return replies
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=10)
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        active: list[_Row] = []
+        cache = mask = None
+        while not self._closed.is_set():
+            try:
+                if not active and self._next is not None:
+                    self._loaded, self._next = self._next, None
+                new = self._admit(block=not active, room=self.config.max_batch - len(active))
+                if not active and not new:
+                    continue
+                if new:
+                    # Running rows pause for one step while the newcomers are prefilled.
+                    logits, new_cache, new_mask = self._prefill(new)
+                    keep = self._sample_and_emit(new, logits)
+                    new = [new[i] for i in keep]
+                    new_cache, new_mask = _select(new_cache, new_mask, keep)
+                    if new and active:
+                        cache, mask = _merge(cache, mask, new_cache, new_mask)
+                    elif new:
+                        cache, mask = new_cache, new_mask
+                    active = active + new
+                else:
+                    logits, mask = self._decode(active, cache, mask)
+                    keep = self._sample_and_emit(active, logits)
+                    if len(keep) < len(active):
+                        active = [active[i] for i in keep]
+                        cache, mask = _select(cache, mask, keep)
+            except Exception as exc:  # fail the replies in flight, keep serving others
+                log.exception("generation failed")
+                for row in active:
+                    row.reply._finish("error", f"generation failed: {exc}")
+                active, cache, mask = [], None, None
+
+    def _admit(self, *, block: bool, room: int) -> list[_Row]:
+        if self._next is not None and not block:
+            return []  # let the batch drain before the new version takes over
+        rows: list[_Row] = []
+        try:
+            if block:
+                rows.append(self._queue.get(timeout=0.2))
+            while len(rows) < room:
+                rows.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        for row in rows:
+            row.reply.version = self._loaded.version
+        live = [r for r in rows if not r.reply.cancelled]
+        for r in rows:
+            if r.reply.cancelled:
+                r.reply._finish("cancelled")
+        return live
+
+    @torch.inference_mode()
+    def _prefill(self, rows: list[_Row]):
+        model = self._loaded.model
+        width = max(len(r.prompt_ids) for r in rows)
+        pad = self._loaded.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
+                             for r in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float(), out.past_key_values, mask
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row], cache, mask):
+        ids = torch.tensor([[r.generated[-1]] for r in rows])
+        positions = mask.sum(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=-1)
+        out = self._loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float(), mask
+
+    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token, publish its text; returns the rows still going."""
+        tok = self._loaded.tokenizer
+        keep = []
+        for i, row in enumerate(rows):
+            reply = row.reply
+            if reply.cancelled:
+                reply._finish("cancelled")
+                continue
+            token = _sample(logits[i], row, reply.settings)
+            if token in self._loaded.eos_ids:
+                reply._finish("stop")
+                continue
+            row.generated.append(token)
+            reply.n_tokens = len(row.generated)
+            text = tok.decode(row.generated, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                reply._set_text(text)
+            total = len(row.prompt_ids) + len(row.generated)
+            if (len(row.generated) >= reply.settings.max_new_tokens
+                    or total >= self._loaded.context_window):
+                reply._set_text(text.rstrip("\ufffd"))
+                reply._finish("length")
+                continue
+            keep.append(i)
+        return keep
+
+
+def _sample(logits: torch.Tensor, row: _Row, s: GenerationSettings) -> int:
+    logits = logits.clone()
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_ids[-256:] + row.generated)), dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty,
+                                   picked * s.repetition_penalty)
+    if s.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > s.top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+# ---- KV cache surgery: the batch is left-padded, so rows line up on the right ----------------
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    layers = cache.layers
+    assert all(type(layer) is DynamicLayer for layer in layers), \
+        "the batching worker supports models with a plain (non-sliding) dynamic cache"
+    return layers
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+
+
+def _merge(cache, mask, new_cache, new_mask):
+    width = max(mask.shape[1], new_mask.shape[1])
+    for old, new in zip(_layers(cache), _layers(new_cache)):
+        old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
+        old.values = torch.cat([_left_pad(old.values, width, 2),
+                                _left_pad(new.values, width, 2)])
+    return cache, torch.cat([_left_pad(mask, width, 1), _left_pad(new_mask, width, 1)])
+
+
+def _select(cache, mask, keep: list[int]):
+    if not keep:
+        return None, None
+    index = torch.tensor(keep)
+    mask = mask[index]
+    # Columns that are padding in every remaining row carry nothing: cut them off the left.
+    start = int((mask.sum(0) > 0).float().argmax())
+    for layer in _layers(cache):
+        layer.keys = layer.keys[index, :, start:]
+        layer.values = layer.values[index, :, start:]
+    return cache, mask[:, start:]
