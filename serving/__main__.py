@@ -1,0 +1,117 @@
+"""`python -m serving generate`: batched replies for a JSONL file of conversations.
+
+Each input line is a JSON object with `messages` (user/assistant turns, ending with a user
+turn) and optionally `id` and `system`; a bare JSON list of messages works too. Each output line
+has the input's `id`, `messages`, the `reply`, the `model_version` that wrote it, the
+`finish_reason`, how many old messages were `trimmed`, and the `generation_settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from serving.chat import PromptTooLong
+from serving.config import GenerationSettings, InvalidSettings, ServingConfig
+from serving.model import ModelUnavailable
+from serving.registry import Registry, UnknownVersion
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_conversations(path: Path) -> list[dict]:
+    """Every line checked before any generation starts; errors name the line."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"line {lineno}: not valid JSON ({exc.msg}).") from None
+            obj = {"messages": obj} if isinstance(obj, list) else obj
+            msgs = obj.get("messages") if isinstance(obj, dict) else None
+            if (not isinstance(msgs, list) or not msgs
+                    or not all(isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                               and isinstance(m.get("content"), str) for m in msgs)
+                    or msgs[-1]["role"] != "user"):
+                raise InputError(f"line {lineno}: expected {{\"messages\": [{{\"role\": "
+                                 "\"user\", \"content\": \"...\"}, ...]}} ending with a user "
+                                 "message.")
+            obj.setdefault("id", lineno)
+            rows.append(obj)
+    return rows
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="batched replies for a JSONL file of conversations",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Exit codes: 0 done, 1 bad input or model, 2 usage error.")
+    g.add_argument("--in", dest="inp", type=Path, required=True, help="input JSONL")
+    g.add_argument("--out", type=Path, required=True, help="output JSONL")
+    g.add_argument("--version", help="model version (default: the current one)")
+    defaults = GenerationSettings()
+    g.add_argument("--temperature", type=float, default=defaults.temperature)
+    g.add_argument("--top-p", type=float, default=defaults.top_p)
+    g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    g.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=ServingConfig().max_batch,
+                   help="most replies decoded together")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from serving.engine import Engine
+
+    try:
+        settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,
+                                      max_new_tokens=args.max_new_tokens,
+                                      repetition_penalty=args.repetition_penalty,
+                                      seed=args.seed).validate()
+        rows = read_conversations(args.inp)
+        config = ServingConfig(max_batch=args.batch_size)
+        engine = Engine(Registry().load(args.version, config), config)
+    except (InputError, InvalidSettings, UnknownVersion, ModelUnavailable, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    start = time.monotonic()
+    try:
+        replies = []
+        for row in rows:
+            try:
+                replies.append(engine.submit(row["messages"], settings,
+                                             system_prompt=row.get("system")))
+            except PromptTooLong as exc:
+                print(f"error: conversation {row['id']}: {exc}", file=sys.stderr)
+                return 1
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row, reply in zip(rows, replies):
+                reply.wait()
+                fh.write(json.dumps({
+                    "id": row["id"], "messages": row["messages"], "reply": reply.text,
+                    "model_version": reply.version, "finish_reason": reply.finish_reason,
+                    "trimmed": reply.trimmed, "generation_settings": settings.to_dict(),
+                }, ensure_ascii=False) + "\n")
+        tmp.replace(args.out)
+    finally:
+        engine.close()
+    tokens = sum(r.n_tokens for r in replies)
+    elapsed = time.monotonic() - start
+    print(f"{len(replies)} replies, {tokens} tokens in {elapsed:.1f}s "
+          f"({tokens / max(elapsed, 1e-9):.1f} tok/s) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
