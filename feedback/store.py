@@ -190,13 +190,13 @@ def get_thread(*, session: Session, user_id: int, conversation_id: int) -> list[
 
 
 def history(*, session: Session, user_id: int, conversation_id: int,
-            upto_message_id: int | None = None) -> list[dict[str, str]]:
-    """The shown thread as chat messages (`role`, `content`), optionally up to a message."""
+            through_message_id: int | None = None) -> list[dict[str, str]]:
+    """The shown thread as chat messages (`role`, `content`), optionally ending at a message."""
     out = []
     for t in get_thread(session=session, user_id=user_id, conversation_id=conversation_id):
-        if t.id == upto_message_id:
-            break
         out.append({"role": t.role, "content": t.content})
+        if t.id == through_message_id:
+            break
     return out
 
 
@@ -337,6 +337,13 @@ def set_vote(*, session: Session, user_id: int, message_id: int, value: int | No
                           comment=vote.comment))
     session.flush()
     return vote
+
+
+def get_vote(*, session: Session, user_id: int, message_id: int) -> VoteView | None:
+    """The user's current vote on a reply, or None (never voted, or withdrawn)."""
+    vote = session.scalar(select(Vote).where(Vote.message_id == message_id,
+                                             Vote.user_id == user_id))
+    return VoteView(vote.value, tuple(vote.reasons), vote.comment) if vote and vote.value else None
 
 
 def vote_history(*, session: Session, user_id: int, message_id: int) -> list[VoteEvent]:

