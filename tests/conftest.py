@@ -52,3 +52,41 @@ def tiny_model(tiny_model_dir, monkeypatch) -> Path:
     """Serve the tiny model (the `CHAT_MODEL` setting) for this test."""
     monkeypatch.setenv("CHAT_MODEL", str(tiny_model_dir))
     return tiny_model_dir
+
+
+def _sqlite_url(d: Path) -> str:
+    return f"sqlite:///{d / 'feedback.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, data_dir, monkeypatch) -> str:
+    """The store's URL: a SQLite file, and a fresh database on the test PostgreSQL server.
+
+    `.ci/run` starts PostgreSQL and sets `TEST_DATABASE_URL`; outside it the PostgreSQL cases
+    fail rather than skip, so a green run always means both back ends were exercised.
+    """
+    if request.param == "sqlite":
+        yield _sqlite_url(data_dir)
+        return
+    base = os.environ.get("TEST_DATABASE_URL")
+    assert base, "TEST_DATABASE_URL is not set: run the suite with `bash .ci/run`"
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(base).set(database=name).render_as_string(hide_password=False)
+    monkeypatch.setenv("CHAT_DATABASE_URL", url)
+    yield url
+    from feedback import db
+
+    engine = db._engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -1,0 +1,237 @@
+"""The store against real databases: a SQLite file and a PostgreSQL server (see `db_url`)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from feedback import db, store
+from feedback.errors import InvalidInput, NotFound, StoreUnavailable
+
+EXPECTED_COLUMNS = {
+    "users": ["id", "username", "display_name", "created_at"],
+    "conversations": ["id", "user_id", "title", "settings", "created_at", "updated_at"],
+    "messages": ["id", "conversation_id", "parent_id", "role", "content", "source", "selected",
+                 "model_version", "generation_settings", "finish_reason", "edited_from_id",
+                 "created_at"],
+    "votes": ["id", "message_id", "user_id", "value", "reasons", "comment", "created_at",
+              "updated_at"],
+    "vote_events": ["id", "vote_id", "value", "reasons", "comment", "created_at"],
+    "preferences": ["id", "user_id", "conversation_id", "chosen_id", "rejected_id", "source",
+                    "created_at"],
+}
+
+
+def test_migrating_a_blank_database_creates_exactly_the_schema(db_url):
+    db.get_engine(db_url)
+    insp = inspect(create_engine(db_url))
+    tables = set(insp.get_table_names()) - {"alembic_version"}
+    assert tables == set(EXPECTED_COLUMNS)
+    for table, columns in EXPECTED_COLUMNS.items():
+        assert [c["name"] for c in insp.get_columns(table)] == columns, table
+
+
+def test_sqlite_uses_wal_and_foreign_keys(data_dir):
+    url = f"sqlite:///{data_dir / 'feedback.db'}"
+    engine = db.get_engine(url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def _user(session, name="alice"):
+    return store.get_or_create_user(session=session, username=name).id
+
+
+def _exchange(session, uid, text="Hi", reply="Hello!"):
+    conv = store.create_conversation(session=session, user_id=uid)
+    q = store.add_user_message(session=session, user_id=uid, conversation_id=conv.id, content=text)
+    a = store.add_reply(session=session, user_id=uid, parent_id=q.id, content=reply,
+                        model_version="v1", generation_settings={"temperature": 0.7})
+    return conv, q, a
+
+
+def test_conversation_lifecycle_and_titles(db_url):
+    with db.transaction(write=True, url=db_url) as s:
+        uid = _user(s)
+        conv, q, a = _exchange(s, uid, text="How do tides work?\nPlease explain.")
+    with db.transaction(url=db_url) as s:
+        [c] = store.list_conversations(session=s, user_id=uid)
+        assert c.title == "How do tides work?"
+        thread = store.get_thread(session=s, user_id=uid, conversation_id=conv.id)
+        assert [(t.role, t.content) for t in thread] == [
+            ("user", "How do tides work?\nPlease explain."), ("assistant", "Hello!")]
+        assert thread[1].model_version == "v1"
+        assert thread[1].generation_settings == {"temperature": 0.7}
+    with db.transaction(write=True, url=db_url) as s:
+        store.rename_conversation(session=s, user_id=uid, conversation_id=conv.id, title="Tides")
+        with pytest.raises(InvalidInput):
+            store.rename_conversation(session=s, user_id=uid, conversation_id=conv.id, title=" ")
+    with db.transaction(write=True, url=db_url) as s:
+        assert store.list_conversations(session=s, user_id=uid)[0].title == "Tides"
+        store.delete_conversation(session=s, user_id=uid, conversation_id=conv.id)
+    with db.transaction(url=db_url) as s:
+        assert store.list_conversations(session=s, user_id=uid) == []
+
+
+def test_a_user_sees_and_changes_only_their_own(db_url):
+    with db.transaction(write=True, url=db_url) as s:
+        alice, bob = _user(s, "alice"), _user(s, "bob")
+        conv, q, a = _exchange(s, alice)
+    with db.transaction(write=True, url=db_url) as s:
+        assert store.list_conversations(session=s, user_id=bob) == []
+        with pytest.raises(NotFound):
+            store.get_thread(session=s, user_id=bob, conversation_id=conv.id)
+        with pytest.raises(NotFound):
+            store.set_vote(session=s, user_id=bob, message_id=a.id, value=1)
+        with pytest.raises(NotFound):
+            store.delete_conversation(session=s, user_id=bob, conversation_id=conv.id)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t", "x" * (store.MAX_MESSAGE_CHARS + 1)])
+def test_empty_and_overlong_messages_are_refused(db_url, text):
+    with db.transaction(write=True, url=db_url) as s:
+        uid = _user(s)
+        conv = store.create_conversation(session=s, user_id=uid)
+    with pytest.raises(InvalidInput) as err, db.transaction(write=True, url=db_url) as s:
+        store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content=text)
+    assert "empty" in str(err.value) or f"{store.MAX_MESSAGE_CHARS:,}" in str(err.value)
+    with db.transaction(url=db_url) as s:
+        assert store.get_thread(session=s, user_id=uid, conversation_id=conv.id) == []
+
+
+def test_votes_change_withdraw_and_keep_history(db_url):
+    with db.transaction(write=True, url=db_url) as s:
+        uid = _user(s)
+        conv, q, a = _exchange(s, uid)
+        store.set_vote(session=s, user_id=uid, message_id=a.id, value=1, reasons=["clear"])
+        store.set_vote(session=s, user_id=uid, message_id=a.id, value=-1,
+                       reasons=["too verbose"], comment="shorter please")
+    with db.transaction(url=db_url) as s:
+        assert store.get_thread(session=s, user_id=uid, conversation_id=conv.id)[1].vote == \
+            store.VoteView(-1, ("too verbose",), "shorter please")
+    with db.transaction(write=True, url=db_url) as s:
+        store.set_vote(session=s, user_id=uid, message_id=a.id, value=None)
+    with db.transaction(url=db_url) as s:
+        assert store.get_thread(session=s, user_id=uid, conversation_id=conv.id)[1].vote is None
+        events = store.vote_history(session=s, user_id=uid, message_id=a.id)
+        assert [e.value for e in events] == [1, -1, None]
+        assert events[1].comment == "shorter please"
+
+
+@pytest.mark.parametrize("value,reasons", [(1, ["too verbose"]), (-1, ["clear"]), (2, []),
+                                           (None, ["clear"])])
+def test_invalid_votes_are_refused(db_url, value, reasons):
+    with db.transaction(write=True, url=db_url) as s:
+        uid = _user(s)
+        _, q, a = _exchange(s, uid)
+        with pytest.raises(InvalidInput):
+            store.set_vote(session=s, user_id=uid, message_id=a.id, value=value, reasons=reasons)
+        with pytest.raises(InvalidInput):  # user messages are not rated
+            store.set_vote(session=s, user_id=uid, message_id=q.id, value=1)
+
+
+def test_regenerate_pick_and_edit_record_preferences(db_url):
+    with db.transaction(write=True, url=db_url) as s:
+        uid = _user(s)
+        conv, q, first = _exchange(s, uid, reply="first")
+        second = store.add_reply(session=s, user_id=uid, parent_id=q.id, content="second",
+                                 model_version="v1", generation_settings={},
+                                 source="regenerate")
+    with db.transaction(write=True, url=db_url) as s:
+        thread = store.get_thread(session=s, user_id=uid, conversation_id=conv.id)
+        assert thread[1].content == "second" and thread[1].sibling_ids == (first.id, second.id)
+        store.select_reply(session=s, user_id=uid, message_id=first.id)
+        assert store.get_thread(session=s, user_id=uid, conversation_id=conv.id)[1].content == \
+            "first"
+        [pref] = store.prefer_reply(session=s, user_id=uid, message_id=first.id)
+        assert (pref.chosen_id, pref.rejected_id, pref.source) == (first.id, second.id,
+                                                                   "regenerate")
+        # Changing one's mind replaces the opposite pair instead of keeping both.
+        [pref] = store.prefer_reply(session=s, user_id=uid, message_id=second.id)
+        assert (pref.chosen_id, pref.rejected_id) == (second.id, first.id)
+        edited = store.edit_reply(session=s, user_id=uid, message_id=second.id,
+                                  content="second, improved")
+        with pytest.raises(InvalidInput):
+            store.edit_reply(session=s, user_id=uid, message_id=second.id, content="second ")
+    with db.transaction(url=db_url) as s:
+        from feedback import io
+        pairs = list(io.iter_pair_rows(session=s))
+        assert {(p["chosen_id"], p["rejected_id"], p["source"]) for p in pairs} == {
+            (second.id, first.id, "regenerate"), (edited.id, second.id, "edit")}
+        shown = store.get_thread(session=s, user_id=uid, conversation_id=conv.id)[1]
+        assert shown.content == "second, improved" and shown.source == "edit"
+        assert shown.model_version == "v1"
+
+
+def test_a_follow_up_continues_from_the_shown_reply(db_url):
+    with db.transaction(write=True, url=db_url) as s:
+        uid = _user(s)
+        conv, q, first = _exchange(s, uid, reply="first")
+        store.add_reply(session=s, user_id=uid, parent_id=q.id, content="second",
+                        model_version="v1", generation_settings={}, source="regenerate")
+        store.select_reply(session=s, user_id=uid, message_id=first.id)
+        store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="More?")
+        assert store.history(session=s, user_id=uid, conversation_id=conv.id) == [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "More?"}]
+
+
+def test_concurrent_sqlite_writers_wait_instead_of_failing(data_dir):
+    """Two engines (as two processes would have) write at once; every write lands."""
+    url = f"sqlite:///{data_dir / 'feedback.db'}"
+    with db.transaction(write=True, url=url) as s:
+        uid = _user(s)
+        cid = store.create_conversation(session=s, user_id=uid).id
+    errors = []
+
+    def writer(n: int) -> None:
+        engine = db.make_engine(url)
+        from sqlalchemy.orm import Session
+        try:
+            for i in range(25):
+                with Session(engine.execution_options(write=True)) as s, s.begin():
+                    # Read first, then write: the pattern that fails with a deferred BEGIN.
+                    store.get_thread(session=s, user_id=uid, conversation_id=cid)
+                    store.add_user_message(session=s, user_id=uid, conversation_id=cid,
+                                           content=f"{n}-{i}")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with db.transaction(url=url) as s:
+        assert len(store.get_thread(session=s, user_id=uid, conversation_id=cid)) == 100
+
+
+def test_a_locked_database_gives_a_clear_error_and_writes_nothing(data_dir):
+    path = data_dir / "feedback.db"
+    url = f"sqlite:///{path}?timeout=0.3"
+    with db.transaction(write=True, url=url) as s:
+        uid = _user(s)
+        cid = store.create_conversation(session=s, user_id=uid).id
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable, match="busy"), \
+                db.transaction(write=True, url=url) as s:
+            store.add_user_message(session=s, user_id=uid, conversation_id=cid, content="hello")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    with db.transaction(url=url) as s:
+        assert store.get_thread(session=s, user_id=uid, conversation_id=cid) == []
+
+
+def test_an_unreachable_database_gives_a_clear_error():
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+    with pytest.raises(StoreUnavailable, match="cannot be reached"):
+        with db.transaction(url=url):
+            pass
