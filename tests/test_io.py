@@ -1,0 +1,118 @@
+"""Import and export through the real CLI and store: JSONL in, TRL-format JSONL out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+
+from feedback import db, io, store
+from tests.conftest import ROOT
+
+GOOD = [
+    {"user": "alice", "title": "Tides", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What causes tides?"},
+        {"role": "assistant", "content": "The Moon's gravity.", "model_version": "v1",
+         "vote": {"value": 1, "reasons": ["accurate"], "comment": "nice"},
+         "rejected": ["Wind."]},
+        {"role": "user", "content": "And the Sun?"},
+        {"role": "assistant", "content": "It has no effect.", "vote": -1}]},
+    {"user": "bob", "messages": [{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello", "vote": 1}]},
+]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "feedback", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_lines(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_import_then_export_gives_trl_datasets(tmp_path, db_url):
+    src = write_lines(tmp_path / "in.jsonl", GOOD)
+    done = cli("--database-url", db_url, "import", str(src))
+    assert done.returncode == 0, done.stderr
+    assert "2 conversations" in done.stdout and "3 votes" in done.stdout
+    done = cli("--database-url", db_url, "export", "--votes-out", str(tmp_path / "v.jsonl"),
+               "--pairs-out", str(tmp_path / "p.jsonl"))
+    assert done.returncode == 0, done.stderr
+
+    votes = load_dataset("json", data_files=str(tmp_path / "v.jsonl"), split="train")
+    assert votes.num_rows == 3
+    assert {"prompt", "completion", "label"} <= set(votes.column_names)
+    second = votes.filter(lambda r: r["completion"][0]["content"] == "It has no effect.")[0]
+    assert second["label"] is False
+    assert second["prompt"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What causes tides?"},
+        {"role": "assistant", "content": "The Moon's gravity."},
+        {"role": "user", "content": "And the Sun?"}]
+
+    pairs = load_dataset("json", data_files=str(tmp_path / "p.jsonl"), split="train")
+    assert pairs.num_rows == 1
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "The Moon's gravity."}]
+    assert pairs[0]["rejected"] == [{"role": "assistant", "content": "Wind."}]
+    assert pairs[0]["prompt"][-1] == {"role": "user", "content": "What causes tides?"}
+
+    done = cli("--database-url", db_url, "stats", "--json")
+    stats = json.loads(done.stdout)
+    assert (stats["votes_up"], stats["votes_down"], stats["users"]) == (2, 1, 2)
+    assert stats["by_model_version"]["v1"] == {"up": 1, "down": 0, "withdrawn": 0,
+                                               "approval": 1.0}
+    assert cli("--database-url", db_url, "stats").returncode == 0
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"messages": []}), "non-empty list"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}), "expected 'user'"),
+    (json.dumps({"messages": [{"role": "user", "content": "  "}]}), "empty"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a", "vote": 5}]}), "vote"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a", "vote": 1,
+                               "reasons": None, "rejected": "oops"}]}), "rejected"),
+    (json.dumps([1, 2]), "JSON object"),
+])
+def test_a_malformed_line_is_reported_and_nothing_is_imported(tmp_path, db_url, bad, why):
+    src = write_lines(tmp_path / "in.jsonl", [GOOD[0], GOOD[1], bad])
+    done = cli("--database-url", db_url, "import", str(src))
+    assert done.returncode == 1
+    assert "line 3" in done.stderr and why in done.stderr
+    with db.transaction(url=db_url) as s:
+        assert io.stats(session=s)["conversations"] == 0
+
+
+def test_export_skips_withdrawn_votes_and_counts_a_changed_vote_once(db_url):
+    with db.transaction(write=True, url=db_url) as s:
+        uid = store.get_or_create_user(session=s, username="alice").id
+        conv = store.create_conversation(session=s, user_id=uid)
+        q = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="q")
+        a = store.add_reply(session=s, user_id=uid, parent_id=q.id, content="a1",
+                            model_version="v", generation_settings={})
+        b = store.add_reply(session=s, user_id=uid, parent_id=q.id, content="a2",
+                            model_version="v", generation_settings={}, source="regenerate")
+        store.set_vote(session=s, user_id=uid, message_id=a.id, value=1)
+        store.set_vote(session=s, user_id=uid, message_id=a.id, value=-1)
+        store.set_vote(session=s, user_id=uid, message_id=b.id, value=1)
+        store.set_vote(session=s, user_id=uid, message_id=b.id, value=None)
+    with db.transaction(url=db_url) as s:
+        rows = list(io.iter_vote_rows(session=s))
+    assert [(r["message_id"], r["label"]) for r in rows] == [(a.id, False)]
+
+
+def test_cli_usage_errors(tmp_path):
+    assert cli("export").returncode == 1
+    assert "--votes-out" in cli("export").stderr
+    missing = cli("import", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 1 and "not a file" in missing.stderr
+    assert cli("--help").returncode == 0

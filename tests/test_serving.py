@@ -1,0 +1,142 @@
+"""The engine, prompt trimming and the generate CLI on a tiny random model; one test on the
+real embedded model."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from serving.chat import PromptTooLong, build_prompt
+from serving.config import GenerationSettings, InvalidSettings, ServingConfig
+from serving.engine import Engine
+from serving.model import load
+from serving.registry import Registry
+from tests.conftest import ROOT
+
+GREEDY = GenerationSettings(temperature=0, max_new_tokens=12, repetition_penalty=1.0)
+
+
+@pytest.fixture
+def engine(tiny_model):
+    eng = Engine(load(str(tiny_model), version="tiny"), ServingConfig(max_batch=8))
+    yield eng
+    eng.close()
+
+
+def conv(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_history_is_trimmed_oldest_first_to_fit(tiny_model):
+    tok = load(str(tiny_model), version="tiny").tokenizer
+    history = []
+    for i in range(30):
+        history += [{"role": "user", "content": f"question {i} " + "word " * 20},
+                    {"role": "assistant", "content": f"answer {i} " + "word " * 20}]
+    history.append({"role": "user", "content": "the last question"})
+    prompt = build_prompt(tok, history, context_window=512, max_new_tokens=64,
+                          system_prompt="Be kind.")
+    assert prompt.trimmed > 0 and prompt.trimmed % 2 == 0
+    assert len(prompt.input_ids) <= 512 - 64
+    text = tok.decode(prompt.input_ids)
+    assert "Be kind." in text and "the last question" in text and "question 0 " not in text
+    assert build_prompt(tok, history[-3:], context_window=512, max_new_tokens=64).trimmed == 0
+    with pytest.raises(PromptTooLong, match="context window"):
+        build_prompt(tok, conv("word " * 600), context_window=512, max_new_tokens=64)
+
+
+def test_concurrent_replies_are_the_same_as_alone(engine):
+    prompts = [conv(f"Tell me about topic number {i}") for i in range(5)]
+    alone = [engine.submit(p, GREEDY).wait() for p in prompts]
+    replies = []
+    for p in prompts:  # staggered: each newcomer joins a batch already decoding
+        replies.append(engine.submit(p, GREEDY))
+        time.sleep(0.01)
+    assert [r.wait() for r in replies] == alone
+    assert all(r.version == "tiny" and r.finish_reason in ("stop", "length") for r in replies)
+
+
+def test_every_stream_progresses_while_another_is_long(engine):
+    long = engine.submit(conv("long one"), GenerationSettings(temperature=0, max_new_tokens=400))
+    while long.n_tokens < 3:
+        time.sleep(0.005)
+    short = engine.submit(conv("short one"), GREEDY)
+    short.wait(timeout=60)
+    assert not long.done, "the short reply had to wait for the long one"
+    long.cancel()
+    long.wait(timeout=60)
+
+
+def test_a_reply_can_be_stopped_and_keeps_its_text(engine):
+    reply = engine.submit(conv("go on"), GenerationSettings(temperature=1.0, max_new_tokens=400))
+    while reply.n_tokens < 5:
+        time.sleep(0.005)
+    reply.cancel()
+    text = reply.wait(timeout=60)
+    assert reply.finish_reason == "cancelled" and 0 < reply.n_tokens < 400 and text
+
+
+def test_stream_resumes_from_the_start_after_an_interruption(engine):
+    reply = engine.submit(conv("hello"), GREEDY)
+    first = next(reply.stream())
+    reply.wait()
+    assert "".join(reply.stream()) == reply.text and reply.text.startswith(first)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"temperature": 3}, {"top_p": 0},
+                                    {"max_new_tokens": 0}, {"max_new_tokens": 10**6}])
+def test_bad_settings_are_refused(engine, kwargs):
+    with pytest.raises(InvalidSettings):
+        engine.submit(conv("hi"), GenerationSettings(**kwargs))
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    s = GenerationSettings(temperature=1.0, max_new_tokens=10, seed=7)
+    assert engine.submit(conv("x"), s).wait() == engine.submit(conv("x"), s).wait()
+
+
+def test_generate_cli_batches_and_records_the_version(tiny_model, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "messages": conv(f"q{i}")}) + "\n"
+                           for i in range(6)) + json.dumps(conv("bare list")) + "\n")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "serving", "generate", "--in", str(src),
+                           "--out", str(out), "--max-new-tokens", "6", "--temperature", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 5, 7]
+    assert all(r["model_version"] == tiny_model.name and r["reply"] for r in rows)
+    assert rows[0]["generation_settings"]["max_new_tokens"] == 6
+
+    src.write_text(json.dumps(conv("ok")) + "\n" + json.dumps({"messages": [
+        {"role": "assistant", "content": "no user turn"}]}) + "\n")
+    bad = subprocess.run([sys.executable, "-m", "serving", "generate", "--in", str(src),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "line 2" in bad.stderr
+
+
+def test_registry_current_moves_atomically_and_defaults_to_base(tiny_model):
+    reg = Registry()
+    assert reg.current_name() == tiny_model.name
+    with pytest.raises(LookupError, match="No model version"):
+        reg.set_current("nope")
+
+
+@pytest.mark.slow
+def test_the_embedded_model_answers_in_english(monkeypatch):
+    monkeypatch.delenv("CHAT_MODEL", raising=False)
+    eng = Engine(Registry().load())
+    try:
+        reply = eng.submit(conv("What is the capital of France?"),
+                           GenerationSettings(temperature=0, max_new_tokens=24)).wait()
+    finally:
+        eng.close()
+    words = re.findall(r"[A-Za-z]+", reply)
+    assert len(words) >= 3 and "Paris" in reply, reply
