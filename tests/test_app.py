@@ -1,0 +1,185 @@
+"""The chat page through Streamlit's AppTest, on the tiny model and a real SQLite store."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from streamlit.testing.v1 import AppTest
+
+from feedback import db, io, store
+from feedback.models import Preference
+from tests.conftest import ROOT
+
+APP = str(ROOT / "streamlit_app" / "app.py")
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def button(at: AppTest, label: str):
+    found = [b for b in at.button if b.label == label]
+    assert found, f"no button {label!r}; have {[b.label for b in at.button]}"
+    return found[0]
+
+
+def send(at: AppTest, text: str, max_tokens: int = 8) -> AppTest:
+    at.number_input(key=f"max_tokens_{at.session_state['conversation_id'] or 'new'}") \
+        .set_value(max_tokens)
+    at.chat_input[0].set_value(text).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def thread() -> list[store.Turn]:
+    with db.transaction() as s:
+        [conv] = store.list_conversations(session=s, user_id=1)
+        return store.get_thread(session=s, user_id=1, conversation_id=conv.id)
+
+
+def vote_of(message_id: int) -> store.VoteView | None:
+    with db.transaction() as s:
+        return store.get_vote(session=s, user_id=1, message_id=message_id)
+
+
+def test_chat_vote_reasons_comment_change_and_withdraw(tiny_model):
+    at = send(open_page(), "Hello there")
+    user, reply = thread()
+    assert (user.content, reply.role) == ("Hello there", "assistant")
+    assert reply.model_version == tiny_model.name
+    assert reply.generation_settings["max_new_tokens"] == 8
+    assert [m.markdown[0].value for m in at.chat_message][0] == "Hello there"
+    assert tiny_model.name in at.chat_message[1].caption[0].value
+
+    at.feedback(key=f"vote_{reply.id}").set_value(1).run()
+    assert vote_of(reply.id) == store.VoteView(1)
+    pills = at.get("pills")[0] if at.get("pills") else at.get("button_group")[0]
+    assert list(pills.options) == list(store.UP_REASONS)
+    pills.set_value(["clear", "accurate"]).run()
+    at.text_input(key=f"comment_{reply.id}_1").input("short and right").run()
+    assert vote_of(reply.id) == store.VoteView(1, ("clear", "accurate"), "short and right")
+
+    at.feedback(key=f"vote_{reply.id}").set_value(0).run()
+    assert vote_of(reply.id) == store.VoteView(-1, (), "short and right")
+    pills = (at.get("pills") or at.get("button_group"))[0]
+    assert list(pills.options) == list(store.DOWN_REASONS)
+
+    at.feedback(key=f"vote_{reply.id}").set_value(None).run()
+    assert vote_of(reply.id) is None
+    with db.transaction() as s:
+        assert [e.value for e in store.vote_history(session=s, user_id=1,
+                                                    message_id=reply.id)] == [1, 1, 1, -1, None]
+
+
+def test_regenerate_page_pick_edit_and_reopen(tiny_model):
+    at = send(open_page(), "Tell me a fact")
+    first = thread()[1]
+    button(at, "🔄 Regenerate").click().run()
+    second = thread()[1]
+    assert second.id != first.id and second.sibling_ids == (first.id, second.id)
+    assert "2 / 2" in [c.value for c in at.caption]
+
+    button(at, "‹").click().run()
+    assert thread()[1].id == first.id and "1 / 2" in [c.value for c in at.caption]
+    button(at, "✓ Prefer this reply").click().run()
+    with db.transaction() as s:
+        prefs = s.query(Preference).all()
+        assert [(p.chosen_id, p.rejected_id, p.source) for p in prefs] == [
+            (first.id, second.id, "regenerate")]
+
+    button(at, "✏️ Edit").click().run()
+    at.text_area(key=f"edit_text_{first.id}").input("A better fact.")
+    button(at, "Save edit").click().run()
+    edited = thread()[1]
+    assert edited.content == "A better fact." and edited.source == "edit"
+    with db.transaction() as s:
+        pairs = list(io.iter_pair_rows(session=s))
+    assert (edited.id, first.id, "edit") in {(p["chosen_id"], p["rejected_id"], p["source"])
+                                             for p in pairs}
+    at.feedback(key=f"vote_{edited.id}").set_value(1).run()
+    at.get("button_group")[0].set_value(["thorough"]).run()
+
+    # A new browser session (or a server restart): the conversation and the vote come back.
+    again = open_page()
+    [conv_button] = [b for b in again.sidebar.button if b.label == "Tell me a fact"]
+    conv_button.click().run()
+    assert [m.markdown[0].value for m in again.chat_message][1] == "A better fact\\."
+    assert again.feedback(key=f"vote_{edited.id}").value == 1
+    assert again.get("button_group")[0].value == ["thorough"]
+
+
+def test_empty_and_overlong_messages(tiny_model):
+    at = open_page()
+    at.chat_input[0].set_value("   \n ").run()
+    assert not at.chat_message and not at.error
+    too_long = "x" * (store.MAX_MESSAGE_CHARS + 1)
+    at.chat_input[0].set_value(too_long).run()
+    assert "limit is 8,000" in at.error[0].value
+    assert at.chat_input[0].proto.value == too_long  # the text is back in the box
+    with db.transaction() as s:
+        assert io.stats(session=s)["messages"] == 0
+
+
+def test_html_markdown_and_script_are_shown_as_text(tiny_model):
+    text = "<script>alert(1)</script> **bold** <b>x</b> :red[y] $x^2$"
+    at = send(open_page(), text)
+    shown = at.chat_message[0].markdown[0]
+    assert shown.value == ("\\<script\\>alert\\(1\\)\\</script\\> \\*\\*bold\\*\\* \\<b\\>x\\</b\\> "
+                           "\\:red\\[y\\] \\$x\\^2\\$")
+    assert not shown.proto.allow_html
+    assert thread()[0].content == text  # stored exactly as typed
+
+
+def test_rename_switch_and_delete_conversations(tiny_model):
+    at = send(open_page(), "first chat")
+    button(at, "➕ New chat").click().run()
+    send(at, "second chat")
+    titles = [b.label for b in at.sidebar.button if (b.key or "").startswith("conv_")]
+    assert titles == ["second chat", "first chat"]
+    cid = at.session_state["conversation_id"]
+    at.text_input(key=f"title_{cid}").input("Renamed").run()
+    assert [b.label for b in at.sidebar.button if (b.key or "").startswith("conv_")][0] == "Renamed"
+    button(at, "🗑 Delete this chat").click().run()
+    assert [b.label for b in at.sidebar.button if (b.key or "").startswith("conv_")] == ["first chat"]
+
+
+def test_old_turns_trimmed_to_the_context_window_are_announced(tiny_model):
+    at = open_page()
+    for i in range(4):  # the tiny model's window is 512 tokens
+        send(at, f"message {i} " + "lorem ipsum " * 60, max_tokens=8)
+    notes = [c.value for c in at.caption if "did not fit" in c.value]
+    assert notes, [c.value for c in at.caption]
+    assert thread()[-1].generation_settings["trimmed"] > 0
+
+
+def test_a_locked_database_loses_neither_the_message_nor_the_vote(tiny_model, data_dir,
+                                                                   monkeypatch):
+    url = f"sqlite:///{data_dir / 'feedback.db'}?timeout=0.2"
+    monkeypatch.setenv("CHAT_DATABASE_URL", url)
+    at = send(open_page(), "before the lock")
+    reply = thread()[1]
+    blocker = sqlite3.connect(data_dir / "feedback.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        at.chat_input[0].set_value("typed during the lock").run()
+        assert "busy" in at.error[0].value
+        assert at.chat_input[0].proto.value == "typed during the lock"
+        at.feedback(key=f"vote_{reply.id}").set_value(1).run()
+        assert any("waiting to be saved" in w.value for w in at.warning)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    at.run()  # the next run saves the vote that waited
+    assert vote_of(reply.id) == store.VoteView(1)
+    assert [t.content for t in thread()][:2] == ["before the lock", reply.content]
+
+
+def test_a_message_too_long_for_the_context_window_is_kept(tiny_model):
+    at = open_page()
+    text = "word " * 700  # under the character limit, over the tiny model's 512 tokens
+    at.chat_input[0].set_value(text).run()
+    assert "context window" in at.error[0].value
+    assert at.chat_input[0].proto.value == text
