@@ -202,7 +202,7 @@ cid = ss.conversation_id
 if cid is not None and cid not in {c.id for c in conversations} and conversations:
     cid = ss.conversation_id = None
 with st.sidebar:
-    st.button("➕ New chat", on_click=open_conversation, args=(None,), width="stretch")
+    st.button("New chat", icon=":material/add:", on_click=open_conversation, args=(None,), width="stretch")
     for conv in conversations:
         st.button(conv.title, key=f"conv_{conv.id}", on_click=open_conversation,
                   args=(conv.id,), width="stretch",
@@ -212,7 +212,7 @@ with st.sidebar:
             title = next(c.title for c in conversations if c.id == cid)
             st.text_input("Title", value=title, key=f"title_{cid}", on_change=rename,
                           args=(cid,), max_chars=store.MAX_TITLE_CHARS)
-            st.button("🗑 Delete this chat", on_click=delete, args=(cid,))
+            st.button("Delete this chat", icon=":material/delete:", on_click=delete, args=(cid,))
     st.caption(f"Signed in as {user[1]}" if user[0] != "local" else "Local user")
     if user[0] != "local":
         st.button("Sign out", on_click=st.logout)
@@ -246,7 +246,7 @@ def initial(name: str, value):
     return {} if f"{name}_{key}" in ss else {"value": value}
 
 
-with st.expander("⚙️ Generation settings"):
+with st.expander("Generation settings", icon=":material/tune:"):
     st.text_area("System prompt", key=f"system_{key}", max_chars=store.MAX_MESSAGE_CHARS,
                  placeholder="Leave empty for the model's default",
                  **initial("system", conv_settings.get("system_prompt", "")))
@@ -271,7 +271,7 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
     edited = " · edited by you" if turn.source == "edit" else ""
     st.caption(f"{turn.model_version} · temperature {gs.get('temperature', '?')}{note}{edited}")
     if gs.get("trimmed"):
-        st.caption(f"ℹ️ The oldest {gs['trimmed']} message(s) did not fit the model's context "
+        st.caption(f":material/info: The oldest {gs['trimmed']} message(s) did not fit the model's context "
                    "window and were left out when this reply was written.")
     if len(turn.sibling_ids) > 1:
         i, n = turn.sibling_index, len(turn.sibling_ids)
@@ -283,7 +283,7 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
         right.button("›", key=f"next_{turn.id}", disabled=i == n - 1, on_click=write,
                      args=(store.select_reply,),
                      kwargs={"message_id": turn.sibling_ids[min(i + 1, n - 1)]})
-        pick.button("✓ Prefer this reply", key=f"prefer_{turn.id}", on_click=write,
+        pick.button("Prefer this reply", icon=":material/check:", key=f"prefer_{turn.id}", on_click=write,
                     args=(store.prefer_reply,), kwargs={"message_id": turn.id})
     vote = turn.vote
     st.feedback("thumbs", key=f"vote_{turn.id}", on_change=on_thumb, args=(turn.id,),
@@ -299,9 +299,9 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
     busy = in_flight.get(cid) is not None
     a, b, _ = st.columns([2, 2, 6])
     if is_last:
-        a.button("🔄 Regenerate", key=f"regen_{turn.id}", disabled=busy, on_click=reply_to,
+        a.button("Regenerate", icon=":material/refresh:", key=f"regen_{turn.id}", disabled=busy, on_click=reply_to,
                  args=(turn.parent_id, "regenerate"))
-    b.button("✏️ Edit", key=f"edit_{turn.id}", disabled=busy,
+    b.button("Edit", icon=":material/edit:", key=f"edit_{turn.id}", disabled=busy,
              on_click=lambda: ss.update(editing=turn.id))
     if ss.editing == turn.id:
         with st.form(f"edit_form_{turn.id}"):
@@ -322,10 +322,10 @@ for n, turn in enumerate(thread):
 def show_pending(pending: PendingReply) -> None:
     with st.chat_message("assistant"):
         if pending.reply.trimmed:
-            st.caption(f"ℹ️ The oldest {pending.reply.trimmed} message(s) do not fit the model's "
+            st.caption(f":material/info: The oldest {pending.reply.trimmed} message(s) do not fit the model's "
                        "context window and are left out of this reply.")
         if not pending.reply.done:
-            st.button("⏹ Stop", key="stop", on_click=pending.reply.cancel)
+            st.button("Stop", icon=":material/stop:", key="stop", on_click=pending.reply.cancel)
         st.write_stream(as_text(chunk) for chunk in pending.reply.stream())
         pending.saved.wait(SAVE_RETRY_S + 5)
         if pending.save_error:
@@ -340,7 +340,7 @@ if pending is not None:
     show_pending(pending)
 elif thread and thread[-1].role == "user":
     # A message left without a reply (the server restarted, or generation failed).
-    st.button("💬 Get a reply", on_click=reply_to, args=(thread[-1].id, "chat"))
+    st.button("Get a reply", icon=":material/chat:", on_click=reply_to, args=(thread[-1].id, "chat"))
 
 # No max_chars here: the browser would silently cut a long paste; `send` says what is wrong
 # instead and puts the whole text back.
