@@ -23,7 +23,9 @@ GREEDY = GenerationSettings(temperature=0, max_new_tokens=12, repetition_penalty
 
 @pytest.fixture
 def engine(tiny_model):
-    eng = Engine(load(str(tiny_model), version="tiny"), ServingConfig(max_batch=8))
+    # float32, so that a reply decoded in a batch is bit-for-bit the reply decoded alone.
+    config = ServingConfig(max_batch=8, dtype="float32")
+    eng = Engine(load(str(tiny_model), version="tiny", config=config), config)
     yield eng
     eng.close()
 
