@@ -151,6 +151,7 @@ def iter_vote_rows(*, session: Session) -> Iterator[dict[str, Any]]:
                "completion": [{"role": "assistant", "content": msg.content}],
                "label": vote.value == 1,
                "vote_id": vote.id, "message_id": msg.id, "user_id": vote.user_id,
+               "conversation_id": msg.conversation_id, "voted_at": vote.updated_at.isoformat(),
                "model_version": msg.model_version, "reasons": list(vote.reasons)}
 
 
@@ -163,7 +164,8 @@ def iter_pair_rows(*, session: Session) -> Iterator[dict[str, Any]]:
                "chosen": [{"role": "assistant", "content": chosen.content}],
                "rejected": [{"role": "assistant", "content": rejected.content}],
                "preference_id": pref.id, "source": pref.source, "user_id": pref.user_id,
-               "chosen_id": chosen.id, "rejected_id": rejected.id}
+               "conversation_id": pref.conversation_id, "chosen_id": chosen.id,
+               "rejected_id": rejected.id}
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]], path: Path) -> int:

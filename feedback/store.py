@@ -346,6 +346,16 @@ def get_vote(*, session: Session, user_id: int, message_id: int) -> VoteView | N
     return VoteView(vote.value, tuple(vote.reasons), vote.comment) if vote and vote.value else None
 
 
+def vote_events_since(*, session: Session, after_id: int = 0) -> tuple[int, int]:
+    """(how many votes were cast or changed after event `after_id`, the newest event id)."""
+    from sqlalchemy import func
+
+    count, newest = session.execute(
+        select(func.count(VoteEvent.id), func.max(VoteEvent.id)).where(VoteEvent.id > after_id)
+    ).one()
+    return count or 0, newest or after_id
+
+
 def vote_history(*, session: Session, user_id: int, message_id: int) -> list[VoteEvent]:
     vote = session.scalar(select(Vote).where(Vote.message_id == message_id,
                                              Vote.user_id == user_id))

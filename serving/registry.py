@@ -10,12 +10,19 @@ model chosen by `CHAT_MODEL` serves.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import threading
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.config import ServingConfig, data_dir
 from serving.model import LoadedModel, load, load_base, resolve_base
+
+log = logging.getLogger(__name__)
 
 
 class UnknownVersion(LookupError):
@@ -58,21 +65,51 @@ class Registry:
         name = pointer.read_text().strip() if pointer.is_file() else ""
         return name or self.base_name
 
-    def set_current(self, name: str) -> None:
-        """Point `CURRENT` at `name` atomically and durably."""
+    def register(self, name: str, built: Path, meta: dict) -> Version:
+        """Move a finished version folder `built` into the registry under `name`, atomically:
+        the folder appears whole (a rename) with its `meta.json`, or not at all."""
+        meta = {"name": name, "created_at": datetime.now(timezone.utc).isoformat(), **meta}
+        _write_durably(built / "meta.json", json.dumps(meta, indent=2) + "\n")
+        target = self.root / name
+        assert not target.exists(), f"version {name} exists already"
+        os.replace(built, target)
+        _fsync_dir(self.root)
+        return Version(name, target, meta)
+
+    def staging(self, name: str) -> Path:
+        """A fresh folder (ignored by readers) to build version `name` in before `register`."""
+        path = self.root / f".{name}.partial"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def history(self) -> list[dict]:
+        """Every move of `CURRENT`, oldest first: {"at", "from", "to", "why"}."""
+        path = self.root / "history.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def previous(self) -> str | None:
+        """The version that was current before the present one (the default rollback)."""
+        current = self.current_name()
+        for move in reversed(self.history()):
+            if move["to"] == current and move["from"] != current:
+                return move["from"]
+        return None
+
+    def set_current(self, name: str, why: str = "") -> None:
+        """Point `CURRENT` at `name` atomically and durably, and log the move."""
         if name != self.base_name:
             self.get(name)
+        old = self.current_name()
         tmp = self.root / f".CURRENT.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(name + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_durably(tmp, name + "\n")
         os.replace(tmp, self.root / "CURRENT")
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(self.root)
+        with open(self.root / "history.jsonl", "a") as fh:
+            fh.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "from": old,
+                                 "to": name, "why": why}) + "\n")
 
     def load(self, name: str | None = None, config: ServingConfig | None = None) -> LoadedModel:
         """Load a version (default: the current one) for serving."""
@@ -82,16 +119,56 @@ class Registry:
         version = self.get(name)
         if (version.path / "model").is_dir():
             return load(str(version.path / "model"), version=name, config=config)
-        return _load_adapter(version, config)
+        return self._load_adapter(version, config)
 
 
-def _load_adapter(version: Version, config: ServingConfig | None) -> LoadedModel:
-    """A LoRA version: its base model with the adapter merged in for fast inference."""
-    from peft import PeftModel
+    def _load_adapter(self, version: Version, config: ServingConfig | None) -> LoadedModel:
+        """A LoRA version: its parent (loaded the same way) with the adapter merged in."""
+        from peft import PeftModel
 
-    base_version, base_source = resolve_base()
-    loaded = load(version.meta.get("base_source", base_source), version=version.name,
-                  config=config)
-    loaded.model = PeftModel.from_pretrained(loaded.model, version.path / "adapter") \
-        .merge_and_unload().eval()
-    return loaded
+        loaded = self.load(version.meta["parent"], config)
+        loaded.model = PeftModel.from_pretrained(loaded.model, version.path / "adapter") \
+            .merge_and_unload().eval()
+        loaded.version = version.name
+        return loaded
+
+
+def follow_current(engine, registry: Registry | None = None, interval_s: float = 5.0,
+                   config: ServingConfig | None = None) -> threading.Thread:
+    """Watch `CURRENT` and hand a newly promoted (or rolled back) version to `engine`.
+
+    The model is loaded on this watcher thread; the engine switches once the replies in
+    flight have finished, so no reply is cut off and each keeps the version that wrote it.
+    """
+    registry = registry or Registry()
+
+    def watch() -> None:
+        serving = engine.version
+        while True:
+            time.sleep(interval_s)
+            try:
+                name = registry.current_name()
+                if name != serving:
+                    engine.swap_model(registry.load(name, config))
+                    serving = name
+            except Exception:  # a bad version must not stop the watcher; retry next time
+                log.exception("could not switch to the current version")
+
+    thread = threading.Thread(target=watch, name="version-watcher", daemon=True)
+    thread.start()
+    return thread
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,130 @@
+"""`python -m training run|status|rollback|schedule`: the learning loop without the browser.
+
+    python -m training run [--max-minutes N] [--config round.json] [--method kto|dpo|auto]
+    python -m training status [--json]
+    python -m training rollback [VERSION]
+    python -m training schedule --min-new-votes 50 --interval-minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.config import RoundConfig
+
+RUN_EXIT_CODES = """exit codes:
+  0  the candidate passed the gate and now serves
+  1  an error (the message says what); serving is unchanged
+  2  usage error
+  3  not enough feedback (too few votes, or one label only); serving is unchanged
+  4  another round is running
+  5  the candidate failed the gate; the current version keeps serving (see the report)
+  6  the round overran --max-minutes; nothing was promoted"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def round_options(p):
+        p.add_argument("--config", type=Path, help="JSON with RoundConfig fields to override, "
+                       'e.g. {"tune": {"learning_rate": 1e-4}, "gate": {"min_retention": 0.9}}')
+        p.add_argument("--max-minutes", type=float, help="time budget of a round (default 60)")
+        p.add_argument("--method", choices=["auto", "kto", "dpo"])
+        p.add_argument("--full-finetune", action="store_true",
+                       help="train every weight instead of a LoRA adapter")
+
+    p = sub.add_parser("run", help="one round: data, reward model, tuning, gate, promote or not",
+                       epilog=RUN_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    round_options(p)
+    p = sub.add_parser("status", help="versions, the current one, the last rounds")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("rollback", help="serve VERSION (default: the one before the current)")
+    p.add_argument("version", nargs="?")
+    p = sub.add_parser("schedule", help="run a round whenever enough new votes arrived",
+                       epilog=RUN_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    round_options(p)
+    p.add_argument("--min-new-votes", type=int, default=50)
+    p.add_argument("--interval-minutes", type=float, default=30.0)
+    p.add_argument("--max-checks", type=int, help="stop after this many checks (default: never)")
+    return parser
+
+
+def round_config(args) -> RoundConfig:
+    cfg = RoundConfig()
+    if args.config:
+        overrides = json.loads(args.config.read_text())
+        merged = cfg.to_dict()
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+        cfg = RoundConfig.from_dict(merged)
+    if args.max_minutes is not None:
+        cfg.max_minutes = args.max_minutes
+    if args.method:
+        cfg.tune.method = args.method
+    if args.full_finetune:
+        cfg.tune.full_finetune = True
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from feedback.errors import FeedbackError
+    from serving.model import ModelUnavailable
+    from serving.registry import Registry, UnknownVersion
+    from training.lock import RoundBusy
+    from training.round import BUSY, ERROR, USAGE, run_round, status
+
+    try:
+        if args.command == "run":
+            return run_round(round_config(args)).exit_code
+        if args.command == "schedule":
+            from training.schedule import run_schedule
+            return run_schedule(round_config(args), min_new_votes=args.min_new_votes,
+                                interval_s=args.interval_minutes * 60,
+                                max_checks=args.max_checks)
+        if args.command == "status":
+            s = status()
+            print(json.dumps(s, indent=2) if args.json else format_status(s))
+            return 0
+        registry = Registry()
+        target = args.version or registry.previous()
+        if target is None:
+            print("error: nothing to roll back to: no earlier version has served. "
+                  "Name one: python -m training rollback VERSION", file=sys.stderr)
+            return USAGE
+        was = registry.current_name()
+        registry.set_current(target, why="rollback")
+        print(f"{target} now serves (was {was})")
+        return 0
+    except RoundBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BUSY
+    except (FeedbackError, ModelUnavailable, UnknownVersion, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ERROR
+
+
+def format_status(s: dict) -> str:
+    lines = [f"serving: {s['current']}   (base: {s['base']})", "",
+             f"{'version':<22} {'parent':<22} {'method':<7} {'votes':>6}  created"]
+    for v in s["versions"]:
+        mark = " *" if v["name"] == s["current"] else ""
+        lines.append(f"{v['name'] + mark:<22} {v['parent'] or '':<22} {v['method'] or '':<7} "
+                     f"{v['votes'] or 0:>6}  {(v['created_at'] or '')[:19]}")
+    if s["rounds"]:
+        lines += ["", "last rounds:"]
+        lines += [f"  {r['round']}  {r['decision']:<9} {r['message']}" for r in s["rounds"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Stored feedback -> TRL datasets: unpaired vote rows (KTO) and preference pairs (DPO, reward).
+
+Rules, applied in this order:
+- Withdrawn votes are ignored; a changed vote counts once, as its latest value (the store keeps
+  one vote per user and reply, with its history elsewhere).
+- Duplicates: rows with the same prompt and reply are one row. If their votes conflict (several
+  users, or imports), the majority label wins; on a tie, the most recent vote wins. The row keeps
+  the ids of every vote behind it.
+- Pairs come from regenerate picks and edits, and from a liked and a disliked reply to the same
+  prompt (at most `max_pairs_per_prompt` per prompt); duplicates dropped, identical texts skipped.
+- The held-out split is by conversation, from a salted hash of its id: deterministic, and no
+  conversation is on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from feedback import io
+from feedback.db import transaction
+from training.config import DataConfig
+
+# TRL's recommendation for KTO: desirable_weight * n_pos : undesirable_weight * n_neg in [1, 4/3].
+KTO_RATIO_RANGE = (1.0, 4 / 3)
+
+
+class NotEnoughFeedback(Exception):
+    """Too little feedback, or one label only: no round is possible (the message says what)."""
+
+
+@dataclass
+class FeedbackData:
+    votes: list[dict] = field(default_factory=list)
+    pairs: list[dict] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        pos = sum(r["label"] for r in self.votes)
+        return {"votes": len(self.votes), "liked": pos, "disliked": len(self.votes) - pos,
+                "pairs": len(self.pairs)}
+
+
+def _key(prompt: list[dict], reply: str) -> str:
+    return json.dumps([prompt, reply], sort_keys=True)
+
+
+def _merge_votes(rows: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[_key(r["prompt"], r["completion"][0]["content"])].append(r)
+    merged = []
+    for group in groups.values():
+        ups = sum(r["label"] for r in group)
+        downs = len(group) - ups
+        latest = max(group, key=lambda r: r["voted_at"])
+        label = ups > downs if ups != downs else latest["label"]
+        merged.append({"prompt": latest["prompt"], "completion": latest["completion"],
+                       "label": bool(label), "conversation_id": latest["conversation_id"],
+                       "message_id": latest["message_id"],
+                       "vote_ids": sorted(r["vote_id"] for r in group)})
+    return sorted(merged, key=lambda r: r["vote_ids"][0])
+
+
+def _pairs(votes: list[dict], prefs: list[dict], cfg: DataConfig) -> list[dict]:
+    out, seen = [], set()
+
+    def add(prompt, chosen, rejected, source, conversation_id, link):
+        if chosen.strip() == rejected.strip():
+            return
+        key = _key(prompt, chosen + "\x00" + rejected)
+        if key in seen:
+            return
+        seen.add(key)
+        out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "source": source, "conversation_id": conversation_id, **link})
+
+    for p in prefs:
+        add(p["prompt"], p["chosen"][0]["content"], p["rejected"][0]["content"], p["source"],
+            p["conversation_id"], {"preference_id": p["preference_id"]})
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for v in votes:
+        by_prompt[json.dumps(v["prompt"], sort_keys=True)].append(v)
+    for group in by_prompt.values():
+        liked = [v for v in group if v["label"]]
+        disliked = [v for v in group if not v["label"]]
+        made = 0
+        for good in liked:
+            for bad in disliked:
+                if made >= cfg.max_pairs_per_prompt:
+                    break
+                add(good["prompt"], good["completion"][0]["content"],
+                    bad["completion"][0]["content"], "votes", good["conversation_id"],
+                    {"vote_ids": good["vote_ids"] + bad["vote_ids"]})
+                made += 1
+    return out
+
+
+def load_feedback(cfg: DataConfig | None = None, *, url: str | None = None) -> FeedbackData:
+    """Everything usable in the store, after the rules above."""
+    cfg = cfg or DataConfig()
+    with transaction(url=url) as session:
+        raw_votes = list(io.iter_vote_rows(session=session))
+        prefs = list(io.iter_pair_rows(session=session))
+    votes = _merge_votes(raw_votes)
+    return FeedbackData(votes=votes, pairs=_pairs(votes, prefs, cfg))
+
+
+def is_heldout(conversation_id: int, cfg: DataConfig) -> bool:
+    digest = hashlib.sha256(f"{cfg.split_salt}:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < cfg.heldout_fraction
+
+
+def split(data: FeedbackData, cfg: DataConfig) -> tuple[FeedbackData, FeedbackData]:
+    """(train, held-out), by conversation."""
+    def part(rows, heldout):
+        return [r for r in rows if is_heldout(r["conversation_id"], cfg) == heldout]
+    return (FeedbackData(part(data.votes, False), part(data.pairs, False)),
+            FeedbackData(part(data.votes, True), part(data.pairs, True)))
+
+
+def check_enough(train: FeedbackData, cfg: DataConfig) -> None:
+    c = train.counts
+    if c["votes"] < cfg.min_votes:
+        raise NotEnoughFeedback(
+            f"Only {c['votes']} usable training votes; a round needs at least {cfg.min_votes}. "
+            "Collect more ratings and try again.")
+    if min(c["liked"], c["disliked"]) < cfg.min_per_label:
+        raise NotEnoughFeedback(
+            f"The training votes are {c['liked']} liked and {c['disliked']} disliked; a round "
+            f"needs at least {cfg.min_per_label} of each (KTO learns from the contrast).")
+
+
+def kto_weights(n_pos: int, n_neg: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) putting the weighted ratio at the bottom of TRL's
+    recommended range (1:1), whichever label is the majority."""
+    assert n_pos > 0 and n_neg > 0
+    if n_pos >= n_neg:
+        return 1.0, n_pos / n_neg
+    return n_neg / n_pos, 1.0
+
+
+def interleave(rows: list[dict]) -> list[dict]:
+    """Liked and disliked rows spread evenly, so every KTO batch holds both labels (TRL samples
+    KTO batches in order; a batch of one label gives NaN KL estimates)."""
+    pos = [r for r in rows if r["label"]]
+    neg = [r for r in rows if not r["label"]]
+    keyed = [((i + 0.5) / len(pos), 0, r) for i, r in enumerate(pos)] + \
+            [((i + 0.5) / len(neg), 1, r) for i, r in enumerate(neg)]
+    return [r for _, _, r in sorted(keyed, key=lambda t: (t[0], t[1]))]
+
+
+def reward_pairs(data: FeedbackData, cfg: DataConfig) -> list[dict]:
+    """Pairs for the reward model: the preference pairs, topped up when they are few with
+    liked-vs-disliked replies to different prompts, as whole conversations (TRL's implicit-prompt
+    form), so the judge can be trained whenever both labels exist."""
+    rows = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}
+            for p in data.pairs]
+    liked = [v for v in data.votes if v["label"]]
+    disliked = [v for v in data.votes if not v["label"]]
+    for i in range(max(len(liked), len(disliked)) if len(rows) < len(data.votes) else 0):
+        good, bad = liked[i % len(liked)], disliked[i % len(disliked)]
+        rows.append({"chosen": good["prompt"] + good["completion"],
+                     "rejected": bad["prompt"] + bad["completion"]})
+    return rows

@@ -1,0 +1,66 @@
+"""The reward model: the learned judge of what users like, trained with TRL's `RewardTrainer`.
+
+A sequence-classification head (one score) on the serving model's backbone, LoRA-tuned on
+preference pairs (Bradley-Terry loss). The gate uses it to compare two models' replies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from training.config import RewardModelConfig, TuneConfig
+from training.tune import Deadline, common_args, lora_config
+
+
+def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardModelConfig,
+                       out: Path, deadline: float) -> dict:
+    """Train on `pairs` (conversational `chosen`/`rejected`) from the checkpoint at `source`."""
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
+                           max_steps=cfg.max_steps, max_length=cfg.max_length,
+                           lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
+    args = RewardConfig(**common_args(tune_like, out / "trainer",
+                                      max(1, min(cfg.batch_size, len(pairs)))))
+    stop = Deadline(deadline)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                            processing_class=tokenizer,
+                            peft_config=lora_config(tune_like, task_type="SEQ_CLS"),
+                            callbacks=[stop])
+    result = trainer.train()
+    trainer.model.save_pretrained(out / "reward")
+    return {"pairs": len(pairs), "steps": trainer.state.global_step,
+            "train_loss": result.training_loss, "stopped_by_deadline": stop.hit}
+
+
+class RewardModel:
+    """Scores conversations (the last message being the reply) with a trained reward model."""
+
+    def __init__(self, source: str, adapter: Path, tokenizer, max_length: int = 512) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                                  dtype=torch.float32)
+        base.config.pad_token_id = tokenizer.pad_token_id
+        self.model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def score(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+        out = []
+        for i in range(0, len(conversations), batch_size):
+            texts = [self.tokenizer.apply_chat_template(c, tokenize=False)
+                     for c in conversations[i:i + batch_size]]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length, add_special_tokens=False)
+            out += self.model(**enc).logits[:, 0].float().tolist()
+        return out

@@ -1,0 +1,211 @@
+"""One training round: feedback -> reward model + preference tuning -> gate -> promote or not.
+
+Order matters for crash safety. The candidate is built in a hidden staging folder, registered by
+one rename, judged, and only then `CURRENT` moves (write, fsync, rename). A round killed at any
+point therefore leaves the old version current, or the new one; never half of either, and the
+next round starts clean (the lock dies with its holder, stale staging folders are removed).
+Every round, even one that stops early, writes a report (JSON and Markdown) under
+`<data>/reports/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from serving.config import ServingConfig, data_dir
+from serving.model import resolve_base
+from serving.registry import Registry
+from training.config import RoundConfig
+from training.dataset import NotEnoughFeedback, check_enough, load_feedback, reward_pairs, split
+from training.evaluate import gate
+from training.lock import round_lock
+from training.reward import RewardModel, train_reward_model
+from training.tune import tune
+
+# Exit codes of `python -m training run` (also in its --help).
+PROMOTED, ERROR, USAGE, NOT_ENOUGH_FEEDBACK, BUSY, REJECTED, OVER_TIME = 0, 1, 2, 3, 4, 5, 6
+TRAIN_SHARE = 0.7  # of the time budget; the rest is kept for the gate
+
+
+@dataclass
+class RoundResult:
+    round_id: str
+    decision: str  # promoted, rejected, skipped, over time
+    exit_code: int
+    message: str
+    report: dict = field(default_factory=dict)
+    report_path: Path | None = None
+
+
+def new_round_id() -> str:
+    return datetime.now(timezone.utc).strftime("r%Y%m%dT%H%M%S")
+
+
+def reports_dir() -> Path:
+    path = data_dir() / "reports"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_round(cfg: RoundConfig | None = None, *, log=print) -> RoundResult:
+    """Run one round under the cross-process lock (raises `RoundBusy` if one is running)."""
+    cfg = cfg or RoundConfig()
+    with round_lock():
+        return _run(cfg, log)
+
+
+def _run(cfg: RoundConfig, log) -> RoundResult:
+    start = time.monotonic()
+    budget_s = cfg.max_minutes * 60
+    train_deadline = start + TRAIN_SHARE * budget_s
+    round_id = new_round_id()
+    registry = Registry()
+    for stale in registry.root.glob(".*.partial"):  # left by a killed round
+        shutil.rmtree(stale, ignore_errors=True)
+    current_name = registry.current_name()
+    report: dict = {"round": round_id, "started_at": datetime.now(timezone.utc).isoformat(),
+                    "current_version": current_name, "config": cfg.to_dict(), "timings_s": {}}
+
+    def timed(stage: str, began: float) -> None:
+        report["timings_s"][stage] = round(time.monotonic() - began, 1)
+
+    def finish(decision: str, code: int, message: str) -> RoundResult:
+        report.update(decision=decision, exit_code=code, message=message,
+                      finished_at=datetime.now(timezone.utc).isoformat())
+        timed("total", start)
+        path = write_report(report)
+        log(f"{decision}: {message}\nreport: {path.with_suffix('.md')}")
+        return RoundResult(round_id, decision, code, message, report, path)
+
+    t = time.monotonic()
+    log(f"round {round_id}: reading feedback (serving: {current_name})")
+    data = load_feedback(cfg.data)
+    train, heldout = split(data, cfg.data)
+    report["data"] = {"all": data.counts, "train": train.counts, "heldout": heldout.counts}
+    timed("data", t)
+    try:
+        check_enough(train, cfg.data)
+        held = heldout.counts
+        if held["votes"] < cfg.gate.min_heldout_votes or not held["liked"] or not held["disliked"]:
+            raise NotEnoughFeedback(
+                f"The held-out conversations hold {held['liked']} liked and {held['disliked']} "
+                f"disliked votes; the gate needs at least {cfg.gate.min_heldout_votes} with both "
+                "labels to judge a candidate. Collect more ratings and try again.")
+    except NotEnoughFeedback as exc:
+        return finish("skipped", NOT_ENOUGH_FEEDBACK, str(exc))
+
+    fp32 = ServingConfig(dtype="float32")  # train and judge in full precision
+    base_name, base_source = resolve_base()
+    staging = registry.staging(round_id)
+    (staging / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    t = time.monotonic()
+    log(f"training the reward model on {len(reward_pairs(train, cfg.data))} pairs")
+    trainee = registry.load(current_name, fp32)
+    report["reward_model"] = train_reward_model(
+        base_source, trainee.tokenizer, reward_pairs(train, cfg.data), cfg.reward, staging,
+        train_deadline)
+    timed("reward_model", t)
+
+    t = time.monotonic()
+    log(f"tuning {current_name} ({cfg.tune.method}, "
+        f"{'full' if cfg.tune.full_finetune else 'LoRA'})")
+    summary, _ = tune(trainee.model, trainee.tokenizer, train, cfg.tune, staging,
+                      train_deadline)
+    report["tuning"] = summary
+    del trainee
+    shutil.rmtree(staging / "trainer", ignore_errors=True)
+    timed("tuning", t)
+
+    registry.register(round_id, staging, {
+        "parent": current_name, "base": base_name, "kind": summary["kind"],
+        "method": summary["method"], "data_counts": report["data"], "round": round_id})
+    log(f"registered version {round_id}")
+
+    t = time.monotonic()
+    log("gate: held-out ranking, reward model, regression set")
+    current = registry.load(current_name, fp32)
+    base = current if current_name == base_name else registry.load(base_name, fp32)
+    candidate = registry.load(round_id, fp32)
+    judge = RewardModel(base_source, registry.root / round_id / "reward", candidate.tokenizer,
+                        cfg.reward.max_length)
+    verdict = gate(current=current, candidate=candidate, base=base, heldout=heldout,
+                   reward_model=judge, cfg=cfg.gate)
+    report["gate"] = verdict
+    timed("gate", t)
+    (registry.root / round_id / "metrics.json").write_text(json.dumps(
+        {"gate": verdict, "tuning": summary, "reward_model": report["reward_model"]},
+        indent=2) + "\n")
+
+    if not verdict["passed"]:
+        failed = [f"{name}: {c['why']}" for name, c in verdict["checks"].items()
+                  if not c["passed"]]
+        return finish("rejected", REJECTED, f"{current_name} keeps serving; the candidate "
+                      f"{round_id} failed " + "; ".join(failed))
+    if time.monotonic() - start > budget_s:
+        return finish("over time", OVER_TIME, f"the round took longer than {cfg.max_minutes} "
+                      f"minutes; {current_name} keeps serving (candidate {round_id} passed the "
+                      "gate: promote it with `python -m training rollback "
+                      f"{round_id}` if you wish)")
+    log(f"promoting {round_id}")
+    registry.set_current(round_id, why=f"round {round_id} passed the gate")
+    return finish("promoted", PROMOTED, f"{round_id} now serves (was {current_name})")
+
+
+def write_report(report: dict) -> Path:
+    path = reports_dir() / f"{report['round']}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    return path
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Training round {r['round']}", "",
+             f"**Decision: {r['decision']}** — {r['message']}", "",
+             f"Serving before the round: `{r['current_version']}`", ""]
+    if "data" in r:
+        lines += ["## Data", "", "| split | votes | liked | disliked | pairs |",
+                  "|---|---|---|---|---|"]
+        for name, c in r["data"].items():
+            lines.append(f"| {name} | {c['votes']} | {c['liked']} | {c['disliked']} | "
+                         f"{c['pairs']} |")
+        lines.append("")
+    if "tuning" in r:
+        t = r["tuning"]
+        lines += ["## Training", "",
+                  f"- reward model: {r['reward_model']['pairs']} pairs, "
+                  f"{r['reward_model']['steps']} steps, loss {r['reward_model']['train_loss']:.4f}",
+                  f"- tuning: {t['method'].upper()} ({t['kind']}), {t['steps']} steps, loss "
+                  f"{t['first_loss']} -> {t['last_loss']}"
+                  + (" (stopped by the time budget)" if t["stopped_by_deadline"] else ""), ""]
+    if "gate" in r:
+        lines += ["## Gate", "", "| check | passed | numbers |", "|---|---|---|"]
+        for name, c in r["gate"]["checks"].items():
+            lines.append(f"| {name} | {'yes' if c['passed'] else 'no'} | {c['why']} |")
+        lines.append("")
+    lines += ["## Time", "", ", ".join(f"{k} {v}s" for k, v in r["timings_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def status() -> dict:
+    """Versions, which one serves, the moves of `CURRENT` and the last rounds' reports."""
+    registry = Registry()
+    reports = sorted(reports_dir().glob("r*.json"))[-10:]
+    return {
+        "current": registry.current_name(),
+        "base": registry.base_name,
+        "versions": [{"name": v.name, "parent": v.meta.get("parent"),
+                      "created_at": v.meta.get("created_at"), "method": v.meta.get("method"),
+                      "kind": v.meta.get("kind"),
+                      "votes": v.meta.get("data_counts", {}).get("train", {}).get("votes")}
+                     for v in registry.versions()],
+        "history": registry.history()[-10:],
+        "rounds": [{k: json.loads(p.read_text()).get(k) for k in
+                    ("round", "decision", "message", "finished_at")} for p in reports],
+    }
+

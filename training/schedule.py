@@ -1,0 +1,59 @@
+"""The periodic job: a round whenever at least N new votes have arrived since the last round.
+
+Checks every interval; the round lock keeps two rounds from overlapping (across processes and
+machines sharing the data directory), and a lock left by a killed round is free again at once.
+Progress is kept in `<data>/training/schedule.json` (the newest vote event already used).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from feedback import store
+from feedback.db import transaction
+from serving.config import data_dir
+from training.config import RoundConfig
+from training.lock import RoundBusy
+from training.round import BUSY, PROMOTED, REJECTED, run_round
+
+
+def state_path() -> Path:
+    path = data_dir() / "training" / "schedule.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_votes() -> tuple[int, int]:
+    """(votes cast or changed since the last round started, the newest vote event id)."""
+    path = state_path()
+    after = json.loads(path.read_text()).get("last_event_id", 0) if path.is_file() else 0
+    with transaction() as session:
+        return store.vote_events_since(session=session, after_id=after)
+
+
+def run_schedule(cfg: RoundConfig, *, min_new_votes: int, interval_s: float,
+                 max_checks: int | None = None, log=print) -> int:
+    """Check, maybe run a round, sleep; `max_checks` checks (forever when None).
+    Returns the last round's exit code (0 when no round ran)."""
+    checks, code = 0, 0
+    while True:
+        count, newest = new_votes()
+        if count >= min_new_votes:
+            log(f"{count} new votes (>= {min_new_votes}): starting a round")
+            try:
+                result = run_round(cfg, log=log)
+                code = result.exit_code
+                if code in (PROMOTED, REJECTED) or result.decision == "over time":
+                    # Those votes were used; after a skipped round they keep counting.
+                    state_path().write_text(json.dumps({"last_event_id": newest}) + "\n")
+            except RoundBusy as exc:
+                log(str(exc))
+                code = BUSY
+        else:
+            log(f"{count} new votes (< {min_new_votes}); next check in {interval_s:.0f}s")
+        checks += 1
+        if max_checks is not None and checks >= max_checks:
+            return code
+        time.sleep(interval_s)

@@ -1,0 +1,99 @@
+"""Preference tuning of the serving model with TRL: KTO on votes, DPO on pairs; LoRA by default.
+
+With LoRA the reference model is the same network with the adapter switched off, so no second
+copy of the model is held; the artifact is a few MB. Full fine-tuning (`full_finetune`) keeps a
+frozen reference copy, as TRL does by default.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from training.config import TuneConfig
+from training.dataset import FeedbackData, interleave, kto_weights
+
+
+class Deadline(TrainerCallback):
+    """Stops training (cleanly, after the current step) once a wall-clock deadline passes."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.hit = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() >= self.deadline:
+            self.hit = control.should_training_stop = True
+        return control
+
+
+def choose_method(cfg: TuneConfig, train: FeedbackData) -> str:
+    if cfg.method in ("kto", "dpo"):
+        return cfg.method
+    assert cfg.method == "auto", f"unknown method {cfg.method!r}"
+    return "dpo" if len(train.pairs) > len(train.votes) else "kto"
+
+
+def lora_config(cfg: TuneConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", task_type=task_type)
+
+
+def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
+    return dict(output_dir=str(out), per_device_train_batch_size=batch_size,
+                num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+                learning_rate=cfg.learning_rate, bf16=cfg.bf16, seed=cfg.seed,
+                gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=1,
+                save_strategy="no", report_to=[], max_length=cfg.max_length,
+                remove_unused_columns=True, dataloader_num_workers=0,
+                disable_tqdm=False, use_cpu=not torch.cuda.is_available())
+
+
+def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: Path,
+         deadline: float) -> dict:
+    """Train `model` (the current version) on `train`; saves into `out` and returns a summary."""
+    method = choose_method(cfg, train)
+    peft = None if cfg.full_finetune else lora_config(cfg)
+    stop = Deadline(deadline)
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        rows = interleave(train.votes)
+        pos = sum(r["label"] for r in rows)
+        dw, uw = kto_weights(pos, len(rows) - pos)
+        batch = max(2, min(cfg.batch_size, len(rows)))  # KTO needs a batch above 1
+        args = KTOConfig(**common_args(cfg, out / "trainer", batch), beta=cfg.beta,
+                         desirable_weight=dw, undesirable_weight=uw)
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"],
+                                   "label": r["label"]} for r in rows])
+        trainer = KTOTrainer(model=model, args=args, train_dataset=data,
+                             processing_class=tokenizer, peft_config=peft, callbacks=[stop])
+        extra = {"desirable_weight": dw, "undesirable_weight": uw, "rows": len(rows)}
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        batch = max(1, min(cfg.batch_size, len(train.pairs)))
+        args = DPOConfig(**common_args(cfg, out / "trainer", batch), beta=cfg.beta)
+        data = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"],
+                                   "rejected": p["rejected"]} for p in train.pairs])
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data,
+                             processing_class=tokenizer, peft_config=peft, callbacks=[stop])
+        extra = {"rows": len(train.pairs)}
+    result = trainer.train()
+    trained = trainer.model
+    if peft is not None:
+        trained.save_pretrained(out / "adapter")
+    else:
+        trained.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"method": method, "kind": "lora" if peft is not None else "full",
+            "steps": trainer.state.global_step, "train_loss": result.training_loss,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses
+            else None, "stopped_by_deadline": stop.hit, **extra}, trainer
