@@ -22,7 +22,7 @@ from feedback.errors import FeedbackError, StoreUnavailable  # noqa: E402
 from serving.chat import PromptTooLong  # noqa: E402
 from serving.config import GenerationSettings, InvalidSettings, model_setting  # noqa: E402
 from serving.engine import Engine  # noqa: E402
-from serving.registry import Registry  # noqa: E402
+from serving.registry import Registry, follow_current  # noqa: E402
 from streamlit_app.identity import current_user  # noqa: E402
 from streamlit_app.replies import SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
 from streamlit_app.text import as_text  # noqa: E402
@@ -34,7 +34,9 @@ ss = st.session_state
 
 @st.cache_resource(show_spinner="Loading the model (the first start converts it, once)…")
 def get_engine(model: str, data: str) -> Engine:
-    return Engine(Registry().load())
+    engine = Engine(Registry().load())
+    follow_current(engine)  # a promoted or rolled-back version serves without a restart
+    return engine
 
 
 @st.cache_resource

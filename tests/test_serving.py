@@ -131,6 +131,39 @@ def test_registry_current_moves_atomically_and_defaults_to_base(tiny_model):
         reg.set_current("nope")
 
 
+def test_a_promoted_version_is_picked_up_without_a_restart(tiny_model):
+    import shutil
+
+    from serving.registry import follow_current
+
+    reg = Registry()
+    staging = reg.staging("v2")
+    shutil.copytree(tiny_model, staging / "model")
+    reg.register("v2", staging, {"parent": tiny_model.name, "kind": "full"})
+    config = ServingConfig(dtype="float32")
+    eng = Engine(reg.load(config=config), config)
+    follow_current(eng, reg, interval_s=0.05, config=config)
+    try:
+        streaming = eng.submit(conv("long"), GenerationSettings(temperature=0,
+                                                                max_new_tokens=300))
+        while streaming.n_tokens < 3:
+            time.sleep(0.005)
+        reg.set_current("v2", why="test")
+        deadline = time.monotonic() + 30
+        while eng.version != "v2":
+            assert time.monotonic() < deadline, "the new version was not picked up"
+            time.sleep(0.05)
+        after = eng.submit(conv("next"), GREEDY)
+        after.wait(timeout=60)
+        streaming.wait(timeout=60)
+    finally:
+        eng.close()
+    assert streaming.version == tiny_model.name and streaming.finish_reason != "error"
+    assert streaming.n_tokens == 300 or streaming.finish_reason == "stop"
+    assert after.version == "v2"
+    assert reg.history()[-1]["to"] == "v2"
+
+
 @pytest.mark.slow
 def test_the_embedded_model_answers_in_english(monkeypatch):
     monkeypatch.delenv("CHAT_MODEL", raising=False)
