@@ -204,7 +204,8 @@ cid = ss.conversation_id
 if cid is not None and cid not in {c.id for c in conversations} and conversations:
     cid = ss.conversation_id = None
 with st.sidebar:
-    st.button("New chat", icon=":material/add:", on_click=open_conversation, args=(None,), width="stretch")
+    st.button("New chat", icon=":material/add:", on_click=open_conversation, args=(None,),
+              width="stretch")
     for conv in conversations:
         st.button(conv.title, key=f"conv_{conv.id}", on_click=open_conversation,
                   args=(conv.id,), width="stretch",
@@ -273,8 +274,8 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
     edited = " · edited by you" if turn.source == "edit" else ""
     st.caption(f"{turn.model_version} · temperature {gs.get('temperature', '?')}{note}{edited}")
     if gs.get("trimmed"):
-        st.caption(f":material/info: The oldest {gs['trimmed']} message(s) did not fit the model's context "
-                   "window and were left out when this reply was written.")
+        st.caption(f":material/info: The oldest {gs['trimmed']} message(s) did not fit the "
+                   "model's context window and were left out when this reply was written.")
     if len(turn.sibling_ids) > 1:
         i, n = turn.sibling_index, len(turn.sibling_ids)
         left, mid, right, pick = st.columns([1, 2, 1, 5], vertical_alignment="center")
@@ -285,8 +286,8 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
         right.button("›", key=f"next_{turn.id}", disabled=i == n - 1, on_click=write,
                      args=(store.select_reply,),
                      kwargs={"message_id": turn.sibling_ids[min(i + 1, n - 1)]})
-        pick.button("Prefer this reply", icon=":material/check:", key=f"prefer_{turn.id}", on_click=write,
-                    args=(store.prefer_reply,), kwargs={"message_id": turn.id})
+        pick.button("Prefer this reply", icon=":material/check:", key=f"prefer_{turn.id}",
+                    on_click=write, args=(store.prefer_reply,), kwargs={"message_id": turn.id})
     vote = turn.vote
     st.feedback("thumbs", key=f"vote_{turn.id}", on_change=on_thumb, args=(turn.id,),
                 default={1: 1, -1: 0}.get(vote.value) if vote else None)
@@ -301,8 +302,8 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
     busy = in_flight.get(cid) is not None
     a, b, _ = st.columns([2, 2, 6])
     if is_last:
-        a.button("Regenerate", icon=":material/refresh:", key=f"regen_{turn.id}", disabled=busy, on_click=reply_to,
-                 args=(turn.parent_id, "regenerate"))
+        a.button("Regenerate", icon=":material/refresh:", key=f"regen_{turn.id}",
+                 disabled=busy, on_click=reply_to, args=(turn.parent_id, "regenerate"))
     b.button("Edit", icon=":material/edit:", key=f"edit_{turn.id}", disabled=busy,
              on_click=lambda: ss.update(editing=turn.id))
     if ss.editing == turn.id:
@@ -324,8 +325,8 @@ for n, turn in enumerate(thread):
 def show_pending(pending: PendingReply) -> None:
     with st.chat_message("assistant"):
         if pending.reply.trimmed:
-            st.caption(f":material/info: The oldest {pending.reply.trimmed} message(s) do not fit the model's "
-                       "context window and are left out of this reply.")
+            st.caption(f":material/info: The oldest {pending.reply.trimmed} message(s) do not "
+                       "fit the model's context window and are left out of this reply.")
         if not pending.reply.done:
             st.button("Stop", icon=":material/stop:", key="stop", on_click=pending.reply.cancel)
         st.write_stream(as_text(chunk) for chunk in pending.reply.stream())
@@ -342,7 +343,8 @@ if pending is not None:
     show_pending(pending)
 elif thread and thread[-1].role == "user":
     # A message left without a reply (the server restarted, or generation failed).
-    st.button("Get a reply", icon=":material/chat:", on_click=reply_to, args=(thread[-1].id, "chat"))
+    st.button("Get a reply", icon=":material/chat:", on_click=reply_to,
+              args=(thread[-1].id, "chat"))
 
 # No max_chars here: the browser would silently cut a long paste; `send` says what is wrong
 # instead and puts the whole text back.
