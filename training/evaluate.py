@@ -134,8 +134,15 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         scores = reward_model.score(as_conv)
         cur_s, cand_s = scores[:len(prompts)], scores[len(prompts):]
         wins = sum((c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)) / len(prompts)
+        pair_accuracy = None
+        if heldout.pairs:  # how well the judge itself agrees with held-out user choices
+            pair_scores = reward_model.score([p["prompt"] + p["chosen"] for p in heldout.pairs]
+                                             + [p["prompt"] + p["rejected"]
+                                                for p in heldout.pairs])
+            n = len(heldout.pairs)
+            pair_accuracy = sum(c > r for c, r in zip(pair_scores[:n], pair_scores[n:])) / n
         checks["b_reward_model"] = {
-            "win_rate": wins, "prompts": len(prompts),
+            "win_rate": wins, "prompts": len(prompts), "heldout_pair_accuracy": pair_accuracy,
             "mean_reward_current": sum(cur_s) / len(cur_s),
             "mean_reward_candidate": sum(cand_s) / len(cand_s),
             "passed": wins > cfg.min_reward_win_rate,

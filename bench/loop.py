@@ -1,0 +1,249 @@
+"""Does the loop learn? Simulated users vote; the real pipeline trains; approval before and after.
+
+    python -m bench.loop [--users concise,example,structured,no_filler] [--rounds 1]
+        [--train-prompts 75] [--replies-per-prompt 4] [--test-prompts 62] [--out DIR]
+
+For each simulated user (`bench/users.py`), in a data directory of its own (so each user's model
+learns only from that user):
+  1. approval on the held-out test prompts: the current version answers each (through `serving`,
+     batched, the product's default sampling), the user judges;
+  2. a round of votes: replies to training prompts from `serving`, each voted with a reason chip
+     into the `feedback` store as that user (some users also regenerate and pick);
+  3. the real `python -m training run` (its gate decides), timed, with its peak memory;
+  4. back to 1 with whatever version is now current.
+Prompts: `bench/prompts.jsonl` (310, written for the project); `id % 5 == 0` are test prompts,
+the rest training prompts. Writes `loop.json` and `loop.png` (approval per round per user) into
+the output folder and prints a table. A benchmark, not a test: it reports what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
+
+
+def load_prompts() -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["id"] % 5], [r for r in rows if r["id"] % 5 == 0]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def replies(prompts: list[dict], n: int, settings) -> tuple[list[list], str]:
+    """`n` replies to each prompt from the current version, batched through the engine."""
+    from serving.engine import Engine
+    from serving.registry import Registry
+
+    engine = Engine(Registry().load())
+    try:
+        handles = [[engine.submit(p["messages"], settings) for _ in range(n)] for p in prompts]
+        return [[h.wait() for h in hs] for hs in handles], engine.version
+    finally:
+        engine.close()
+
+
+def approval(user, texts: list[list[str]]) -> float:
+    flat = [t for ts in texts for t in ts]
+    return sum(user.judge(t)[0] for t in flat) / len(flat)
+
+
+def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str,
+                 settings: dict, round_no: int) -> dict:
+    """Store the replies and the user's votes (and picks) exactly as the page would."""
+    from feedback import store
+    from feedback.db import transaction
+
+    counts = {"votes": 0, "liked": 0, "picks": 0}
+    with transaction(write=True) as s:
+        uid = store.get_or_create_user(session=s, username=f"sim-{user.name}").id
+        for i, (prompt, options) in enumerate(zip(prompts, texts)):
+            conv = store.create_conversation(session=s, user_id=uid)
+            parent = None
+            for m in prompt["messages"]:
+                if m["role"] == "user":
+                    parent = store.add_user_message(session=s, user_id=uid,
+                                                    conversation_id=conv.id, content=m["content"])
+                else:
+                    store.add_reply(session=s, user_id=uid, parent_id=parent.id,
+                                    content=m["content"], model_version="prompt-set",
+                                    generation_settings={})
+            shown = []
+            for j, text in enumerate(options):
+                if not text.strip():
+                    continue
+                msg = store.add_reply(session=s, user_id=uid, parent_id=parent.id, content=text,
+                                      model_version=version, generation_settings=settings,
+                                      source="chat" if j == 0 else "regenerate")
+                liked, reasons = user.judge(text)
+                store.set_vote(session=s, user_id=uid, message_id=msg.id,
+                               value=1 if liked else -1, reasons=reasons)
+                counts["votes"] += 1
+                counts["liked"] += liked
+                shown.append((liked, msg.id))
+            # Some users regenerate and pick the reply they like when the replies differ.
+            if (i % 100) < user.regenerate_share * 100 and len({lk for lk, _ in shown}) == 2:
+                store.prefer_reply(session=s, user_id=uid,
+                                   message_id=next(mid for lk, mid in shown if lk))
+                counts["picks"] += 1
+    return counts
+
+
+def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
+    """`python -m training run` in a subprocess: exit code, wall time, its peak memory."""
+    cmd = [sys.executable, "-m", "training", "run", "--max-minutes", str(max_minutes)]
+    if round_config:
+        path = Path(os.environ["CHAT_DATA_DIR"]) / "round-config.json"
+        path.write_text(json.dumps(round_config))
+        cmd += ["--config", str(path)]
+    start = time.monotonic()
+    log = open(Path(os.environ["CHAT_DATA_DIR"]) / "rounds.log", "a")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    log.close()
+    reports = sorted((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
+    report = json.loads(reports[-1].read_text()) if reports else {}
+    return {"exit_code": os.waitstatus_to_exitcode(status),
+            "seconds": round(time.monotonic() - start, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024), "decision": report.get("decision"),
+            "message": report.get("message"), "timings_s": report.get("timings_s"),
+            "gate": _gate_summary(report.get("gate")), "tuning": report.get("tuning"),
+            "data": report.get("data")}
+
+
+def _gate_summary(gate: dict | None) -> dict | None:
+    if not gate:
+        return None
+    c = gate["checks"]
+    reg = c.get("c_regression", {})
+    return {"passed": gate["passed"],
+            "a_auc": [c["a_heldout_ranking"].get("current_auc"),
+                      c["a_heldout_ranking"].get("candidate_auc")],
+            "b_win_rate": c["b_reward_model"].get("win_rate"),
+            "reward_model_accuracy": c["b_reward_model"].get("heldout_pair_accuracy"),
+            "c_retention": reg.get("retention"),
+            "c_correct": [reg.get("current", {}).get("correct"),
+                          reg.get("candidate", {}).get("correct")],
+            "why": {k: v["why"] for k, v in c.items()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", default="concise,example,structured,no_filler")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--train-prompts", type=int, default=75, help="per round")
+    parser.add_argument("--replies-per-prompt", type=int, default=4)
+    parser.add_argument("--test-prompts", type=int, default=62)
+    parser.add_argument("--test-samples", type=int, default=2, help="replies per test prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="budget of a round")
+    parser.add_argument("--round-config", type=json.loads, default=None,
+                        help="JSON overrides of RoundConfig for the rounds")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loop")
+    args = parser.parse_args(argv)
+
+    from bench.users import make_users, words
+    from serving.config import GenerationSettings
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_pool, test = load_prompts()
+    test = test[:args.test_prompts]
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=None)
+    shared_models = args.out / "shared-models"  # the base checkpoint, converted once
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "users": {}}
+    calibration = None
+    for name in args.users.split(","):
+        data = args.out / name / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        os.environ["CHAT_DATA_DIR"] = str(data)
+        if not (data / "models").exists():
+            shared_models.mkdir(exist_ok=True)
+            (data / "models").symlink_to(shared_models.resolve())
+        t = time.monotonic()
+        before, version = replies(test, args.test_samples, settings)
+        eval_s = time.monotonic() - t
+        if calibration is None:  # the base model's own length distribution
+            calibration = [words(x) for xs in before for x in xs]
+        [user] = make_users([name], calibration)
+        row = {"describe": user.describe, "approval": [approval(user, before)],
+               "versions": [version], "rounds": [], "eval_seconds": [round(eval_s, 1)]}
+        print(f"{name}: {user.describe}; round 0 approval {row['approval'][0]:.0%} ({version})",
+              flush=True)
+        for r in range(args.rounds):
+            start = r * args.train_prompts % len(train_pool)
+            prompts = (train_pool + train_pool)[start:start + args.train_prompts]
+            t = time.monotonic()
+            texts, version = replies(prompts, args.replies_per_prompt, settings)
+            gen_s = time.monotonic() - t
+            counts = record_votes(user, prompts, texts, version, settings.to_dict(), r)
+            training = run_training_round(args.round_config, args.max_minutes)
+            t = time.monotonic()
+            after, version = replies(test, args.test_samples, settings)
+            row["eval_seconds"].append(round(time.monotonic() - t, 1))
+            row["approval"].append(approval(user, after))
+            row["versions"].append(version)
+            row["rounds"].append({"votes": counts, "generate_seconds": round(gen_s, 1),
+                                  "training": training,
+                                  "mean_words_after": sum(words(x) for xs in after for x in xs)
+                                  / sum(len(xs) for xs in after)})
+            print(f"{name}: round {r + 1}: {counts['votes']} votes ({counts['liked']} liked, "
+                  f"{counts['picks']} picks), training {training['decision']} in "
+                  f"{training['seconds']:.0f}s; approval {row['approval'][-1]:.0%} ({version})",
+                  flush=True)
+        row["mean_words_before"] = sum(words(x) for xs in before for x in xs) / \
+            sum(len(xs) for xs in before)
+        results["users"][name] = row
+    results["peak_rss_mb_bench_process"] = round(peak_rss_mb())
+    (args.out / "loop.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "loop.png")
+    print_table(results)
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in results["users"].items():
+        ax.plot(range(len(row["approval"])), [100 * a for a in row["approval"]], marker="o",
+                label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out approval (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Approval per round, per simulated user")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'user':<11} {'approval by round':<28} {'round':>8} {'time':>7} {'peak MB':>8} "
+          f"{'retention':>9}")
+    for name, row in results["users"].items():
+        approvals = " -> ".join(f"{a:.0%}" for a in row["approval"])
+        for i, rnd in enumerate(row["rounds"] or [None]):
+            t = rnd["training"] if rnd else {}
+            gate = t.get("gate") or {}
+            retention = gate.get("c_retention")
+            print(f"{name if i == 0 else '':<11} {approvals if i == 0 else '':<28} "
+                  f"{t.get('decision') or '-':>8} {t.get('seconds', 0):>6.0f}s "
+                  f"{t.get('peak_rss_mb', 0):>8} "
+                  f"{f'{retention:.0%}' if retention is not None else '-':>9}")
+
+
+if __name__ == "__main__":
+    main()

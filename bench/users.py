@@ -1,0 +1,72 @@
+"""Simulated users for `bench/loop.py`: each a hidden preference written as a small function.
+
+A user sees a reply and returns (liked, reasons), using the page's own reason chips. Some users
+also regenerate and pick the reply they like best. The concise user's word limit is calibrated
+on the base model's own replies, so that the base model pleases it about a third of the time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+FILLER = re.compile(r"^\s*(sure|great question|certainly|of course|absolutely|i'd be happy|"
+                    r"i would be happy|hello|hi\b|what a|good question|thanks for)", re.I)
+EXAMPLE = re.compile(r"\b(for example|for instance|e\.g\.|such as|imagine)\b", re.I)
+LIST_LINE = re.compile(r"^\s*([-*•]|\d+[.)])\s+\S", re.M)
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+@dataclass
+class SimUser:
+    name: str
+    describe: str
+    judge: Callable[[str], tuple[bool, list[str]]]
+    regenerate_share: float = 0.0  # share of prompts where the user also regenerates and picks
+
+
+def concise(limit_words: int) -> SimUser:
+    def judge(reply: str):
+        ok = 0 < words(reply) <= limit_words
+        return ok, (["clear"] if ok else ["too verbose"])
+    return SimUser("concise", f"likes replies of at most {limit_words} words", judge, 0.25)
+
+
+def with_example() -> SimUser:
+    def judge(reply: str):
+        ok = bool(EXAMPLE.search(reply))
+        return ok, (["thorough"] if ok else ["not helpful"])
+    return SimUser("example", "likes replies with a concrete example", judge)
+
+
+def structured() -> SimUser:
+    def judge(reply: str):
+        ok = len(LIST_LINE.findall(reply)) >= 2
+        return ok, (["clear"] if ok else ["bad style"])
+    return SimUser("structured", "likes replies structured as a list", judge, 0.25)
+
+
+def no_filler() -> SimUser:
+    def judge(reply: str):
+        ok = bool(reply.strip()) and not FILLER.search(reply)
+        return ok, (["followed instructions"] if ok else ["bad style"])
+    return SimUser("no_filler", 'dislikes filler openings ("Sure!", "Great question")', judge)
+
+
+def percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def make_users(names: list[str], base_reply_lengths: list[int]) -> list[SimUser]:
+    """The users named, the concise one calibrated at the 35th percentile of base lengths."""
+    factories = {"concise": lambda: concise(max(1, percentile(base_reply_lengths, 0.35))),
+                 "example": with_example, "structured": structured, "no_filler": no_filler}
+    unknown = [n for n in names if n not in factories]
+    if unknown:
+        raise ValueError(f"unknown users {unknown}; choose from {sorted(factories)}")
+    return [factories[n]() for n in names]

@@ -1,0 +1,43 @@
+"""A small run of the learning-loop benchmark, so it cannot silently break: one user, one round,
+a few prompts, the tiny model, the real store, serving and `python -m training run`."""
+
+from __future__ import annotations
+
+import json
+
+from bench.loop import load_prompts, main
+from bench.users import make_users
+
+FAST_ROUND = {"tune": {"max_steps": 2, "batch_size": 4, "bf16": False},
+              "reward": {"max_steps": 2, "batch_size": 4},
+              "gate": {"max_heldout_prompts": 2, "reply_max_new_tokens": 8},
+              "data": {"heldout_fraction": 0.5, "min_votes": 4, "min_per_label": 1}}
+
+
+def test_prompt_set_and_users():
+    train, test = load_prompts()
+    assert len(train) + len(test) >= 300 and len(test) >= 60
+    assert {p["id"] for p in train}.isdisjoint(p["id"] for p in test)
+    assert any(len(p["messages"]) == 3 for p in test)  # multi-turn prompts are tested too
+    concise, example, structured, filler = make_users(
+        ["concise", "example", "structured", "no_filler"], list(range(1, 101)))
+    assert concise.judge("one two three") == (True, ["clear"])
+    assert concise.judge("word " * 200)[0] is False
+    assert example.judge("Use less salt, for example in soups.")[0]
+    assert structured.judge("Steps:\n1. Boil water\n2. Add tea")[0]
+    assert not filler.judge("Sure! Here you go.")[0] and filler.judge("Tea needs 3 minutes.")[0]
+
+
+def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
+    out = tmp_path / "loop"
+    main(["--users", "concise", "--rounds", "1", "--train-prompts", "12",
+          "--replies-per-prompt", "2", "--test-prompts", "4", "--test-samples", "1",
+          "--max-new-tokens", "12", "--max-minutes", "10",
+          "--round-config", json.dumps(FAST_ROUND), "--out", str(out)])
+    result = json.loads((out / "loop.json").read_text())
+    row = result["users"]["concise"]
+    assert len(row["approval"]) == 2 and all(0 <= a <= 1 for a in row["approval"])
+    rnd = row["rounds"][0]
+    assert rnd["votes"]["votes"] == 24
+    assert rnd["training"]["exit_code"] in (0, 3, 5) and rnd["training"]["peak_rss_mb"] > 0
+    assert (out / "loop.png").stat().st_size > 0
