@@ -137,6 +137,10 @@ class Engine:
         return (self._next or self._loaded).version
 
     @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
     def tokenizer(self):
         return self._loaded.tokenizer
 

@@ -85,13 +85,21 @@ def embedded_checkpoint(root: Path | None = None) -> Path:
     return target
 
 
-def resolve_base() -> tuple[str, str]:
-    """(version name, path or hub id) of the base model chosen by `CHAT_MODEL`."""
-    setting = model_setting()
+def base_name(setting: str | None = None) -> str:
+    """The version name of the base model chosen by `CHAT_MODEL` (nothing is loaded)."""
+    setting = setting or model_setting()
     if setting == EMBEDDED:
-        return EMBEDDED_NAME, str(embedded_checkpoint())
+        return EMBEDDED_NAME
     path = Path(setting).expanduser()
-    return (path.name if path.exists() else setting.replace("/", "--")), setting
+    return path.name if path.exists() else setting.replace("/", "--")
+
+
+def resolve_base(setting: str | None = None, root: Path | None = None) -> tuple[str, str]:
+    """(version name, path or hub id) of the base model, converting the embedded one once."""
+    setting = setting or model_setting()
+    if setting == EMBEDDED:
+        return EMBEDDED_NAME, str(embedded_checkpoint(root))
+    return base_name(setting), setting
 
 
 def load(source: str, *, version: str, config: ServingConfig | None = None) -> LoadedModel:
@@ -118,6 +126,7 @@ def load(source: str, *, version: str, config: ServingConfig | None = None) -> L
                        context_window=min(window, config.max_context_tokens), eos_ids=eos)
 
 
-def load_base(config: ServingConfig | None = None) -> LoadedModel:
-    version, source = resolve_base()
+def load_base(config: ServingConfig | None = None, setting: str | None = None,
+              root: Path | None = None) -> LoadedModel:
+    version, source = resolve_base(setting, root)
     return load(source, version=version, config=config)

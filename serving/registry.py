@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serving.config import ServingConfig, data_dir
-from serving.model import LoadedModel, load, load_base, resolve_base
+from serving.config import ServingConfig, data_dir, model_setting
+from serving.model import LoadedModel, base_name, load, load_base
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,17 @@ class Version:
 
 
 class Registry:
+    """The versions of one data directory and base model, both fixed when it is made."""
+
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root or data_dir() / "versions")
+        self.data = data_dir()
+        self.root = Path(root or self.data / "versions")
         self.root.mkdir(parents=True, exist_ok=True)
+        self.setting = model_setting()
 
     @property
     def base_name(self) -> str:
-        return resolve_base()[0]
+        return base_name(self.setting)
 
     def versions(self) -> list[Version]:
         out = []
@@ -115,7 +119,7 @@ class Registry:
         """Load a version (default: the current one) for serving."""
         name = name or self.current_name()
         if name == self.base_name:
-            return load_base(config)
+            return load_base(config, self.setting, self.data)
         version = self.get(name)
         if (version.path / "model").is_dir():
             return load(str(version.path / "model"), version=name, config=config)
@@ -144,7 +148,7 @@ def follow_current(engine, registry: Registry | None = None, interval_s: float =
 
     def watch() -> None:
         serving = engine.version
-        while True:
+        while not engine.closed:
             time.sleep(interval_s)
             try:
                 name = registry.current_name()

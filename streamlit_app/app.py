@@ -32,7 +32,8 @@ DEFAULTS = GenerationSettings()
 ss = st.session_state
 
 
-@st.cache_resource(show_spinner="Loading the model (the first start converts it, once)…")
+@st.cache_resource(show_spinner="Loading the model (the first start converts it, once)…",
+                   on_release=lambda engine: engine.close())
 def get_engine(model: str, data: str) -> Engine:
     engine = Engine(Registry().load())
     follow_current(engine)  # a promoted or rolled-back version serves without a restart

@@ -45,7 +45,12 @@ def data_dir(tmp_path, monkeypatch, request) -> Path:
     monkeypatch.setenv("CHAT_DATA_DIR", str(d))
     if "CHAT_DATABASE_URL" in os.environ and "postgres" not in request.keywords:
         monkeypatch.delenv("CHAT_DATABASE_URL")
-    return d
+    yield d
+    # AppTest keeps the page's engines in st.cache_resource: release them (closing their
+    # worker and version-watcher threads) so nothing outlives the test.
+    import streamlit as st
+
+    st.cache_resource.clear()
 
 
 @pytest.fixture

@@ -31,20 +31,22 @@ LENIENT = {**FAST, "gate": {**FAST["gate"], "min_auc_gain": -2, "min_reward_win_
 
 
 def fill(n: int = 16, *, user: str = "alice", good: str = GOOD, bad: str = BAD,
-         liked_good: bool = True) -> None:
-    """n conversations, each with a good and a bad reply, voted (and the good one picked)."""
+         liked_good=True) -> None:
+    """n conversations, each with a good and a bad reply, both voted; `liked_good` is a bool
+    or a function of the conversation id (which reply the user liked)."""
     with db.transaction(write=True) as s:
         uid = store.get_or_create_user(session=s, username=user).id
         for i in range(n):
             conv = store.create_conversation(session=s, user_id=uid)
+            liked = liked_good(conv.id) if callable(liked_good) else liked_good
             q = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id,
                                        content=f"Question {i}: is this fine?")
             a = store.add_reply(session=s, user_id=uid, parent_id=q.id, content=good,
                                 model_version="m", generation_settings={})
             b = store.add_reply(session=s, user_id=uid, parent_id=q.id, content=bad,
                                 model_version="m", generation_settings={}, source="regenerate")
-            store.set_vote(session=s, user_id=uid, message_id=a.id, value=1 if liked_good else -1)
-            store.set_vote(session=s, user_id=uid, message_id=b.id, value=-1 if liked_good else 1)
+            store.set_vote(session=s, user_id=uid, message_id=a.id, value=1 if liked else -1)
+            store.set_vote(session=s, user_id=uid, message_id=b.id, value=-1 if liked else 1)
 
 
 def training_cli(*args: str, config: dict | None = None, tmp_path: Path | None = None,
@@ -135,19 +137,7 @@ def fill_split(n: int, *, invert_training: bool = False) -> None:
     """Like `fill`, but the training side's votes inverted when asked (held-out stays true)."""
     from training.dataset import is_heldout
     cfg = DataConfig(heldout_fraction=FAST["data"]["heldout_fraction"])
-    with db.transaction(write=True) as s:
-        uid = store.get_or_create_user(session=s, username="alice").id
-        for i in range(n):
-            conv = store.create_conversation(session=s, user_id=uid)
-            liked_good = not (invert_training and not is_heldout(conv.id, cfg))
-            q = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id,
-                                       content=f"Question {i}: is this fine?")
-            a = store.add_reply(session=s, user_id=uid, parent_id=q.id, content=GOOD,
-                                model_version="m", generation_settings={})
-            b = store.add_reply(session=s, user_id=uid, parent_id=q.id, content=BAD,
-                                model_version="m", generation_settings={}, source="regenerate")
-            store.set_vote(session=s, user_id=uid, message_id=a.id, value=1 if liked_good else -1)
-            store.set_vote(session=s, user_id=uid, message_id=b.id, value=-1 if liked_good else 1)
+    fill(n, liked_good=lambda cid: not (invert_training and not is_heldout(cid, cfg)))
 
 
 def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
