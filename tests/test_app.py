@@ -183,3 +183,12 @@ def test_a_message_too_long_for_the_context_window_is_kept(tiny_model):
     at.chat_input[0].set_value(text).run()
     assert "context window" in at.error[0].value
     assert at.chat_input[0].proto.value == text
+
+
+def test_an_unreachable_database_is_said_on_the_page(tiny_model, monkeypatch):
+    monkeypatch.setenv("CHAT_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert "cannot be reached" in at.error[0].value and "Check that it is running" in \
+        at.error[0].value

@@ -245,3 +245,18 @@ def test_schedule_runs_a_round_only_when_enough_new_votes(tiny_model, tmp_path):
     assert "48 new votes (>= 40): starting a round" in done.stdout
     assert "0 new votes (< 40)" in done.stdout
     assert len(Registry().versions()) == 1
+
+
+def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
+    fill(16)
+    with db.transaction(write=True) as s:  # regenerate picks: pairs to learn from
+        for conv in store.list_conversations(session=s, user_id=1):
+            good = [t for t in store.get_thread(session=s, user_id=1, conversation_id=conv.id)]
+            store.prefer_reply(session=s, user_id=1, message_id=good[1].sibling_ids[0])
+    done = training_cli("run", "--method", "dpo", "--full-finetune", config=LENIENT,
+                        tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [version] = Registry().versions()
+    assert version.meta["method"] == "dpo" and version.meta["kind"] == "full"
+    assert (version.path / "model" / "model.safetensors").is_file()
+    assert Registry().load().version == version.name

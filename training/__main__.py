@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -84,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     from training.round import BUSY, ERROR, USAGE, run_round, status
 
     try:
+        echo = functools.partial(print, flush=True)  # lines reach a pipe as they happen
         if args.command == "run":
-            return run_round(round_config(args)).exit_code
+            return run_round(round_config(args), log=echo).exit_code
         if args.command == "schedule":
             from training.schedule import run_schedule
             return run_schedule(round_config(args), min_new_votes=args.min_new_votes,
                                 interval_s=args.interval_minutes * 60,
-                                max_checks=args.max_checks)
+                                max_checks=args.max_checks, log=echo)
         if args.command == "status":
             s = status()
             print(json.dumps(s, indent=2) if args.json else format_status(s))

@@ -59,11 +59,18 @@ def run_round(cfg: RoundConfig | None = None, *, log=print) -> RoundResult:
         return _run(cfg, log)
 
 
-def _run(cfg: RoundConfig, log) -> RoundResult:
+def _run(cfg: RoundConfig, echo) -> RoundResult:
     start = time.monotonic()
     budget_s = cfg.max_minutes * 60
     train_deadline = start + TRAIN_SHARE * budget_s
     round_id = new_round_id()
+    log_file = reports_dir() / f"{round_id}.log"
+
+    def log(line: str) -> None:  # to the caller and to the round's log beside its report
+        echo(line)
+        with open(log_file, "a") as fh:
+            fh.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line}\n")
+
     registry = Registry()
     for stale in registry.root.glob(".*.partial"):  # left by a killed round
         shutil.rmtree(stale, ignore_errors=True)
