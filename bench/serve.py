@@ -3,7 +3,8 @@
     python -m bench.serve [--out bench/results] [--max-new-tokens 128] [--runs 3]
 
 Measures one stream alone, then 4 streams started together, each through `Engine.submit` and
-`Reply.stream()` exactly as the chat page consumes them, on the current model version (the
+`Reply.stream()` exactly as the chat page consumes them, then the aggregate throughput of the
+batch path (`Engine.generate`, what `python -m serving generate` uses) at batch 1 and 32, on the current model version (the
 embedded one unless `CHAT_MODEL` or a promotion says otherwise). Prints a table and writes
 `serve.json`. A benchmark, not a test: nothing here passes or fails.
 """
@@ -83,8 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
     for n in (1, 4):
         runs = [run_streams(engine, n, settings) for _ in range(args.runs)]
         rows.append({k: statistics.median(r[k] for r in runs) for k in runs[0]})
+    batches = []
+    for size in (1, 32):
+        start = time.monotonic()
+        done = engine.generate([[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+                                for i in range(size)], settings)
+        wall = time.monotonic() - start
+        batches.append({"batch": size, "tokens": sum(r.n_tokens for r in done),
+                        "seconds": round(wall, 2),
+                        "aggregate_tok_s": sum(r.n_tokens for r in done) / wall})
     engine.close()
-    report = {"model_version": loaded.version, "dtype": args.dtype,
+    report = {"model_version": loaded.version, "dtype": args.dtype, "batch": batches,
               "max_new_tokens": args.max_new_tokens, "runs": args.runs,
               "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or
               platform.machine(), "results": rows}
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['streams']:>7} {r['ttft_s_mean']:>9.2f}s {r['ttft_s_max']:>8.2f}s "
               f"{r['per_stream_decode_tok_s']:>11.1f} {r['aggregate_tok_s']:>12.1f}")
+    for b in batches:
+        print(f"batch {b['batch']:>2}: {b['aggregate_tok_s']:.1f} tok/s aggregate")
     print(f"saved {args.out / 'serve.json'}")
     return report
 

@@ -69,6 +69,7 @@ def send() -> None:
         return  # empty or whitespace: nothing is sent
     cid = ss.get("conversation_id")
     settings, system = settings_for(str(cid or "new"))
+    msg = None
     try:
         store.check_message_text(text)
         engine.check([{"role": "user", "content": text}], settings, system_prompt=system or None)
@@ -88,7 +89,8 @@ def send() -> None:
                         parent_id=msg.id, settings=settings, system_prompt=system)
     except (FeedbackError, PromptTooLong, InvalidSettings) as exc:
         notify(str(exc))
-        ss.chat_box = text  # keep what was typed in the box
+        if msg is None:
+            ss.chat_box = text  # not stored: keep what was typed in the box
 
 
 def reply_to(parent_id: int, source: str) -> None:
