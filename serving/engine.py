@@ -190,6 +190,7 @@ class Engine:
         active: list[_Row] = []
         cache = mask = None
         while not self._closed.is_set():
+            new: list[_Row] = []
             try:
                 if not active and self._next is not None:
                     self._loaded, self._next = self._next, None
@@ -215,9 +216,19 @@ class Engine:
                         cache, mask = _select(cache, mask, keep)
             except Exception as exc:  # fail the replies in flight, keep serving others
                 log.exception("generation failed")
-                for row in active:
-                    row.reply._finish("error", f"generation failed: {exc}")
+                for row in active + new:
+                    if not row.reply.done:
+                        row.reply._finish("error", f"generation failed: {exc}")
                 active, cache, mask = [], None, None
+        # Closed: nobody waits forever on a reply that will not come.
+        while True:
+            try:
+                active.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for row in active:
+            if not row.reply.done:
+                row.reply._finish("cancelled")
 
     def _admit(self, *, block: bool, room: int) -> list[_Row]:
         if self._next is not None and not block:

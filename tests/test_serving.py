@@ -83,6 +83,17 @@ def test_a_reply_can_be_stopped_and_keeps_its_text(engine):
     assert reply.finish_reason == "cancelled" and 0 < reply.n_tokens < 400 and text
 
 
+def test_closing_the_engine_ends_every_reply(tiny_model):
+    config = ServingConfig(dtype="float32")
+    eng = Engine(load(str(tiny_model), version="tiny", config=config), config)
+    replies = [eng.submit(conv(f"q{i}"), GenerationSettings(max_new_tokens=400))
+               for i in range(3)]
+    eng.close()
+    for r in replies:
+        r.wait(timeout=30)
+        assert r.done and r.finish_reason in ("cancelled", "stop", "length")
+
+
 def test_stream_resumes_from_the_start_after_an_interruption(engine):
     reply = engine.submit(conv("hello"), GREEDY)
     first = next(reply.stream())
