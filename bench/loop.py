@@ -229,6 +229,7 @@ def plot(results: dict, path: Path) -> None:
     for name, row in results["users"].items():
         ax.plot(range(len(row["approval"])), [100 * a for a in row["approval"]], marker="o",
                 label=name)
+    ax.set_xticks(range(max(len(r["approval"]) for r in results["users"].values())))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out approval (%)")
     ax.set_ylim(0, 100)
