@@ -112,11 +112,11 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     (staging / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     t = time.monotonic()
-    log(f"training the reward model on {len(reward_pairs(train, cfg.data))} pairs")
+    pairs = reward_pairs(train, cfg.data)
+    log(f"training the reward model on {len(pairs)} pairs")
     trainee = registry.load(current_name, fp32)
-    report["reward_model"] = train_reward_model(
-        base_source, trainee.tokenizer, reward_pairs(train, cfg.data), cfg.reward, staging,
-        train_deadline)
+    report["reward_model"] = train_reward_model(base_source, trainee.tokenizer, pairs,
+                                                cfg.reward, staging, train_deadline)
     timed("reward_model", t)
 
     t = time.monotonic()
