@@ -9,7 +9,6 @@ and are shared across sessions, hence the lock.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ from feedback.db import transaction
 from feedback.errors import FeedbackError, StoreUnavailable
 from serving.config import GenerationSettings
 from serving.engine import Engine, Reply
-
-log = logging.getLogger(__name__)
 
 SAVE_RETRY_S = 60.0
 

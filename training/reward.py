@@ -1,6 +1,6 @@
 """The reward model: the learned judge of what users like, trained with TRL's `RewardTrainer`.
 
-A sequence-classification head (one score) on the serving model's backbone, LoRA-tuned on
+A sequence-classification head (one score) on the base model's backbone, LoRA-tuned on
 preference pairs (Bradley-Terry loss). The gate uses it to compare two models' replies.
 """
 
