@@ -126,6 +126,7 @@ def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
             "seconds": round(time.monotonic() - start, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "decision": report.get("decision"),
             "message": report.get("message"), "timings_s": report.get("timings_s"),
+            "peak_mb": report.get("peak_mb"),
             "gate": _gate_summary(report.get("gate")), "tuning": report.get("tuning"),
             "data": report.get("data")}
 
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.users import make_users, words
     from serving.config import GenerationSettings
+    from training.memory import peak_mb, reset_peak
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_pool, test = load_prompts()
@@ -178,30 +180,33 @@ def main(argv: list[str] | None = None) -> dict:
         if not (data / "models").exists():
             shared_models.mkdir(exist_ok=True)
             (data / "models").symlink_to(shared_models.resolve())
-        t = time.monotonic()
+        t, _ = time.monotonic(), reset_peak()
         before, version = replies(test, args.test_samples, settings)
-        eval_s = time.monotonic() - t
+        eval_s, eval_mb = time.monotonic() - t, peak_mb()
         if calibration is None:  # the base model's own length distribution
             calibration = [words(x) for xs in before for x in xs]
         [user] = make_users([name], calibration)
         row = {"describe": user.describe, "approval": [approval(user, before)],
-               "versions": [version], "rounds": [], "eval_seconds": [round(eval_s, 1)]}
+               "versions": [version], "rounds": [], "eval_seconds": [round(eval_s, 1)],
+               "eval_peak_mb": [eval_mb]}
         print(f"{name}: {user.describe}; round 0 approval {row['approval'][0]:.0%} ({version})",
               flush=True)
         for r in range(args.rounds):
             start = r * args.train_prompts % len(train_pool)
             prompts = (train_pool + train_pool)[start:start + args.train_prompts]
-            t = time.monotonic()
+            t, _ = time.monotonic(), reset_peak()
             texts, version = replies(prompts, args.replies_per_prompt, settings)
-            gen_s = time.monotonic() - t
+            gen_s, gen_mb = time.monotonic() - t, peak_mb()
             counts = record_votes(user, prompts, texts, version, settings.to_dict(), r)
             training = run_training_round(args.round_config, args.max_minutes)
-            t = time.monotonic()
+            t, _ = time.monotonic(), reset_peak()
             after, version = replies(test, args.test_samples, settings)
             row["eval_seconds"].append(round(time.monotonic() - t, 1))
+            row["eval_peak_mb"].append(peak_mb())
             row["approval"].append(approval(user, after))
             row["versions"].append(version)
             row["rounds"].append({"votes": counts, "generate_seconds": round(gen_s, 1),
+                                  "generate_peak_mb": gen_mb,
                                   "training": training,
                                   "mean_words_after": sum(words(x) for xs in after for x in xs)
                                   / sum(len(xs) for xs in after)})
@@ -241,18 +246,23 @@ def plot(results: dict, path: Path) -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'user':<11} {'approval by round':<28} {'round':>8} {'time':>7} {'peak MB':>8} "
-          f"{'retention':>9}")
+    print(f"\n{'user':<11} {'approval by round':<24} {'round':>9} {'time':>6} {'reward':>6} "
+          f"{'tune':>11} {'gate':>5} {'peak MB':>8} {'RM acc':>6} {'retention':>9}")
     for name, row in results["users"].items():
         approvals = " -> ".join(f"{a:.0%}" for a in row["approval"])
         for i, rnd in enumerate(row["rounds"] or [None]):
             t = rnd["training"] if rnd else {}
-            gate = t.get("gate") or {}
-            retention = gate.get("c_retention")
-            print(f"{name if i == 0 else '':<11} {approvals if i == 0 else '':<28} "
-                  f"{t.get('decision') or '-':>8} {t.get('seconds', 0):>6.0f}s "
-                  f"{t.get('peak_rss_mb', 0):>8} "
-                  f"{f'{retention:.0%}' if retention is not None else '-':>9}")
+            gate, times = t.get("gate") or {}, t.get("timings_s") or {}
+            tuning = t.get("tuning") or {}
+
+            def pct(v):
+                return f"{v:.0%}" if v is not None else "-"
+            print(f"{name if i == 0 else '':<11} {approvals if i == 0 else '':<24} "
+                  f"{t.get('decision') or '-':>9} {t.get('seconds', 0):>5.0f}s "
+                  f"{times.get('reward_model', 0):>5.0f}s "
+                  f"{times.get('tuning', 0):>4.0f}s/{tuning.get('steps', 0):>2} st "
+                  f"{times.get('gate', 0):>4.0f}s {t.get('peak_rss_mb', 0):>8} "
+                  f"{pct(gate.get('reward_model_accuracy')):>6} {pct(gate.get('c_retention')):>9}")
 
 
 if __name__ == "__main__":

@@ -40,4 +40,10 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     rnd = row["rounds"][0]
     assert rnd["votes"]["votes"] == 24
     assert rnd["training"]["exit_code"] in (0, 3, 5) and rnd["training"]["peak_rss_mb"] > 0
+    stages = rnd["training"]["peak_mb"]  # each stage's own peak memory, beside its time
+    assert set(stages) == set(rnd["training"]["timings_s"]) - {"total"}
+    if rnd["training"]["exit_code"] != 3:
+        assert set(stages) == {"data", "reward_model", "tuning", "gate"}
+    assert all(0 < mb <= rnd["training"]["peak_rss_mb"] * 1.01 for mb in stages.values())
+    assert len(row["eval_peak_mb"]) == 2 and rnd["generate_peak_mb"] > 0
     assert (out / "loop.png").stat().st_size > 0

@@ -124,6 +124,30 @@ def _only_likes(n: int) -> None:
             store.set_vote(session=s, user_id=uid, message_id=a.id, value=1)
 
 
+@pytest.mark.parametrize("config,says", [
+    ({"tune": {"learning_rat": 1e-4}}, "unknown setting 'tune.learning_rat'"),
+    ({"tune": {"batch_size": 0}}, "tune.batch_size must be at least 1"),
+    ({"tune": {"bf16": "yes"}}, "tune.bf16 must be a bool"),
+    ({"reward_share": 1.5}, "reward_share must be between 0 and 1"),
+    ([1, 2], "must be a JSON object"),
+    ("{not json", "is not valid JSON"),
+    (None, "--max-minutes must be above 0"),
+])
+def test_a_wrong_round_config_is_a_usage_error_naming_the_field(tiny_model, tmp_path, config,
+                                                                 says):
+    fill(16)
+    path = tmp_path / "round.json"
+    if config is None:
+        done = training_cli("run", "--max-minutes", "0")
+    else:
+        path.write_text(config if isinstance(config, str) else json.dumps(config))
+        done = training_cli("run", "--config", str(path))
+        assert str(path) in done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr
+    assert not (Path(os.environ["CHAT_DATA_DIR"]) / "reports").exists()  # no round started
+
+
 def test_check_enough_needs_both_labels():
     from training.dataset import FeedbackData
     rows = [{"label": True}] * 10

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.config import RoundConfig
+from training.config import ConfigError, RoundConfig
 
 RUN_EXIT_CODES = """exit codes:
   0  the candidate passed the gate and now serves
@@ -59,15 +59,26 @@ def make_parser() -> argparse.ArgumentParser:
 def round_config(args) -> RoundConfig:
     cfg = RoundConfig()
     if args.config:
-        overrides = json.loads(args.config.read_text())
+        try:
+            overrides = json.loads(args.config.read_text())
+            RoundConfig.from_dict(overrides)  # names the wrong field before merging
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {args.config}: "
+                              f"{exc.strerror or exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{args.config} is not valid JSON: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{args.config}: {exc}") from exc
         merged = cfg.to_dict()
         for key, value in overrides.items():
             if isinstance(value, dict):
-                merged.setdefault(key, {}).update(value)
+                merged[key].update(value)
             else:
                 merged[key] = value
         cfg = RoundConfig.from_dict(merged)
     if args.max_minutes is not None:
+        if not args.max_minutes > 0:
+            raise ConfigError(f"--max-minutes must be above 0, got {args.max_minutes}")
         cfg.max_minutes = args.max_minutes
     if args.method:
         cfg.tune.method = args.method
@@ -110,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except RoundBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BUSY
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
     except (FeedbackError, ModelUnavailable, UnknownVersion, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ERROR

@@ -70,19 +70,87 @@ class RoundConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     max_minutes: float = _f(60.0, "time budget; training stops at 70% of it so the gate fits")
+    reward_share: float = _f(0.3, "share of the training time the reward model may take; "
+                                  "preference tuning gets the rest")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> RoundConfig:
-        parts = {f.name: f.type for f in fields(cls)}
+        """Build from (possibly partial) JSON data; raises `ConfigError` naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ConfigError("the round config must be a JSON object, e.g. "
+                              '{"tune": {"learning_rate": 1e-4}}')
         kwargs = {}
         for name, value in data.items():
-            if name in ("data", "reward", "tune", "gate"):
-                klass = {"data": DataConfig, "reward": RewardModelConfig, "tune": TuneConfig,
-                         "gate": GateConfig}[name]
-                kwargs[name] = klass(**value)
-            elif name in parts:
-                kwargs[name] = value
+            if name in SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{name!r} must be an object of fields, e.g. "
+                                      f'{{"{name}": {{...}}}}')
+                kwargs[name] = SECTIONS[name](**_checked(SECTIONS[name], value, name + "."))
+            else:
+                kwargs.update(_checked(cls, {name: value}, ""))
         return cls(**kwargs)
+
+
+SECTIONS = {"data": DataConfig, "reward": RewardModelConfig, "tune": TuneConfig,
+            "gate": GateConfig}
+
+# Allowed values, by dotted field name: (test, what the message says is allowed).
+LIMITS = {
+    "data.heldout_fraction": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "data.min_votes": (lambda v: v >= 2, "at least 2"),
+    "data.min_per_label": (lambda v: v >= 1, "at least 1"),
+    "data.max_pairs_per_prompt": (lambda v: v >= 1, "at least 1"),
+    "reward.learning_rate": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "reward.epochs": (lambda v: v > 0, "above 0"),
+    "reward.batch_size": (lambda v: v >= 1, "at least 1"),
+    "reward.max_length": (lambda v: v >= 16, "at least 16"),
+    "reward.lora_r": (lambda v: v >= 1, "at least 1"),
+    "reward.max_steps": (lambda v: v == -1 or v >= 1, "-1 or at least 1"),
+    "tune.method": (lambda v: v in ("auto", "kto", "dpo"), "auto, kto or dpo"),
+    "tune.lora_r": (lambda v: v >= 1, "at least 1"),
+    "tune.lora_alpha": (lambda v: v >= 1, "at least 1"),
+    "tune.lora_dropout": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
+    "tune.learning_rate": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "tune.beta": (lambda v: v > 0, "above 0"),
+    "tune.batch_size": (lambda v: v >= 1, "at least 1 (KTO always takes at least 2)"),
+    "tune.epochs": (lambda v: v > 0, "above 0"),
+    "tune.max_steps": (lambda v: v == -1 or v >= 1, "-1 or at least 1"),
+    "tune.max_length": (lambda v: v >= 16, "at least 16"),
+    "gate.min_heldout_votes": (lambda v: v >= 2, "at least 2"),
+    "gate.min_auc_gain": (lambda v: -2 <= v < 1, "from -2 (never fails) up to 1"),
+    "gate.min_reward_win_rate": (lambda v: -1 <= v < 1, "from -1 (never fails) up to 1"),
+    "gate.max_heldout_prompts": (lambda v: v >= 1, "at least 1"),
+    "gate.min_retention": (lambda v: 0 <= v <= 2, "between 0 and 2"),
+    "gate.max_fluency_failures_increase": (lambda v: v >= 0, "0 or more"),
+    "gate.reply_max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "max_minutes": (lambda v: v > 0, "above 0"),
+    "reward_share": (lambda v: 0 < v < 1, "between 0 and 1"),
+}
+
+
+class ConfigError(ValueError):
+    """A round config that names an unknown field or holds a value of the wrong type or range."""
+
+
+def _checked(klass, values: dict, prefix: str) -> dict:
+    known = {f.name: f.type for f in fields(klass)}
+    out = {}
+    for name, value in values.items():
+        dotted = prefix + name
+        if name not in known or known[name] in SECTIONS.values():
+            raise ConfigError(f"unknown setting {dotted!r}; known: "
+                              + ", ".join(prefix + k for k in known))
+        kind = known[name]
+        ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}.get(kind)
+        if not ok:
+            raise ConfigError(f"{dotted} must be a {kind}, got {value!r}")
+        test, allowed = LIMITS.get(dotted, (lambda v: True, ""))
+        if not test(value):
+            raise ConfigError(f"{dotted} must be {allowed}, got {value!r}")
+        out[name] = float(value) if kind == "float" else value
+    return out

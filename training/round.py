@@ -24,6 +24,7 @@ from training.config import RoundConfig
 from training.dataset import NotEnoughFeedback, check_enough, load_feedback, reward_pairs, split
 from training.evaluate import gate
 from training.lock import round_lock
+from training.memory import peak_mb, reset_peak
 from training.reward import RewardModel, train_reward_model
 from training.tune import tune
 
@@ -76,10 +77,15 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
         shutil.rmtree(stale, ignore_errors=True)
     current_name = registry.current_name()
     report: dict = {"round": round_id, "started_at": datetime.now(timezone.utc).isoformat(),
-                    "current_version": current_name, "config": cfg.to_dict(), "timings_s": {}}
+                    "current_version": current_name, "config": cfg.to_dict(), "timings_s": {},
+                    "peak_mb": {}}
+    reset_peak()
 
-    def timed(stage: str, began: float) -> None:
+    def timed(stage: str, began: float) -> None:  # time and peak memory of the stage ending
         report["timings_s"][stage] = round(time.monotonic() - began, 1)
+        if stage != "total":
+            report["peak_mb"][stage] = peak_mb()
+            reset_peak()
 
     def finish(decision: str, code: int, message: str) -> RoundResult:
         report.update(decision=decision, exit_code=code, message=message,
@@ -115,8 +121,10 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     pairs = reward_pairs(train, cfg.data)
     log(f"training the reward model on {len(pairs)} pairs")
     trainee = registry.load(current_name, fp32)
+    # The reward model may not starve the tuning: it gets its share of the training time left.
+    reward_deadline = t + cfg.reward_share * max(0.0, train_deadline - t)
     report["reward_model"] = train_reward_model(base_source, trainee.tokenizer, pairs,
-                                                cfg.reward, staging, train_deadline)
+                                                cfg.reward, staging, reward_deadline)
     timed("reward_model", t)
 
     t = time.monotonic()
@@ -195,7 +203,10 @@ def markdown(r: dict) -> str:
         for name, c in r["gate"]["checks"].items():
             lines.append(f"| {name} | {'yes' if c['passed'] else 'no'} | {c['why']} |")
         lines.append("")
-    lines += ["## Time", "", ", ".join(f"{k} {v}s" for k, v in r["timings_s"].items()), ""]
+    lines += ["## Time and memory", "", "| stage | seconds | peak MB |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {r.get('peak_mb', {}).get(k, '')} |"
+              for k, v in r["timings_s"].items()]
+    lines.append("")
     return "\n".join(lines)
 
 
