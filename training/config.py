@@ -34,14 +34,16 @@ class RewardModelConfig:
 
 @dataclass
 class TuneConfig:
-    method: str = _f("auto", "kto (votes), dpo (pairs) or auto: KTO unless pairs outnumber votes")
+    method: str = _f("auto", "kto (votes), dpo (pairs) or auto: DPO when the feedback gives at "
+                             "least min_dpo_pairs pairs, KTO otherwise")
+    min_dpo_pairs: int = _f(32, "fewest training pairs for auto to choose DPO")
     full_finetune: bool = _f(False, "train every weight instead of a LoRA adapter")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA scaling")
     lora_dropout: float = _f(0.0, "LoRA dropout")
-    learning_rate: float = _f(5e-5, "learning rate (LoRA; use ~5e-6 for full fine-tuning)")
+    learning_rate: float = _f(5e-4, "learning rate (LoRA; use ~5e-6 for full fine-tuning)")
     beta: float = _f(0.1, "KTO/DPO beta: higher stays closer to the current model")
-    batch_size: int = _f(8, "rows per step; KTO needs at least 2")
+    batch_size: int = _f(4, "rows (KTO) or pairs (DPO) per step; KTO takes at least 2")
     epochs: float = _f(1.0, "passes over the data")
     max_steps: int = _f(-1, "stop after this many steps (-1: epochs decide)")
     max_length: int = _f(512, "tokens per row (prompt + reply), longer are truncated")
@@ -110,6 +112,7 @@ LIMITS = {
     "reward.lora_r": (lambda v: v >= 1, "at least 1"),
     "reward.max_steps": (lambda v: v == -1 or v >= 1, "-1 or at least 1"),
     "tune.method": (lambda v: v in ("auto", "kto", "dpo"), "auto, kto or dpo"),
+    "tune.min_dpo_pairs": (lambda v: v >= 1, "at least 1"),
     "tune.lora_r": (lambda v: v >= 1, "at least 1"),
     "tune.lora_alpha": (lambda v: v >= 1, "at least 1"),
     "tune.lora_dropout": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),

@@ -35,7 +35,10 @@ def choose_method(cfg: TuneConfig, train: FeedbackData) -> str:
     if cfg.method in ("kto", "dpo"):
         return cfg.method
     assert cfg.method == "auto", f"unknown method {cfg.method!r}"
-    return "dpo" if len(train.pairs) > len(train.votes) else "kto"
+    # Pairs (a liked and a disliked reply to one prompt, picks, edits) contrast two replies
+    # directly; on 2 CPU cores DPO on them moved a simulated user's approval far more per minute
+    # than KTO on the same votes (README, benchmarks). Thumbs without pairs go to KTO.
+    return "dpo" if len(train.pairs) >= cfg.min_dpo_pairs else "kto"
 
 
 def lora_config(cfg: TuneConfig, task_type: str = "CAUSAL_LM"):
