@@ -124,7 +124,10 @@ def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
     report = json.loads(reports[-1].read_text()) if reports else {}
     return {"exit_code": os.waitstatus_to_exitcode(status),
             "seconds": round(time.monotonic() - start, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024), "decision": report.get("decision"),
+            # the round resets its high-water mark per stage: its peak is the largest stage's
+            "peak_rss_mb": round(max([usage.ru_maxrss / 1024,
+                                      *(report.get("peak_mb") or {}).values()])),
+            "decision": report.get("decision"),
             "message": report.get("message"), "timings_s": report.get("timings_s"),
             "peak_mb": report.get("peak_mb"),
             "gate": _gate_summary(report.get("gate")), "tuning": report.get("tuning"),

@@ -44,6 +44,7 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert set(stages) == set(rnd["training"]["timings_s"]) - {"total"}
     if rnd["training"]["exit_code"] != 3:
         assert set(stages) == {"data", "reward_model", "tuning", "gate"}
-    assert all(0 < mb <= rnd["training"]["peak_rss_mb"] * 1.01 for mb in stages.values())
+    assert all(mb > 0 for mb in stages.values())
+    assert rnd["training"]["peak_rss_mb"] >= max(stages.values()) - 1
     assert len(row["eval_peak_mb"]) == 2 and rnd["generate_peak_mb"] > 0
     assert (out / "loop.png").stat().st_size > 0
