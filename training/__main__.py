@@ -58,10 +58,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def round_config(args) -> RoundConfig:
     cfg = RoundConfig()
-    if args.config:
+    if args.config:  # a partial config: every field it leaves out keeps its default
         try:
-            overrides = json.loads(args.config.read_text())
-            RoundConfig.from_dict(overrides)  # names the wrong field before merging
+            cfg = RoundConfig.from_dict(json.loads(args.config.read_text()))
         except OSError as exc:
             raise ConfigError(f"cannot read the config file {args.config}: "
                               f"{exc.strerror or exc}") from exc
@@ -69,13 +68,6 @@ def round_config(args) -> RoundConfig:
             raise ConfigError(f"{args.config} is not valid JSON: {exc}") from exc
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from exc
-        merged = cfg.to_dict()
-        for key, value in overrides.items():
-            if isinstance(value, dict):
-                merged[key].update(value)
-            else:
-                merged[key] = value
-        cfg = RoundConfig.from_dict(merged)
     if args.max_minutes is not None:
         if not args.max_minutes > 0:
             raise ConfigError(f"--max-minutes must be above 0, got {args.max_minutes}")

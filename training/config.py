@@ -143,7 +143,7 @@ def _checked(klass, values: dict, prefix: str) -> dict:
     out = {}
     for name, value in values.items():
         dotted = prefix + name
-        if name not in known or known[name] in SECTIONS.values():
+        if name not in known:
             raise ConfigError(f"unknown setting {dotted!r}; known: "
                               + ", ".join(prefix + k for k in known))
         kind = known[name]
