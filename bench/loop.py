@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -34,10 +33,6 @@ PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 def load_prompts() -> tuple[list[dict], list[dict]]:
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["id"] % 5], [r for r in rows if r["id"] % 5 == 0]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 _cache: dict = {}
@@ -167,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.users import make_users, words
     from serving.config import GenerationSettings
-    from training.memory import peak_mb, reset_peak
+    from training.memory import peak_mb, process_peak_mb, reset_peak
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_pool, test = load_prompts()
@@ -220,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["mean_words_before"] = sum(words(x) for xs in before for x in xs) / \
             sum(len(xs) for xs in before)
         results["users"][name] = row
-        results["peak_rss_mb_bench_process"] = round(peak_rss_mb())
+        results["peak_rss_mb_bench_process"] = round(process_peak_mb())
         (args.out / "loop.json").write_text(json.dumps(results, indent=2) + "\n")  # so far
         plot(results, args.out / "loop.png")
     print_table(results)
@@ -248,6 +243,10 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _pct(v: float | None) -> str:
+    return f"{v:.0%}" if v is not None else "-"
+
+
 def print_table(results: dict) -> None:
     print(f"\n{'user':<11} {'approval by round':<24} {'round':>9} {'time':>6} {'reward':>6} "
           f"{'tune':>11} {'gate':>5} {'peak MB':>8} {'RM acc':>6} {'retention':>9}")
@@ -257,15 +256,13 @@ def print_table(results: dict) -> None:
             t = rnd["training"] if rnd else {}
             gate, times = t.get("gate") or {}, t.get("timings_s") or {}
             tuning = t.get("tuning") or {}
-
-            def pct(v):
-                return f"{v:.0%}" if v is not None else "-"
             print(f"{name if i == 0 else '':<11} {approvals if i == 0 else '':<24} "
                   f"{t.get('decision') or '-':>9} {t.get('seconds', 0):>5.0f}s "
                   f"{times.get('reward_model', 0):>5.0f}s "
                   f"{times.get('tuning', 0):>4.0f}s/{tuning.get('steps', 0):>2} st "
                   f"{times.get('gate', 0):>4.0f}s {t.get('peak_rss_mb', 0):>8} "
-                  f"{pct(gate.get('reward_model_accuracy')):>6} {pct(gate.get('c_retention')):>9}")
+                  f"{_pct(gate.get('reward_model_accuracy')):>6} "
+                  f"{_pct(gate.get('c_retention')):>9}")
 
 
 if __name__ == "__main__":
