@@ -13,7 +13,9 @@ learns only from that user):
   4. back to 1 with whatever version is now current.
 Prompts: `bench/prompts.jsonl` (310, written for the project); `id % 5 == 0` are test prompts,
 the rest training prompts. Writes `loop.json` and `loop.png` (approval per round per user) into
-the output folder and prints a table. A benchmark, not a test: it reports what it measures.
+the output folder and prints a table. A run of some users keeps the other users' rows already in
+`loop.json` (each row names its run's settings), so users can be measured one run at a time.
+A benchmark, not a test: it reports what it measures.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     test = test[:args.test_prompts]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=None)
     shared_models = args.out / "shared-models"  # the base checkpoint, converted once
-    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "users": {}}
+    run_args = {k: str(v) for k, v in vars(args).items() if k not in ("users", "out")}
+    results = {"users": earlier_users(args.out / "loop.json", args.users.split(","))}
     calibration = None
     for name in args.users.split(","):
         data = args.out / name / "data"
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         if calibration is None:  # the base model's own length distribution
             calibration = [words(x) for xs in before for x in xs]
         [user] = make_users([name], calibration)
-        row = {"describe": user.describe, "approval": [approval(user, before)],
+        row = {"args": run_args, "describe": user.describe, "approval": [approval(user, before)],
                "versions": [version], "rounds": [], "eval_seconds": [round(eval_s, 1)],
                "eval_peak_mb": [eval_mb]}
         print(f"{name}: {user.describe}; round 0 approval {row['approval'][0]:.0%} ({version})",
@@ -220,6 +223,20 @@ def main(argv: list[str] | None = None) -> dict:
         plot(results, args.out / "loop.png")
     print_table(results)
     return results
+
+
+def earlier_users(path: Path, rerun: list[str]) -> dict:
+    """The rows of users an earlier run measured into the same folder and this run does not
+    redo, so users can be measured one invocation at a time into one table and plot."""
+    try:
+        earlier = json.loads(path.read_text())
+        users, shared_args = earlier["users"], earlier.get("args", {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    kept = {name: row for name, row in users.items() if name not in rerun}
+    for row in kept.values():  # files from before each row named its own run's settings
+        row.setdefault("args", {k: v for k, v in shared_args.items() if k not in ("users", "out")})
+    return kept
 
 
 def plot(results: dict, path: Path) -> None:

@@ -48,3 +48,11 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert rnd["training"]["peak_rss_mb"] >= max(stages.values()) - 1
     assert len(row["eval_peak_mb"]) == 2 and rnd["generate_peak_mb"] > 0
     assert (out / "loop.png").stat().st_size > 0
+    assert row["args"]["train_prompts"] == "12"
+
+    # users measured one run at a time land in one table: a later run keeps the earlier rows
+    main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",
+          "--max-new-tokens", "8", "--out", str(out)])
+    both = json.loads((out / "loop.json").read_text())["users"]
+    assert set(both) == {"concise", "no_filler"} and both["concise"] == row
+    assert len(both["no_filler"]["approval"]) == 1 and both["no_filler"]["args"]["rounds"] == "0"
