@@ -277,10 +277,17 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
         for conv in store.list_conversations(session=s, user_id=1):
             good = [t for t in store.get_thread(session=s, user_id=1, conversation_id=conv.id)]
             store.prefer_reply(session=s, user_id=1, message_id=good[1].sibling_ids[0])
-    done = training_cli("run", "--method", "dpo", "--full-finetune", config=LENIENT,
+    config = {**LENIENT, "tune": {**LENIENT["tune"], "sft_weight": 0.5}}
+    done = training_cli("run", "--method", "dpo", "--full-finetune", config=config,
                         tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [version] = Registry().versions()
     assert version.meta["method"] == "dpo" and version.meta["kind"] == "full"
+    [report] = (Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json")
+    tuning = json.loads(report.read_text())["tuning"]
+    assert tuning["loss_type"] == ["sigmoid", "sft"] and tuning["loss_weights"] == [1.0, 0.5]
+    # DPO's own loss starts at ln 2; the chosen replies' NLL (the tiny model knows them not
+    # at all) is added on top
+    assert tuning["first_loss"] > 0.6932 + 0.5
     assert (version.path / "model" / "model.safetensors").is_file()
     assert Registry().load().version == version.name

@@ -43,6 +43,8 @@ class TuneConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout")
     learning_rate: float = _f(5e-4, "learning rate (LoRA; use ~5e-6 for full fine-tuning)")
     beta: float = _f(0.1, "KTO/DPO beta: higher stays closer to the current model")
+    sft_weight: float = _f(1.0, "DPO: weight of an added language-modelling loss on the "
+                                "chosen replies (RPO), which keeps the model fluent; 0: off")
     batch_size: int = _f(4, "rows (KTO) or pairs (DPO) per step; KTO takes at least 2")
     epochs: float = _f(1.0, "passes over the data")
     max_steps: int = _f(-1, "stop after this many steps (-1: epochs decide)")
@@ -118,6 +120,7 @@ LIMITS = {
     "tune.lora_dropout": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
     "tune.learning_rate": (lambda v: 0 < v < 1, "between 0 and 1"),
     "tune.beta": (lambda v: v > 0, "above 0"),
+    "tune.sft_weight": (lambda v: v >= 0, "0 or more"),
     "tune.batch_size": (lambda v: v >= 1, "at least 1 (KTO always takes at least 2)"),
     "tune.epochs": (lambda v: v > 0, "above 0"),
     "tune.max_steps": (lambda v: v == -1 or v >= 1, "-1 or at least 1"),

@@ -179,6 +179,10 @@ def write_report(report: dict) -> Path:
     return path
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
 def markdown(r: dict) -> str:
     lines = [f"# Training round {r['round']}", "",
              f"**Decision: {r['decision']}** — {r['message']}", "",
@@ -196,7 +200,10 @@ def markdown(r: dict) -> str:
                   f"- reward model: {r['reward_model']['pairs']} pairs, "
                   f"{r['reward_model']['steps']} steps, loss {r['reward_model']['train_loss']:.4f}",
                   f"- tuning: {t['method'].upper()} ({t['kind']}), {t['steps']} steps, loss "
-                  f"{t['first_loss']} -> {t['last_loss']}"
+                  + ("(" + " + ".join(f"{w} x {n}" for n, w in zip(t["loss_type"],
+                                                                    t["loss_weights"])) + ") "
+                     if t.get("loss_weights") else "")
+                  + f"{_num(t['first_loss'])} -> {_num(t['last_loss'])}"
                   + (" (stopped by the time budget)" if t["stopped_by_deadline"] else ""), ""]
     if "gate" in r:
         lines += ["## Gate", "", "| check | passed | numbers |", "|---|---|---|"]

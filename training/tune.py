@@ -82,12 +82,16 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: Path,
         from trl import DPOConfig, DPOTrainer
 
         batch = max(1, min(cfg.batch_size, len(train.pairs)))
-        args = DPOConfig(**common_args(cfg, out / "trainer", batch), beta=cfg.beta)
+        # sft_weight > 0 adds TRL's "sft" loss (NLL of the chosen reply) beside the sigmoid one
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} \
+            if cfg.sft_weight > 0 else {}
+        args = DPOConfig(**common_args(cfg, out / "trainer", batch), beta=cfg.beta, **losses)
         data = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"],
                                    "rejected": p["rejected"]} for p in train.pairs])
         trainer = DPOTrainer(model=model, args=args, train_dataset=data,
                              processing_class=tokenizer, peft_config=peft, callbacks=[stop])
-        extra = {"rows": len(train.pairs)}
+        extra = {"rows": len(train.pairs), "loss_type": list(args.loss_type),
+                 "loss_weights": args.loss_weights}
     result = trainer.train()
     trained = trainer.model
     if peft is not None:
