@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = test[:args.test_prompts]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=None)
     shared_models = args.out / "shared-models"  # the base checkpoint, converted once
-    run_args = {k: str(v) for k, v in vars(args).items() if k not in ("users", "out")}
+    run_args = run_settings({k: str(v) for k, v in vars(args).items()})
     results = {"users": earlier_users(args.out / "loop.json", args.users.split(","))}
     calibration = None
     for name in args.users.split(","):
@@ -235,8 +235,13 @@ def earlier_users(path: Path, rerun: list[str]) -> dict:
         return {}
     kept = {name: row for name, row in users.items() if name not in rerun}
     for row in kept.values():  # files from before each row named its own run's settings
-        row.setdefault("args", {k: v for k, v in shared_args.items() if k not in ("users", "out")})
+        row.setdefault("args", run_settings(shared_args))
     return kept
+
+
+def run_settings(args: dict) -> dict:
+    """A run's arguments that shape its figures (not which users, not where they went)."""
+    return {k: v for k, v in args.items() if k not in ("users", "out")}
 
 
 def plot(results: dict, path: Path) -> None:

@@ -196,13 +196,13 @@ def markdown(r: dict) -> str:
         lines.append("")
     if "tuning" in r:
         t = r["tuning"]
+        mix = " + ".join(f"{w} x {n}" for n, w in zip(t.get("loss_type", []),
+                                                      t.get("loss_weights") or []))
         lines += ["## Training", "",
                   f"- reward model: {r['reward_model']['pairs']} pairs, "
                   f"{r['reward_model']['steps']} steps, loss {r['reward_model']['train_loss']:.4f}",
                   f"- tuning: {t['method'].upper()} ({t['kind']}), {t['steps']} steps, loss "
-                  + ("(" + " + ".join(f"{w} x {n}" for n, w in zip(t["loss_type"],
-                                                                    t["loss_weights"])) + ") "
-                     if t.get("loss_weights") else "")
+                  + (f"({mix}) " if mix else "")
                   + f"{_num(t['first_loss'])} -> {_num(t['last_loss'])}"
                   + (" (stopped by the time budget)" if t["stopped_by_deadline"] else ""), ""]
     if "gate" in r:
