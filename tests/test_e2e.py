@@ -72,6 +72,12 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
         box.wait_for(timeout=240_000)  # first start converts the embedded model
         messages = page.get_by_test_id("stChatMessage")
 
+        # Temperature 0 (slider to its start with the keyboard): greedy replies, so the story
+        # below always runs to the 256-token cap (~13 s here) and the vote lands mid-stream.
+        page.get_by_text("Generation settings").click()
+        page.get_by_role("slider").press("Home")
+        expect(page.get_by_test_id("stSliderThumbValue")).to_have_text("0.00")
+
         box.fill("Say hello in five words.")
         box.press("Enter")
         expect(messages.nth(1).get_by_label("Thumbs up")).to_be_visible(timeout=120_000)
@@ -84,7 +90,11 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
         expect(streaming.get_by_test_id("stMarkdown")).to_contain_text(" ", timeout=60_000)
         seen_while_streaming = streaming.get_by_test_id("stMarkdown").first.inner_text()
         # Vote on the first reply while the second is still streaming.
-        messages.nth(1).get_by_label("Thumbs up").click()
+        # By keyboard: the page scrolls as the reply grows, and a mouse click aimed at the
+        # moving button can land beside it (a real user would just click again).
+        thumb = messages.nth(1).get_by_label("Thumbs up")
+        thumb.press("Space")
+        expect(thumb, "the page did not take the vote").to_have_attribute("aria-checked", "true")
         assert messages.nth(3).get_by_label("Thumbs up").count() == 0, "it had already ended"
         expect(messages.nth(3).get_by_label("Thumbs up")).to_be_visible(timeout=180_000)
         page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
@@ -96,5 +106,6 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
     assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
     assert turns[1].vote == store.VoteView(1)
     assert turns[1].content.strip()[:20] in first_reply
-    assert turns[3].finish_reason in ("stop", "length")
+    assert turns[3].generation_settings["temperature"] == 0.0
+    assert turns[3].finish_reason == "length"
     assert len(turns[3].content) >= len(seen_while_streaming.strip())
