@@ -14,7 +14,8 @@ learns only from that user):
 Prompts: `bench/prompts.jsonl` (310, written for the project); `id % 5 == 0` are test prompts,
 the rest training prompts. Writes `loop.json` and `loop.png` (approval per round per user) into
 the output folder and prints a table. A run of some users keeps the other users' rows already in
-`loop.json` (each row names its run's settings), so users can be measured one run at a time.
+`loop.json` (each row names its run's settings), so users can be measured one run at a time;
+a user measured again starts over from the base model with an empty store.
 A benchmark, not a test: it reports what it measures.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -176,7 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = None
     for name in args.users.split(","):
         data = args.out / name / "data"
-        data.mkdir(parents=True, exist_ok=True)
+        # Each run of a user starts over: base model, empty store (not the last run's versions
+        # and votes). The link to the shared base checkpoint goes with it, not the checkpoint.
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
         os.environ["CHAT_DATA_DIR"] = str(data)
         if not (data / "models").exists():
             shared_models.mkdir(exist_ok=True)

@@ -56,3 +56,10 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     both = json.loads((out / "loop.json").read_text())["users"]
     assert set(both) == {"concise", "no_filler"} and both["concise"] == row
     assert len(both["no_filler"]["approval"]) == 1 and both["no_filler"]["args"]["rounds"] == "0"
+
+    # a user measured again starts over: the base model, an empty store, no earlier rounds
+    main(["--users", "concise", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",
+          "--max-new-tokens", "8", "--out", str(out)])
+    again = json.loads((out / "loop.json").read_text())["users"]["concise"]
+    assert again["versions"] == [row["versions"][0]] and again["rounds"] == []
+    assert not (out / "concise" / "data" / "reports").exists()
