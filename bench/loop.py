@@ -265,7 +265,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_title("Approval per round, per simulated user")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")  # the top is where a pleased user sits
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
