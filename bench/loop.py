@@ -183,9 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
         os.environ["CHAT_DATA_DIR"] = str(data)
-        if not (data / "models").exists():
-            shared_models.mkdir(exist_ok=True)
-            (data / "models").symlink_to(shared_models.resolve())
+        shared_models.mkdir(exist_ok=True)
+        (data / "models").symlink_to(shared_models.resolve())
         t, _ = time.monotonic(), reset_peak()
         before, version = replies(test, args.test_samples, settings)
         eval_s, eval_mb = time.monotonic() - t, peak_mb()
