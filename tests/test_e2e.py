@@ -61,8 +61,19 @@ def server(data_dir, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
+    """A vote on an earlier reply, taken while a later one streams, is shown and stored, and
+    the streaming reply runs on to its end. How long a reply runs is the model's (and the CPU's)
+    business, so the test asks for long stories until one is still streaming when the page has
+    taken the vote (a few tries at most), and asserts nothing about the text, its length or why
+    it ended beyond what the product guarantees."""
     from playwright.sync_api import expect, sync_playwright
 
+    stories = ["Write a long story about a brave dragon who learns to fly.",
+               "Tell a long, detailed tale of a sailor lost at sea for a year.",
+               "Write a long story about a robot who wants to become a gardener.",
+               "Describe, at length, a day in the life of a medieval baker.",
+               "Write a long adventure story about two friends crossing a desert."]
+    votes = [("Thumbs up", 1), ("Thumbs down", -1)]
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -72,11 +83,11 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
         box.wait_for(timeout=240_000)  # first start converts the embedded model
         messages = page.get_by_test_id("stChatMessage")
 
-        # Temperature 0 (slider to its start with the keyboard): greedy replies, so the story
-        # below always runs to the 256-token cap (~15 s here) and the vote lands mid-stream.
+        # The longest replies the page allows, so a story has room to run.
         page.get_by_text("Generation settings").click()
-        page.get_by_role("slider").press("Home")
-        expect(page.get_by_test_id("stSliderThumbValue")).to_have_text("0.00")
+        tokens = page.get_by_label("Max new tokens")
+        tokens.fill("2048")
+        tokens.press("Enter")
 
         box.fill("Say hello in five words.")
         box.press("Enter")
@@ -84,28 +95,39 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
         first_reply = messages.nth(1).get_by_test_id("stMarkdown").first.inner_text()
         assert first_reply.strip()
 
-        box.fill("Write a long story about a brave dragon who learns to fly.")
-        box.press("Enter")
-        streaming = messages.nth(3)
-        expect(streaming.get_by_test_id("stMarkdown")).to_contain_text(" ", timeout=60_000)
-        seen_while_streaming = streaming.get_by_test_id("stMarkdown").first.inner_text()
-        # Vote on the first reply while the second is still streaming. By keyboard: a mouse
-        # click there was not taken in 1 run of ~20 (the page moves as the reply grows and the
-        # click can land beside the button); the vote, once the page shows it, is what counts.
-        thumb = messages.nth(1).get_by_label("Thumbs up")
-        thumb.press("Space")
-        expect(thumb, "the page did not take the vote").to_have_attribute("aria-checked", "true")
-        assert messages.nth(3).get_by_label("Thumbs up").count() == 0, "it had already ended"
-        expect(messages.nth(3).get_by_label("Thumbs up")).to_be_visible(timeout=180_000)
+        voted_mid_stream = None
+        for attempt, story in enumerate(stories):
+            label, value = votes[attempt % 2]
+            box.fill(story)
+            box.press("Enter")
+            streaming = messages.nth(3 + 2 * attempt)
+            expect(streaming.get_by_test_id("stMarkdown")).to_contain_text(" ", timeout=60_000)
+            seen_while_streaming = streaming.get_by_test_id("stMarkdown").first.inner_text()
+            # Vote on the first reply by keyboard: a mouse click can land beside a button that
+            # moves as the reply grows; the vote, once the page shows it, is what counts.
+            thumb = messages.nth(1).get_by_label(label)
+            thumb.press("Space")
+            expect(thumb, "the page did not take the vote").to_have_attribute(
+                "aria-checked", "true")
+            still_streaming = streaming.get_by_label("Thumbs up").count() == 0
+            expect(streaming.get_by_label("Thumbs up")).to_be_visible(timeout=180_000)
+            if still_streaming:
+                voted_mid_stream = (attempt, value, seen_while_streaming)
+                break
         page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
         browser.close()
 
+    assert voted_mid_stream is not None, \
+        f"every one of {len(stories)} stories ended before the vote was taken"
+    attempt, value, seen_while_streaming = voted_mid_stream
     with db.transaction() as s:
         [conv] = store.list_conversations(session=s, user_id=1)
         turns = store.get_thread(session=s, user_id=1, conversation_id=conv.id)
-    assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
-    assert turns[1].vote == store.VoteView(1)
+    assert [t.role for t in turns] == ["user", "assistant"] * (attempt + 2)
+    assert turns[1].vote == store.VoteView(value)
     assert turns[1].content.strip()[:20] in first_reply
-    assert turns[3].generation_settings["temperature"] == 0.0
-    assert turns[3].finish_reason == "length"
-    assert len(turns[3].content) >= len(seen_while_streaming.strip())
+    streamed = turns[-1]
+    assert streamed.generation_settings["max_new_tokens"] == 2048
+    assert streamed.finish_reason in ("stop", "length"), "the streaming reply was cut off"
+    assert streamed.content.strip()
+    assert len(streamed.content) >= len(seen_while_streaming.strip())

@@ -26,8 +26,7 @@ FAST = {"tune": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "bf16":
         "reward": {"max_steps": 3, "batch_size": 4},
         "gate": {"max_heldout_prompts": 4, "reply_max_new_tokens": 8},
         "data": {"heldout_fraction": 0.3, "min_votes": 4}}
-LENIENT = {**FAST, "gate": {**FAST["gate"], "min_auc_gain": -2, "min_reward_win_rate": -1,
-                            "min_retention": 0, "max_fluency_failures_increase": 100}}
+LENIENT = {**FAST, "gate": {**FAST["gate"], "enforce": False}}
 
 
 def fill(n: int = 16, *, user: str = "alice", good: str = GOOD, bad: str = BAD,
@@ -214,6 +213,7 @@ def test_a_candidate_trained_on_inverted_labels_is_rejected(tiny_model, tmp_path
                         .read_text())
     a = report["gate"]["checks"]["a_heldout_ranking"]
     assert a["candidate_auc"] < a["current_auc"] == 0.5 and not a["passed"]
+    assert a["verdict"] == "worse" and a["difference"]["high"] < 0
     assert Registry().current_name() == tiny_model.name  # still serving the old one
 
 
@@ -291,3 +291,42 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
     assert tuning["first_loss"] > 0.6932 + 0.5
     assert (version.path / "model" / "model.safetensors").is_file()
     assert Registry().load().version == version.name
+
+
+# ---- the gate's statistics and clock ----------------------------------------------------------
+
+def test_no_gate_check_decides_on_a_difference_inside_its_noise():
+    from training.stats import auc_difference, paired_mean, sign_test
+    rng = __import__("random").Random(1)
+    # Round 2 of the concise user: AUC 0.843 vs 0.846 on 116 held-out votes is noise.
+    labels = [i % 2 == 0 for i in range(116)]
+    current = [rng.gauss(1.4 if y else 0, 1) for y in labels]
+    candidate = [c + rng.gauss(0, 0.15) for c in current]
+    d = auc_difference(candidate, current, labels, confidence=0.95, samples=1000)
+    assert abs(d.estimate) < 0.03 and d.low < 0 < d.high
+    # A real gain on the same votes is called one.
+    better = [c + (1.0 if y else -1.0) for c, y in zip(current, labels)]
+    assert auc_difference(better, current, labels, confidence=0.95, samples=1000).low > 0
+    # "3 looping replies vs 1" of 40 is no evidence; 6 vs 0 is.
+    assert sign_test(3, 1) == pytest.approx(5 / 16) and sign_test(6, 0) < 0.05
+    # 62% wins on 32 prompts does not show a preference; the interval says so.
+    wins = paired_mean([1] * 20 + [0] * 12, confidence=0.95, samples=1000)
+    assert wins.low < 0.5 < wins.high and wins.estimate == pytest.approx(0.625)
+
+
+def test_the_clock_bounds_the_round_and_never_discards_a_judged_candidate(tiny_model, tmp_path):
+    fill_split(30)
+    config = {**FAST, "max_minutes": 0.05}  # 3 s: training and gate both get less than needed
+    done = training_cli("run", config=config, tmp_path=tmp_path)
+    assert done.returncode in (0, 5), done.stdout[-3000:] + done.stderr[-3000:]
+    [path] = (Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json")
+    report = json.loads(path.read_text())
+    assert report["tuning"]["stopped_by_deadline"] and report["tuning"]["steps"] >= 1
+    assert report["overrun_s"] > 0
+    gate = report["gate"]
+    # Capped by the clock, but never below the minimums: the decision rests on real numbers.
+    assert gate["checks"]["b_reward_model"]["prompts"] >= 1
+    assert gate["checks"]["a_heldout_ranking"]["votes"] >= 2
+    assert gate["checks"]["c_regression"]["fluency"]["replies"] >= 40
+    assert report["decision"] == ("promoted" if gate["passed"] else "rejected")
+    assert (Registry().current_name() != tiny_model.name) == gate["passed"]

@@ -22,8 +22,7 @@ RUN_EXIT_CODES = """exit codes:
   2  usage error
   3  not enough feedback (too few votes, or one label only); serving is unchanged
   4  another round is running
-  5  the candidate failed the gate; the current version keeps serving (see the report)
-  6  the round overran --max-minutes; nothing was promoted"""
+  5  the candidate failed the gate; the current version keeps serving (see the report)"""
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -56,15 +56,25 @@ class TuneConfig:
 
 @dataclass
 class GateConfig:
-    min_heldout_votes: int = _f(2, "fewest held-out votes (with both labels) to judge (a)")
-    min_auc_gain: float = _f(0.0, "(a) candidate's liked-vs-disliked AUC must beat current's "
-                                  "by more than this")
-    min_reward_win_rate: float = _f(0.5, "(b) share of held-out prompts where the reward model "
-                                         "must prefer the candidate's reply (strictly more)")
-    max_heldout_prompts: int = _f(32, "(b) held-out prompts answered by both models")
-    min_retention: float = _f(0.95, "(c) candidate's regression accuracy / current's")
-    max_fluency_failures_increase: int = _f(0, "(c) extra empty or looping replies allowed")
+    min_heldout_votes: int = _f(2, "(a) fewest held-out votes (with both labels) to judge on; "
+                                   "scored even when the gate's time is up")
+    max_heldout_prompts: int = _f(32, "(b) most held-out prompts answered by both models")
+    min_heldout_prompts: int = _f(8, "(b) prompts answered even when the gate's time is short")
+    confidence: float = _f(0.95, "confidence of every interval: a check calls the candidate "
+                                 "better or worse only outside it")
+    bootstrap_samples: int = _f(2000, "resamples behind each interval")
+    min_reward_win_rate: float = _f(0.5, "(b) the win rate of no preference: better when the "
+                                         "interval lies above it, worse when below")
+    min_retention: float = _f(0.95, "(c) worse when the interval of the accuracy difference "
+                                    "lies wholly below -(1 - this) x current accuracy")
+    fluency_significance: float = _f(0.05, "(c) extra empty or looping replies fail the gate "
+                                           "when a sign test gives p below this (0: never)")
+    require_improvement: bool = _f(True, "(a) or (b) must call the candidate better; false: "
+                                         "not worse is enough")
+    enforce: bool = _f(True, "false: run and report every check, promote whatever they say "
+                             "(experiments only)")
     reply_max_new_tokens: int = _f(96, "reply length for (b) and (c)")
+    seed: int = _f(0, "seed of the resampling and of the order votes are scored in")
 
 
 @dataclass
@@ -73,7 +83,11 @@ class RoundConfig:
     reward: RewardModelConfig = field(default_factory=RewardModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
-    max_minutes: float = _f(60.0, "time budget; training stops at 70% of it so the gate fits")
+    max_minutes: float = _f(60.0, "time budget of the whole round, gate included: training "
+                                  "stops when only gate_share of it is left")
+    gate_share: float = _f(0.3, "share of the budget kept for the gate (its sample is capped "
+                                "to fit); a candidate that passes is promoted even if the "
+                                "gate overruns")
     reward_share: float = _f(0.3, "share of the training time the reward model may take; "
                                   "preference tuning gets the rest")
 
@@ -126,14 +140,17 @@ LIMITS = {
     "tune.max_steps": (lambda v: v == -1 or v >= 1, "-1 or at least 1"),
     "tune.max_length": (lambda v: v >= 16, "at least 16"),
     "gate.min_heldout_votes": (lambda v: v >= 2, "at least 2"),
-    "gate.min_auc_gain": (lambda v: -2 <= v < 1, "from -2 (never fails) up to 1"),
-    "gate.min_reward_win_rate": (lambda v: -1 <= v < 1, "from -1 (never fails) up to 1"),
     "gate.max_heldout_prompts": (lambda v: v >= 1, "at least 1"),
-    "gate.min_retention": (lambda v: 0 <= v <= 2, "between 0 and 2"),
-    "gate.max_fluency_failures_increase": (lambda v: v >= 0, "0 or more"),
+    "gate.min_heldout_prompts": (lambda v: v >= 1, "at least 1"),
+    "gate.confidence": (lambda v: 0.5 <= v < 1, "from 0.5 up to (not including) 1"),
+    "gate.bootstrap_samples": (lambda v: v >= 100, "at least 100"),
+    "gate.min_reward_win_rate": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "gate.min_retention": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "gate.fluency_significance": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
     "gate.reply_max_new_tokens": (lambda v: v >= 1, "at least 1"),
     "max_minutes": (lambda v: v > 0, "above 0"),
     "reward_share": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "gate_share": (lambda v: 0 < v < 1, "between 0 and 1"),
 }
 
 

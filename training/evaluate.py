@@ -1,20 +1,31 @@
-"""The gate: a candidate serves only if, against the serving version, it is better and no worse.
+"""The gate: a candidate serves only if, against the serving version, it is shown to be better
+and not shown to be worse. Every check is paired and reports its interval (`training/stats.py`);
+no check decides on a difference inside its own noise.
 
 (a) Held-out feedback: each model's implicit reward for a reply is its mean token log-probability
     minus the base model's (the quantity DPO and KTO raise for liked replies). The AUC of that
-    reward for liked vs disliked held-out replies must beat the current model's AUC by more than
-    `min_auc_gain`. (The base model's own AUC is 0.5: its implicit reward is zero everywhere.)
-(b) Held-out prompts: both models answer greedily; the reward model must prefer the candidate's
-    reply on more than `min_reward_win_rate` of them (ties count half).
+    reward for liked vs disliked held-out replies, candidate minus current, with a paired
+    bootstrap interval. (The base model's own AUC is 0.5: its implicit reward is zero.)
+(b) Held-out prompts: both models answer greedily; the share of prompts where the reward model
+    prefers the candidate's reply (ties half), with a bootstrap interval around 50%.
 (c) What the model knew: `regression_set.jsonl` (short questions with known answers, shipped
-    here) answered greedily; accuracy must keep `min_retention` of the current model's, and the
-    candidate may not add empty or looping replies (fluency) beyond the allowance.
+    here) answered greedily; the per-question accuracy difference with its interval must not lie
+    wholly below the allowed loss (1 - `min_retention` of the current accuracy), and the
+    candidate's extra empty or looping replies (over (b)'s and (c)'s replies) must not be
+    significant by a sign test.
+
+Verdict: (a) or (b) significantly better (with `require_improvement`), neither significantly
+worse, and (c) passed. The gate works to a deadline: (c) always runs whole, (b) answers as many
+prompts as its share of the time allows (at least `min_heldout_prompts`), (a) scores held-out
+votes, both labels alternating, until its time is up (at least `min_heldout_votes`).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +35,7 @@ from serving.engine import Engine
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
+from training.stats import auc, auc_difference, paired_mean, sign_test
 
 REGRESSION_SET = Path(__file__).resolve().parent / "regression_set.jsonl"
 
@@ -33,29 +45,29 @@ def load_regression_set(path: Path = REGRESSION_SET) -> list[dict]:
 
 
 @torch.inference_mode()
-def mean_logps(loaded: LoadedModel, rows: list[dict]) -> list[float]:
-    """Mean log-probability of each row's reply given its prompt (chat template applied)."""
+def mean_logps(loaded: LoadedModel, rows: list[dict], batch_size: int = 8) -> list[float]:
+    """Mean log-probability of each row's reply given its prompt (chat template applied),
+    in right-padded batches."""
     tok, model = loaded.tokenizer, loaded.model
-    out = []
+    encoded = []
     for r in rows:
         prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        p_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
         ids = tok(full, add_special_tokens=False)["input_ids"][:loaded.context_window]
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-        reply = logp[len(p_ids) - 1:]
-        out.append(float(reply.mean()) if len(reply) else 0.0)
+        encoded.append((ids, p_len))
+    out = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None])[..., 0]
+        for row, (row_ids, p_len) in enumerate(chunk):
+            reply = logp[row, p_len - 1:len(row_ids) - 1]
+            out.append(float(reply.mean()) if len(reply) else 0.0)
     return out
-
-
-def auc(scores: list[float], labels: list[bool]) -> float:
-    """P(score of a liked reply > score of a disliked one), ties counting half."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    assert pos and neg
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
 
 
 def fluency_failure(text: str) -> str | None:
@@ -82,58 +94,87 @@ def answers(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens
         engine.close()
 
 
-def regression(loaded: LoadedModel, cfg: GateConfig, items: list[dict]) -> dict:
-    replies = answers(loaded, [[{"role": "user", "content": it["question"]}] for it in items],
-                      cfg.reply_max_new_tokens)
-    correct = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, replies)]
-    failures = [fluency_failure(r) for r in replies]
-    return {"accuracy": sum(correct) / len(items), "correct": sum(correct),
-            "fluency_failures": sum(f is not None for f in failures),
-            "examples": [{"question": it["question"], "reply": r, "correct": c, "fluency": f}
-                         for it, r, c, f in zip(items, replies, correct, failures)][:10]}
-
-
-def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
-         heldout: FeedbackData, reward_model, cfg: GateConfig) -> dict:
-    """Run (a), (b), (c); returns the numbers, each check's verdict and the decision."""
-    checks: dict[str, dict] = {}
-
-    # (a) implicit reward ranking on held-out votes
-    labels = [r["label"] for r in heldout.votes]
-    if len(labels) < cfg.min_heldout_votes or len(set(labels)) < 2:
-        checks["a_heldout_ranking"] = {
-            "passed": False, "why": f"{len(labels)} held-out votes "
-            f"({sum(labels)} liked); need {cfg.min_heldout_votes} with both labels"}
-    else:
-        base_lp = mean_logps(base, heldout.votes)
-        cur_lp = base_lp if current is base else mean_logps(current, heldout.votes)
-        cand_lp = mean_logps(candidate, heldout.votes)
-        cur_auc = auc([c - b for c, b in zip(cur_lp, base_lp)], labels)
-        cand_auc = auc([c - b for c, b in zip(cand_lp, base_lp)], labels)
-        checks["a_heldout_ranking"] = {
-            "current_auc": cur_auc, "candidate_auc": cand_auc, "votes": len(labels),
-            "passed": cand_auc > cur_auc + cfg.min_auc_gain,
-            "why": f"AUC {cand_auc:.3f} vs {cur_auc:.3f} (must beat by > {cfg.min_auc_gain})"}
-
-    # (b) the reward model's verdict on held-out prompts
+def heldout_prompts(heldout: FeedbackData) -> list[list[dict]]:
+    """Distinct held-out prompts (ending with a user turn), in data order."""
     prompts, seen = [], set()
     for r in heldout.votes + heldout.pairs:
         key = json.dumps(r["prompt"])
         if key not in seen and r["prompt"][-1]["role"] == "user":
             seen.add(key)
             prompts.append(r["prompt"])
-    prompts = prompts[:cfg.max_heldout_prompts]
+    return prompts
+
+
+def alternating(votes: list[dict], seed: int) -> list[dict]:
+    """Votes shuffled (seeded) with liked and disliked spread evenly through the order, so
+    any prefix the clock allows holds both labels in about their overall proportion."""
+    rng = random.Random(seed)
+    keyed = []
+    for label in (True, False):
+        group = [v for v in votes if bool(v["label"]) is label]
+        rng.shuffle(group)
+        keyed += [((i + 0.5) / len(group), v) for i, v in enumerate(group)]
+    return [v for _, v in sorted(keyed, key=lambda kv: kv[0])]
+
+
+def _verdict(iv, null: float = 0.0) -> str:
+    return "better" if iv.low > null else "worse" if iv.high < null else "no difference"
+
+
+def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
+         heldout: FeedbackData, reward_model, cfg: GateConfig,
+         deadline: float | None = None, log=lambda line: None) -> dict:
+    """Run (c), (b), (a) within `deadline` (time.monotonic()); returns each check's numbers,
+    interval and verdict, and the decision."""
+    start = time.monotonic()
+    deadline = deadline if deadline is not None else float("inf")
+    stats = dict(confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
+    checks: dict[str, dict] = {}
+    pairs_for_fluency: list[tuple[str | None, str | None]] = []
+
+    # (c) regression set: always whole, it is what the model must not forget.
+    items = load_regression_set()
+    t = time.monotonic()
+    questions = [[{"role": "user", "content": it["question"]}] for it in items]
+    cur_replies = answers(current, questions, cfg.reply_max_new_tokens)
+    cand_replies = answers(candidate, questions, cfg.reply_max_new_tokens)
+    per_reply_s = (time.monotonic() - t) / (2 * len(items))
+    cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
+    cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
+    pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
+                          for o, c in zip(cur_replies, cand_replies)]
+    diff = paired_mean([int(c) - int(o) for c, o in zip(cand_ok, cur_ok)], **stats)
+    cur_acc = sum(cur_ok) / len(items)
+    allowed = (1 - cfg.min_retention) * cur_acc
+    checks["c_regression"] = {
+        "current": {"correct": sum(cur_ok), "accuracy": cur_acc},
+        "candidate": {"correct": sum(cand_ok), "accuracy": sum(cand_ok) / len(items)},
+        "retention": sum(cand_ok) / sum(cur_ok) if sum(cur_ok) else 1.0,
+        "accuracy_difference": diff.to_dict(), "allowed_loss": allowed,
+        "examples": [{"question": it["question"], "reply": r, "correct": ok}
+                     for it, r, ok in zip(items, cand_replies, cand_ok)][:10]}
+    log(f"gate (c): {sum(cand_ok)}/{len(items)} vs {sum(cur_ok)}/{len(items)} "
+        f"in {time.monotonic() - t:.0f}s")
+
+    # (b) the reward model's verdict on held-out prompts, as many as half the time left allows.
+    prompts = heldout_prompts(heldout)
+    fit = int(max(0.0, (deadline - time.monotonic()) / 2) / max(2 * per_reply_s, 1e-6))
+    n_prompts = min(len(prompts), cfg.max_heldout_prompts, max(cfg.min_heldout_prompts, fit))
+    prompts = prompts[:n_prompts]
     if reward_model is None or not prompts:
-        checks["b_reward_model"] = {"passed": False, "why": "no reward model or no held-out "
-                                    "prompts to judge on"}
+        checks["b_reward_model"] = {"verdict": "no difference", "prompts": len(prompts),
+                                    "why": "no reward model or no held-out prompts to judge on"}
     else:
-        cur_replies = answers(current, prompts, cfg.reply_max_new_tokens)
-        cand_replies = answers(candidate, prompts, cfg.reply_max_new_tokens)
-        as_conv = [p + [{"role": "assistant", "content": r}] for p, r in
-                   zip(prompts * 2, cur_replies + cand_replies)]
-        scores = reward_model.score(as_conv)
+        t = time.monotonic()
+        cur_b = answers(current, prompts, cfg.reply_max_new_tokens)
+        cand_b = answers(candidate, prompts, cfg.reply_max_new_tokens)
+        pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
+                              for o, c in zip(cur_b, cand_b)]
+        scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
+                                     zip(prompts * 2, cur_b + cand_b)])
         cur_s, cand_s = scores[:len(prompts)], scores[len(prompts):]
-        wins = sum((c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)) / len(prompts)
+        wins = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)], **stats)
+        verdict = _verdict(wins, cfg.min_reward_win_rate)
         pair_accuracy = None
         if heldout.pairs:  # how well the judge itself agrees with held-out user choices
             pair_scores = reward_model.score([p["prompt"] + p["chosen"] for p in heldout.pairs]
@@ -142,25 +183,78 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             n = len(heldout.pairs)
             pair_accuracy = sum(c > r for c, r in zip(pair_scores[:n], pair_scores[n:])) / n
         checks["b_reward_model"] = {
-            "win_rate": wins, "prompts": len(prompts), "heldout_pair_accuracy": pair_accuracy,
+            "win_rate": wins.estimate, "interval": wins.to_dict(), "prompts": len(prompts),
+            "prompts_available": len(heldout_prompts(heldout)),
+            "heldout_pair_accuracy": pair_accuracy,
             "mean_reward_current": sum(cur_s) / len(cur_s),
-            "mean_reward_candidate": sum(cand_s) / len(cand_s),
-            "passed": wins > cfg.min_reward_win_rate,
-            "why": f"reward model prefers the candidate on {wins:.0%} of {len(prompts)} "
-                   f"held-out prompts (must be > {cfg.min_reward_win_rate:.0%})"}
+            "mean_reward_candidate": sum(cand_s) / len(cand_s), "verdict": verdict,
+            "why": f"reward model prefers the candidate on {wins.estimate:.0%} of "
+                   f"{len(prompts)} held-out prompts ({cfg.confidence:.0%} interval "
+                   f"{wins.low:.0%}-{wins.high:.0%}): {verdict}"}
+        log(f"gate (b): win rate {wins.estimate:.0%} on {len(prompts)} prompts "
+            f"in {time.monotonic() - t:.0f}s")
 
-    # (c) regression set and fluency
-    items = load_regression_set()
-    cur_reg = regression(current, cfg, items)
-    cand_reg = regression(candidate, cfg, items)
-    retention = cand_reg["accuracy"] / cur_reg["accuracy"] if cur_reg["accuracy"] else 1.0
-    extra_failures = cand_reg["fluency_failures"] - cur_reg["fluency_failures"]
-    checks["c_regression"] = {
-        "current": cur_reg, "candidate": cand_reg, "retention": retention,
-        "passed": retention >= cfg.min_retention
-        and extra_failures <= cfg.max_fluency_failures_increase,
-        "why": f"accuracy {cand_reg['correct']}/{len(items)} vs {cur_reg['correct']}/"
-               f"{len(items)} (retention {retention:.0%}, need {cfg.min_retention:.0%}); "
-               f"fluency failures {cand_reg['fluency_failures']} vs "
-               f"{cur_reg['fluency_failures']}"}
-    return {"checks": checks, "passed": all(c["passed"] for c in checks.values())}
+    # (a) implicit reward ranking on held-out votes, scored until the deadline.
+    t = time.monotonic()
+    votes = alternating(heldout.votes, cfg.seed)
+    if len(votes) < cfg.min_heldout_votes or len({v["label"] for v in votes}) < 2:
+        checks["a_heldout_ranking"] = {
+            "verdict": "no difference", "votes": len(votes),
+            "why": f"{len(votes)} held-out votes; need {cfg.min_heldout_votes} with both labels"}
+    else:
+        models = [base] + ([] if current is base else [current]) + [candidate]
+        lps: list[list[float]] = [[] for _ in models]
+        scored, chunk = 0, 16
+        while scored < len(votes):
+            if scored >= cfg.min_heldout_votes and time.monotonic() >= deadline:
+                break
+            rows = votes[scored:scored + chunk]
+            for lp, model in zip(lps, models):
+                lp += mean_logps(model, rows)
+            scored += len(rows)
+        labels = [v["label"] for v in votes[:scored]]
+        base_lp, cand_lp = lps[0], lps[-1]
+        cur_lp = base_lp if current is base else lps[1]
+        cur_r = [c - b for c, b in zip(cur_lp, base_lp)]
+        cand_r = [c - b for c, b in zip(cand_lp, base_lp)]
+        if len(set(labels)) < 2:
+            checks["a_heldout_ranking"] = {"verdict": "no difference", "votes": scored,
+                                           "why": "the time allowed only one label's votes"}
+        else:
+            d = auc_difference(cand_r, cur_r, labels, **stats)
+            verdict = _verdict(d)
+            cur_auc, cand_auc = auc(cur_r, labels), auc(cand_r, labels)
+            checks["a_heldout_ranking"] = {
+                "current_auc": cur_auc, "candidate_auc": cand_auc, "votes": scored,
+                "votes_available": len(votes), "difference": d.to_dict(), "verdict": verdict,
+                "why": f"AUC {cand_auc:.3f} vs {cur_auc:.3f} on {scored} votes, difference "
+                       f"{d} ({cfg.confidence:.0%}): {verdict}"}
+        log(f"gate (a): {scored} of {len(votes)} votes in {time.monotonic() - t:.0f}s")
+
+    # (c) continued: accuracy within the allowed loss, fluency not significantly worse.
+    c = checks["c_regression"]
+    worse_fluency = sum(o is None and n is not None for o, n in pairs_for_fluency)
+    better_fluency = sum(o is not None and n is None for o, n in pairs_for_fluency)
+    p_fluency = sign_test(worse_fluency, better_fluency)
+    c["fluency"] = {"replies": len(pairs_for_fluency),
+                    "current_failures": sum(o is not None for o, _ in pairs_for_fluency),
+                    "candidate_failures": sum(n is not None for _, n in pairs_for_fluency),
+                    "only_candidate": worse_fluency, "only_current": better_fluency,
+                    "p_value": p_fluency}
+    accuracy_ok = diff.high >= -allowed
+    fluency_ok = p_fluency >= cfg.fluency_significance
+    c["verdict"] = "passed" if accuracy_ok and fluency_ok else "worse"
+    c["why"] = (f"accuracy {c['candidate']['correct']}/{len(items)} vs "
+                f"{c['current']['correct']}/{len(items)}, difference {diff} "
+                f"(worse only if wholly below -{allowed:.3f}); empty or looping replies "
+                f"{c['fluency']['candidate_failures']} vs {c['fluency']['current_failures']} "
+                f"of {len(pairs_for_fluency)} (sign test p = {p_fluency:.2f}, worse if below "
+                f"{cfg.fluency_significance})")
+
+    a, b = checks["a_heldout_ranking"]["verdict"], checks["b_reward_model"]["verdict"]
+    improved = "better" in (a, b) or not cfg.require_improvement
+    for check in checks.values():
+        check["passed"] = check["verdict"] != "worse"
+    passed = improved and "worse" not in (a, b) and c["verdict"] == "passed"
+    return {"checks": checks, "passed": passed, "enforced": cfg.enforce,
+            "improved": improved, "seconds": round(time.monotonic() - start, 1)}

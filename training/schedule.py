@@ -45,7 +45,7 @@ def run_schedule(cfg: RoundConfig, *, min_new_votes: int, interval_s: float,
             try:
                 result = run_round(cfg, log=log)
                 code = result.exit_code
-                if code in (PROMOTED, REJECTED) or result.decision == "over time":
+                if code in (PROMOTED, REJECTED):
                     # Those votes were used; after a skipped round they keep counting.
                     state_path().write_text(json.dumps({"last_event_id": newest}) + "\n")
             except RoundBusy as exc:
