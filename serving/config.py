@@ -30,9 +30,9 @@ class ServingConfig:
         "help": "most replies decoded together; batch 32 gives ~10x the throughput of batch 1"})
     max_context_tokens: int = field(default=4096, metadata={
         "help": "context window used (capped by the model's own); older turns are trimmed"})
-    dtype: str = field(default="bfloat16", metadata={
-        "help": "weights dtype: bfloat16 (measured 18 vs 13 tok/s for one stream here) or "
-                "float32"})
+    dtype: str = field(default="auto", metadata={
+        "help": "transformers weights dtype: auto (bfloat16 where the hardware has it natively, "
+                "else float32; CHAT_DTYPE overrides), bfloat16 or float32"})
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from serving.config import EMBEDDED, ServingConfig, data_dir, model_setting
+from serving.hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ def load(source: str, *, version: str, config: ServingConfig | None = None) -> L
     config = config or ServingConfig()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, config.dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, resolve_dtype(None if config.dtype == "auto"
+                                                       else config.dtype)))
     except OSError as exc:
         raise ModelUnavailable(f"Cannot load the model {source!r}: {exc}. Set CHAT_MODEL to a "
                                "local transformers folder, or unset it for the embedded model.") \

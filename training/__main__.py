@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_status(s: dict) -> str:
-    lines = [f"serving: {s['current']}   (base: {s['base']})", "",
+    lines = [f"serving: {s['current']}   (base: {s['base']})",
+             f"machine: {s['machine']['dtype']}, {s['machine']['threads']} threads", "",
              f"{'version':<22} {'parent':<22} {'method':<7} {'votes':>6}  created"]
     for v in s["versions"]:
         mark = " *" if v["name"] == s["current"] else ""

@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 
+def machine_bf16() -> bool:
+    from serving.hardware import resolve_dtype
+    return resolve_dtype() == "bfloat16"
+
+
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -49,7 +54,9 @@ class TuneConfig:
     epochs: float = _f(1.0, "passes over the data")
     max_steps: int = _f(-1, "stop after this many steps (-1: epochs decide)")
     max_length: int = _f(512, "tokens per row (prompt + reply), longer are truncated")
-    bf16: bool = _f(True, "bfloat16 autocast (faster on CPU and GPU)")
+    bf16: bool = field(default_factory=machine_bf16, metadata={
+        "help": "bfloat16 autocast; default: on where the hardware has native bfloat16 "
+                "(CHAT_DTYPE overrides), off where it would be emulated (several times slower)"})
     gradient_checkpointing: bool = _f(False, "trade compute for memory (off: 135M fits)")
     seed: int = _f(0, "seed for initialisation and sampling")
 

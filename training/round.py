@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.config import ServingConfig, data_dir
+from serving.hardware import dtype_reason, threads
 from serving.model import resolve_base
 from serving.registry import Registry
 from training.config import RoundConfig
@@ -234,6 +235,7 @@ def status() -> dict:
     return {
         "current": registry.current_name(),
         "base": registry.base_name,
+        "machine": {"dtype": dtype_reason(), "threads": threads()},
         "versions": [{"name": v.name, "parent": v.meta.get("parent"),
                       "created_at": v.meta.get("created_at"), "method": v.meta.get("method"),
                       "kind": v.meta.get("kind"),
