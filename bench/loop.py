@@ -45,14 +45,14 @@ _cache: dict = {}
 def replies(prompts: list[dict], n: int, settings) -> tuple[list[list], str]:
     """`n` replies to each prompt from the current version, batched through the engine.
     Every user starts from the same base version: its replies are generated once and shared."""
-    from serving.engine import Engine
+    from serving.backends import open_engine
     from serving.registry import Registry
 
     registry = Registry()
     key = (registry.current_name(), tuple(p["id"] for p in prompts), n)
     if key in _cache:
         return _cache[key]
-    engine = Engine(registry.load())
+    engine = open_engine(registry)
     try:
         handles = [[engine.submit(p["messages"], settings) for _ in range(n)] for p in prompts]
         _cache[key] = [[h.wait() for h in hs] for hs in handles], engine.version

@@ -14,9 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from serving.chat import PromptTooLong
 from serving.config import GenerationSettings, InvalidSettings, ServingConfig
 from serving.model import ModelUnavailable
+from serving.backends import BACKEND_ENV, BACKENDS
+from serving.hardware import DTYPE_ENV, DTYPES, BadSetting, resolve_dtype
 from serving.registry import Registry, UnknownVersion
 
 
@@ -65,13 +69,19 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=ServingConfig().max_batch,
-                   help="most replies decoded together")
+                   help="most replies decoded together (llama.cpp: conversation slots)")
+    g.add_argument("--backend", choices=BACKENDS,
+                   help=f"engine (default: ${BACKEND_ENV}, else auto: llama.cpp where the "
+                        "version converts to GGUF, else transformers)")
+    g.add_argument("--dtype", choices=("auto",) + DTYPES,
+                   help=f"transformers weights (default: ${DTYPE_ENV}, else auto: bfloat16 "
+                        "only where the hardware has it natively)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from serving.engine import Engine
+    from serving.backends import open_engine
 
     try:
         settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,
@@ -79,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                                       repetition_penalty=args.repetition_penalty,
                                       seed=args.seed).validate()
         rows = read_conversations(args.inp)
-        config = ServingConfig(max_batch=args.batch_size)
-        engine = Engine(Registry().load(args.version, config), config)
-    except (InputError, InvalidSettings, UnknownVersion, ModelUnavailable, OSError) as exc:
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {args.batch_size}.")
+        config = ServingConfig(max_batch=args.batch_size,
+                               dtype=resolve_dtype(args.dtype) if args.dtype else "auto")
+        engine = open_engine(Registry(), args.version, config, backend=args.backend)
+    except (InputError, InvalidSettings, UnknownVersion, ModelUnavailable, BadSetting,
+            OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     start = time.monotonic()
@@ -95,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: conversation {row['id']}: {exc}", file=sys.stderr)
                 return 1
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        bar = tqdm(total=len(rows), unit="reply", disable=not sys.stderr.isatty(),
+                   desc=f"{engine.version} ({engine.kind})")
+        with open(tmp, "w", encoding="utf-8") as fh, bar:
             for row, reply in zip(rows, replies):
                 reply.wait()
+                bar.update()
+                tokens = sum(r.n_tokens for r in replies)
+                bar.set_postfix_str(f"{tokens / max(time.monotonic() - start, 1e-9):.0f} tok/s")
                 fh.write(json.dumps({
                     "id": row["id"], "messages": row["messages"], "reply": reply.text,
                     "model_version": reply.version, "finish_reason": reply.finish_reason,

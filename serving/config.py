@@ -27,9 +27,21 @@ def model_setting() -> str:
 @dataclass
 class ServingConfig:
     max_batch: int = field(default=32, metadata={
-        "help": "most replies decoded together; batch 32 gives ~10x the throughput of batch 1"})
+        "help": "most replies decoded together (llama.cpp: conversation slots)"})
     max_context_tokens: int = field(default=4096, metadata={
         "help": "context window used (capped by the model's own); older turns are trimmed"})
+    kv_cache_tokens: int = field(default=8192, metadata={
+        "help": "llama.cpp: tokens of key/value cache shared by every conversation slot "
+                "(about 23 KB each for the embedded model); idle slots give theirs back"})
+    kv_unified: bool = field(default=True, metadata={
+        "help": "llama.cpp: one key/value cache shared by all slots (any conversation may use "
+                "it all) rather than an equal share each"})
+    gguf_quant: str = field(default="Q8_0", metadata={
+        "help": "llama.cpp: how trained versions are written (Q8_0, F16 or F32); the embedded "
+                "base is served from its shipped Q4_1 file as it is"})
+    prefill_chunk: int = field(default=512, metadata={
+        "help": "llama.cpp: most tokens evaluated in one step; a long prompt is split so "
+                "running replies keep moving"})
     dtype: str = field(default="auto", metadata={
         "help": "transformers weights dtype: auto (bfloat16 where the hardware has it natively, "
                 "else float32; CHAT_DTYPE overrides), bfloat16 or float32"})

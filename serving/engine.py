@@ -1,4 +1,7 @@
-"""The generation worker: one thread owns the model and decodes every reply, batched.
+"""The transformers generation worker: one thread owns the model and decodes every reply.
+
+The fallback engine (`serving/backends.py` picks llama.cpp first): models llama.cpp cannot load,
+and wherever a torch model is the point (tests of batching against solo decoding).
 
 Every browser session and the batch CLI submit requests here. The worker keeps one left-padded
 batch and a KV cache; a request that arrives mid-batch is prefilled alone and merged into the
@@ -16,8 +19,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,89 +28,9 @@ from transformers.cache_utils import DynamicLayer
 from serving.chat import build_prompt
 from serving.config import GenerationSettings, ServingConfig
 from serving.model import LoadedModel
+from serving.reply import Reply
 
 log = logging.getLogger(__name__)
-
-
-class Reply:
-    """One reply being generated: its text so far, how it ended, and a way to stop it."""
-
-    def __init__(self, settings: GenerationSettings, trimmed: int) -> None:
-        self.settings = settings
-        self.trimmed = trimmed
-        self.version: str | None = None
-        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-        self.error: str | None = None
-        self.submitted_at = time.monotonic()
-        self.first_token_at: float | None = None
-        self.n_tokens = 0
-        self._text = ""
-        self._cond = threading.Condition()
-        self._cancel = threading.Event()
-        self._callbacks: list[Callable[[Reply], None]] = []
-
-    @property
-    def text(self) -> str:
-        return self._text
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """Stop generating; the text so far is kept and `finish_reason` becomes "cancelled"."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def add_done_callback(self, fn: Callable[[Reply], None]) -> None:
-        """Call `fn(reply)` once finished (on the worker thread; at once if already done)."""
-        with self._cond:
-            if not self.done:
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def stream(self, poll_s: float = 0.5) -> Iterator[str]:
-        """The text from its start: what exists now, then each new piece until done."""
-        sent = 0
-        while True:
-            with self._cond:
-                while len(self._text) <= sent and not self.done:
-                    self._cond.wait(poll_s)
-                text, done = self._text, self.done
-            if text.startswith(self._text[:sent]) and len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
-            if done and sent >= len(self._text):
-                return
-
-    def wait(self, timeout: float | None = None) -> str:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.done, timeout):
-                raise TimeoutError("the reply is still being generated")
-        return self._text
-
-    # -- worker side --
-    def _set_text(self, text: str) -> None:
-        with self._cond:
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            self._text = text
-            self._cond.notify_all()
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        with self._cond:
-            self.finish_reason, self.error = reason, error
-            callbacks, self._callbacks = self._callbacks, []
-            self._cond.notify_all()
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:  # a callback's fault must not kill the worker
-                log.exception("reply callback failed")
 
 
 @dataclass
@@ -122,6 +43,8 @@ class _Row:
 
 class Engine:
     """The shared worker. `submit` returns at once with a `Reply`; `generate` waits for many."""
+
+    kind = "transformers"
 
     def __init__(self, loaded: LoadedModel, config: ServingConfig | None = None) -> None:
         self.config = config or ServingConfig()
@@ -140,9 +63,9 @@ class Engine:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    @property
-    def tokenizer(self):
-        return self._loaded.tokenizer
+    def describe(self) -> str:
+        model = (self._next or self._loaded).model
+        return f"transformers, {str(model.dtype).removeprefix('torch.')}"
 
     def swap_model(self, loaded: LoadedModel) -> None:
         """Serve `loaded` for new replies once the replies in flight have finished."""

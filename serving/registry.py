@@ -1,8 +1,9 @@
 """Model versions: each a folder under `<data>/versions/NAME/`, and the pointer to the current one.
 
 A version folder holds its weights (a full checkpoint in `model/`, or a LoRA adapter in
-`adapter/` over its base), the configs that produced it and `meta.json` (parent, data counts,
-metrics). `CURRENT` names the serving version; it moves atomically (write a temp file, fsync,
+`adapter/` over its base), `model.q8_0.gguf` (the merged weights as llama.cpp serves them, written
+when the version is registered, or on first use for older versions), the configs that produced
+it and `meta.json` (parent, data counts, metrics). `CURRENT` names the serving version; it moves atomically (write a temp file, fsync,
 rename), so a reader sees the old name or the new one, never half. No `CURRENT` means the base
 model chosen by `CHAT_MODEL` serves.
 """
@@ -13,16 +14,18 @@ import json
 import logging
 import os
 import shutil
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serving.config import ServingConfig, data_dir, model_setting
-from serving.model import LoadedModel, base_name, load, load_base
+from filelock import FileLock
+
+from serving.config import EMBEDDED, ServingConfig, data_dir, model_setting
+from serving.model import LoadedModel, base_name, embedded_gguf_path, load, load_base
 
 log = logging.getLogger(__name__)
+
+GGUF_QUANTS = ("Q8_0", "F16", "F32")
 
 
 class UnknownVersion(LookupError):
@@ -126,6 +129,47 @@ class Registry:
         return self._load_adapter(version, config)
 
 
+    def tokenizer(self):
+        """The tokenizer every version shares (the base model's), without loading weights."""
+        from transformers import AutoTokenizer
+
+        if self.setting == EMBEDDED:
+            checkpoint = self.data / "models" / "base" / self.base_name
+            if (checkpoint / "tokenizer_config.json").is_file():
+                return AutoTokenizer.from_pretrained(checkpoint)
+            gguf = embedded_gguf_path()
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return AutoTokenizer.from_pretrained(self.setting)
+
+    def gguf_path(self, name: str | None = None, quant: str = "Q8_0") -> Path:
+        """The GGUF file llama.cpp serves for a version (default: the current one), written
+        from its merged weights on first use (raises `NotConvertible` where it cannot be)."""
+        name = name or self.current_name()
+        if quant not in GGUF_QUANTS:
+            raise ValueError(f"gguf_quant must be one of {', '.join(GGUF_QUANTS)}, not {quant!r}")
+        if name == self.base_name and self.setting == EMBEDDED:
+            return embedded_gguf_path()  # the shipped file, as it is
+        if name == self.base_name:
+            folder = self.data / "models" / "base"
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{name}.{quant.lower()}.gguf"
+        else:
+            target = self.get(name).path / f"model.{quant.lower()}.gguf"
+        if target.is_file():
+            return target
+        with FileLock(str(target.with_name(f".{target.name}.lock"))):
+            if not target.is_file():
+                self.write_gguf(name, target, quant)
+        return target
+
+    def write_gguf(self, name: str, target: Path, quant: str) -> Path:
+        from serving.gguf_export import export_gguf
+
+        loaded = self.load(name, ServingConfig(dtype="float32"))
+        log.info("writing %s for llama.cpp", target)
+        gguf = embedded_gguf_path()
+        return export_gguf(loaded.model, target, name=name, tokenizer_gguf=gguf, quant=quant)
+
     def _load_adapter(self, version: Version, config: ServingConfig | None) -> LoadedModel:
         """A LoRA version: its parent (loaded the same way) with the adapter merged in."""
         from peft import PeftModel
@@ -135,32 +179,6 @@ class Registry:
             .merge_and_unload().eval()
         loaded.version = version.name
         return loaded
-
-
-def follow_current(engine, registry: Registry | None = None, interval_s: float = 5.0,
-                   config: ServingConfig | None = None) -> threading.Thread:
-    """Watch `CURRENT` and hand a newly promoted (or rolled back) version to `engine`.
-
-    The model is loaded on this watcher thread; the engine switches once the replies in
-    flight have finished, so no reply is cut off and each keeps the version that wrote it.
-    """
-    registry = registry or Registry()
-
-    def watch() -> None:
-        serving = engine.version
-        while not engine.closed:
-            time.sleep(interval_s)
-            try:
-                name = registry.current_name()
-                if name != serving:
-                    engine.swap_model(registry.load(name, config))
-                    serving = name
-            except Exception:  # a bad version must not stop the watcher; retry next time
-                log.exception("could not switch to the current version")
-
-    thread = threading.Thread(target=watch, name="version-watcher", daemon=True)
-    thread.start()
-    return thread
 
 
 def _write_durably(path: Path, text: str) -> None:

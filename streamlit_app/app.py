@@ -21,8 +21,7 @@ from feedback.db import transaction  # noqa: E402
 from feedback.errors import FeedbackError, StoreUnavailable  # noqa: E402
 from serving.chat import PromptTooLong  # noqa: E402
 from serving.config import GenerationSettings, InvalidSettings, model_setting  # noqa: E402
-from serving.engine import Engine  # noqa: E402
-from serving.registry import Registry, follow_current  # noqa: E402
+from serving.backends import follow_current, open_engine  # noqa: E402
 from streamlit_app.identity import current_user  # noqa: E402
 from streamlit_app.replies import SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
 from streamlit_app.text import as_text  # noqa: E402
@@ -34,8 +33,8 @@ ss = st.session_state
 
 @st.cache_resource(show_spinner="Loading the model (the first start converts it, once)…",
                    on_release=lambda engine: engine.close())
-def get_engine(model: str, data: str) -> Engine:
-    engine = Engine(Registry().load())
+def get_engine(model: str, data: str):
+    engine = open_engine()
     follow_current(engine)  # a promoted or rolled-back version serves without a restart
     return engine
 
@@ -266,7 +265,7 @@ with st.expander("Generation settings", icon=":material/tune:"):
                                                                   DEFAULTS.max_new_tokens))))
 
 if not thread and cid is None:
-    st.caption(f"Model: {engine.version}. Rate any reply with 👍 or 👎: it is how the model "
+    st.caption(f"Model: {engine.version} ({engine.describe()}). Rate any reply with 👍 or 👎: it is how the model "
                "learns what you like.")
 
 

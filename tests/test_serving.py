@@ -7,7 +7,9 @@ import json
 import re
 import subprocess
 import sys
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,17 +144,19 @@ def test_registry_current_moves_atomically_and_defaults_to_base(tiny_model):
         reg.set_current("nope")
 
 
-def test_a_promoted_version_is_picked_up_without_a_restart(tiny_model):
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_a_promoted_version_is_picked_up_without_a_restart(tiny_model, backend):
     import shutil
 
-    from serving.registry import follow_current
+    from serving.backends import follow_current, open_engine
 
     reg = Registry()
     staging = reg.staging("v2")
     shutil.copytree(tiny_model, staging / "model")
     reg.register("v2", staging, {"parent": tiny_model.name, "kind": "full"})
     config = ServingConfig(dtype="float32")
-    eng = Engine(reg.load(config=config), config)
+    eng = open_engine(reg, config=config, backend=backend)
+    assert eng.kind == backend
     follow_current(eng, reg, interval_s=0.05, config=config)
     try:
         streaming = eng.submit(conv("long"), GenerationSettings(temperature=0,
@@ -176,13 +180,87 @@ def test_a_promoted_version_is_picked_up_without_a_restart(tiny_model):
 
 
 @pytest.mark.slow
-def test_the_embedded_model_answers_in_english(monkeypatch):
+def test_the_embedded_model_is_served_by_llama_cpp_from_the_shipped_file(monkeypatch):
+    """What the product guarantees of the real model, not what it happens to say."""
+    from serving.backends import open_engine
+    from serving.model import EMBEDDED_NAME, embedded_gguf_path
+
     monkeypatch.delenv("CHAT_MODEL", raising=False)
-    eng = Engine(Registry().load())
+    eng = open_engine()
     try:
+        assert eng.kind == "llama.cpp" and embedded_gguf_path().name in eng.describe()
         reply = eng.submit(conv("What is the capital of France?"),
-                           GenerationSettings(temperature=0, max_new_tokens=24)).wait()
+                           GenerationSettings(temperature=0, max_new_tokens=24))
+        reply.wait(timeout=120)
     finally:
         eng.close()
-    words = re.findall(r"[A-Za-z]+", reply)
-    assert len(words) >= 3 and "Paris" in reply, reply
+    assert reply.version == EMBEDDED_NAME and reply.finish_reason in ("stop", "length")
+    assert 1 <= reply.n_tokens <= 24 and re.search(r"\w", reply.text)
+    # no first-start conversion was needed to serve it
+    assert not (Path(os.environ["CHAT_DATA_DIR"]) / "models" / "base" / EMBEDDED_NAME).exists()
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def llama(tiny_model):
+    from serving.backends import open_engine
+    # float32 weights: the crowd test below compares a batched reply with the solo one
+    config = ServingConfig(max_batch=4, gguf_quant="F32")
+    eng = open_engine(Registry(), config=config, backend="llama.cpp")
+    yield eng
+    eng.close()
+
+
+def test_a_version_written_as_gguf_answers_as_transformers_does(tiny_model, tmp_path):
+    """The converter (names, the q/k permutation, tied head, tokenizer) is exact: written as
+    float32, llama.cpp's greedy reply is the transformers engine's, token for token."""
+    from serving.gguf_export import export_gguf
+    from serving.llamacpp import GGUFModel, LlamaEngine
+    from serving.model import embedded_gguf_path
+
+    config = ServingConfig(dtype="float32")
+    loaded = load(str(tiny_model), version="tiny", config=config)
+    path = export_gguf(loaded.model, tmp_path / "tiny.gguf", name="tiny",
+                       tokenizer_gguf=embedded_gguf_path(), quant="F32")
+    torch_engine = Engine(loaded, config)
+    llama_engine = LlamaEngine(GGUFModel(path, version="tiny", tokenizer=loaded.tokenizer,
+                                         config=config, threads=1), config)
+    try:
+        for text in ("hello", "What is the capital of France?", "Ünïcode ✓ text"):
+            a = torch_engine.submit(conv(text), GREEDY)
+            b = llama_engine.submit(conv(text), GREEDY)
+            assert b.wait(60) == a.wait(60) and b.n_tokens == a.n_tokens
+    finally:
+        torch_engine.close()
+        llama_engine.close()
+
+
+def test_llama_cpp_decodes_a_crowd_as_it_decodes_each_alone(llama):
+    prompts = ["one", "a longer question about several different things", "three", "4"]
+    alone = [llama.submit(conv(p), GREEDY).wait(60) for p in prompts]
+    crowd = [llama.submit(conv(p), GREEDY) for p in prompts * 2]  # more than the 4 slots
+    assert [r.wait(60) for r in crowd] == alone * 2
+    assert all(r.finish_reason == "length" and r.version == llama.version for r in crowd)
+
+
+def test_llama_cpp_reuses_a_conversations_evaluated_prefix(llama):
+    history = conv("first question")
+    first = llama.submit(history, GREEDY)
+    history += [{"role": "assistant", "content": first.wait(60)},
+                {"role": "user", "content": "and a second one"}]
+    before = dict(llama.stats)
+    llama.submit(history, GREEDY).wait(60)
+    total = llama.stats["prompt_tokens"] - before["prompt_tokens"]
+    reused = llama.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"]
+    assert reused >= 10 and reused > total / 2
+
+
+def test_llama_cpp_stops_a_reply_when_asked_and_serves_the_next(llama):
+    reply = llama.submit(conv("long"), GenerationSettings(temperature=0, max_new_tokens=400))
+    while reply.n_tokens < 3:
+        time.sleep(0.005)
+    reply.cancel()
+    reply.wait(60)
+    assert reply.finish_reason == "cancelled" and 3 <= reply.n_tokens < 400
+    assert llama.submit(conv("next"), GREEDY).wait(60)

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from serving.config import GenerationSettings, ServingConfig
-from serving.engine import Engine
+from serving.config import GenerationSettings
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
@@ -83,15 +82,11 @@ def fluency_failure(text: str) -> str | None:
     return None
 
 
-def answers(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy replies through the serving engine, batched."""
-    engine = Engine(loaded, ServingConfig())
-    try:
-        settings = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens,
-                                      repetition_penalty=1.0)
-        return [r.text for r in engine.generate(conversations, settings)]
-    finally:
-        engine.close()
+def answers(engine, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy replies through the serving engine (the one users get), batched."""
+    settings = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens,
+                                  repetition_penalty=1.0)
+    return [r.text for r in engine.generate(conversations, settings)]
 
 
 def heldout_prompts(heldout: FeedbackData) -> list[list[dict]]:
@@ -122,10 +117,11 @@ def _verdict(iv, null: float = 0.0) -> str:
 
 
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
-         heldout: FeedbackData, reward_model, cfg: GateConfig,
-         deadline: float | None = None, log=lambda line: None) -> dict:
+         current_engine, candidate_engine, heldout: FeedbackData, reward_model,
+         cfg: GateConfig, deadline: float | None = None, log=lambda line: None) -> dict:
     """Run (c), (b), (a) within `deadline` (time.monotonic()); returns each check's numbers,
-    interval and verdict, and the decision."""
+    interval and verdict, and the decision. Replies come from the engines users are served
+    by; log-probabilities from the transformers models."""
     start = time.monotonic()
     deadline = deadline if deadline is not None else float("inf")
     stats = dict(confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
@@ -136,8 +132,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     items = load_regression_set()
     t = time.monotonic()
     questions = [[{"role": "user", "content": it["question"]}] for it in items]
-    cur_replies = answers(current, questions, cfg.reply_max_new_tokens)
-    cand_replies = answers(candidate, questions, cfg.reply_max_new_tokens)
+    cur_replies = answers(current_engine, questions, cfg.reply_max_new_tokens)
+    cand_replies = answers(candidate_engine, questions, cfg.reply_max_new_tokens)
     per_reply_s = (time.monotonic() - t) / (2 * len(items))
     cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
     cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
@@ -166,8 +162,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                                     "why": "no reward model or no held-out prompts to judge on"}
     else:
         t = time.monotonic()
-        cur_b = answers(current, prompts, cfg.reply_max_new_tokens)
-        cand_b = answers(candidate, prompts, cfg.reply_max_new_tokens)
+        cur_b = answers(current_engine, prompts, cfg.reply_max_new_tokens)
+        cand_b = answers(candidate_engine, prompts, cfg.reply_max_new_tokens)
         pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                               for o, c in zip(cur_b, cand_b)]
         scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in

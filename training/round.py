@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from serving.backends import backend_setting, open_engine
 from serving.config import ServingConfig, data_dir
+from serving.gguf_export import NotConvertible
 from serving.hardware import dtype_reason, threads
 from serving.model import resolve_base
 from serving.registry import Registry
@@ -145,6 +147,11 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
         "parent": current_name, "base": base_name, "kind": summary["kind"],
         "method": summary["method"], "data_counts": report["data"], "round": round_id})
     log(f"registered version {round_id}")
+    if backend_setting() in ("auto", "llama.cpp"):
+        try:  # what llama.cpp will serve, written now so the gate judges that very file
+            registry.gguf_path(round_id, ServingConfig().gguf_quant)
+        except NotConvertible as exc:
+            log(f"not written as GGUF ({exc}); transformers will serve it")
 
     t = time.monotonic()
     log("gate: held-out ranking, reward model, regression set")
@@ -153,8 +160,15 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     candidate = registry.load(round_id, fp32)
     judge = RewardModel(base_source, registry.root / round_id / "reward", candidate.tokenizer,
                         cfg.reward.max_length)
-    verdict = gate(current=current, candidate=candidate, base=base, heldout=heldout,
-                   reward_model=judge, cfg=cfg.gate, deadline=end, log=log)
+    engines = [open_engine(registry, n) for n in (current_name, round_id)]
+    try:
+        verdict = gate(current=current, candidate=candidate, base=base,
+                       current_engine=engines[0], candidate_engine=engines[1],
+                       heldout=heldout, reward_model=judge, cfg=cfg.gate, deadline=end,
+                       log=log)
+    finally:
+        for engine in engines:
+            engine.close()
     report["gate"] = verdict
     timed("gate", t)
     (registry.root / round_id / "metrics.json").write_text(json.dumps(

@@ -1,0 +1,387 @@
+"""The llama.cpp engine: every reply decoded by llama.cpp, several conversations in one batch.
+
+One worker thread owns a llama.cpp context with one sequence per conversation slot (its batch
+API with sequence ids, as llama.cpp's own server does). Each step puts one token of every
+running reply and a chunk of every newcomer's prompt into one `llama_decode` call, so a new
+chat's first token never waits behind another's whole reply, and the cores are shared by all.
+A slot keeps its conversation's evaluated tokens after the reply ends: the next turn of that
+conversation (whose prompt starts with the same tokens) only evaluates what is new, as the
+server's prompt cache does. Idle slots' caches are dropped, oldest first, when the shared KV
+cache (`ServingConfig.kv_cache_tokens`) runs short.
+
+Prompts are rendered and trimmed by `serving/chat.py` with the model's transformers tokenizer
+(the same vocabulary as the GGUF file: `serving/gguf_export.py` checks it), so every engine
+answers exactly the same prompt tokens. Sampling is llama.cpp's own sampler chain per reply:
+repetition penalty over the last 256 tokens (prompt included), temperature, top-p, a seeded
+draw; greedy at temperature 0.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp as ll
+
+from serving.chat import build_prompt
+from serving.config import GenerationSettings, ServingConfig
+from serving.model import ModelUnavailable
+from serving.reply import Reply
+
+log = logging.getLogger(__name__)
+
+PENALTY_LAST_N = 256
+GGML_LOG_LEVEL_ERROR = 3  # ggml.h's enum ggml_log_level
+_backend_ready = threading.Lock()
+_backend_started = False
+
+
+def _init_backend() -> None:
+    global _backend_started
+    with _backend_ready:
+        if not _backend_started:
+            ll.llama_log_set(_quiet, ctypes.c_void_p())
+            ll.llama_backend_init()
+            _backend_started = True
+
+
+@ll.llama_log_callback
+def _quiet(level, text, user_data):  # llama.cpp's chatter would drown the app's own log
+    if level == GGML_LOG_LEVEL_ERROR:
+        log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+class GGUFModel:
+    """A GGUF file loaded by llama.cpp, with a context of `slots` sequences, and the
+    transformers tokenizer that renders its prompts."""
+
+    def __init__(self, path: Path, *, version: str, tokenizer, config: ServingConfig,
+                 threads: int) -> None:
+        _init_backend()
+        self.path, self.version, self.tokenizer = Path(path), version, tokenizer
+        params = ll.llama_model_default_params()
+        self.model = ll.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise ModelUnavailable(f"llama.cpp could not load {path}")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.slots = config.max_batch
+        self.context_window = min(config.max_context_tokens,
+                                  ll.llama_model_n_ctx_train(self.model), config.kv_cache_tokens)
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = max(config.kv_cache_tokens, self.context_window)
+        cparams.n_batch = cparams.n_ubatch = config.prefill_chunk
+        cparams.n_seq_max = self.slots
+        cparams.kv_unified = config.kv_unified
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            raise ModelUnavailable(f"llama.cpp could not make a context for {path}")
+        self.memory = ll.llama_get_memory(self.ctx)
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.n_batch = config.prefill_chunk
+        self.threads = threads
+        self._piece = ctypes.create_string_buffer(256)
+        eos = tokenizer.eos_token_id
+        self.eos_ids = {eos} if eos is not None else set()
+
+    def is_end(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token)) or token in self.eos_ids
+
+    def piece(self, token: int) -> bytes:
+        n = ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:max(n, 0)]
+
+    def close(self) -> None:
+        if self.ctx:
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            ll.llama_model_free(self.model)
+            self.model = None
+
+
+@dataclass
+class _Slot:
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens whose keys/values are in the cache
+    row: _Row | None = None
+    last_used: float = 0.0
+
+
+@dataclass
+class _Row:
+    reply: Reply
+    prompt: list[int]
+    sampler: object = None
+    slot: _Slot | None = None
+    pending: list[int] = field(default_factory=list)  # tokens still to evaluate
+    generated: int = 0
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    text: str = ""
+
+
+def _sampler(model: GGUFModel, settings: GenerationSettings, prompt: list[int]):
+    chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+    if settings.repetition_penalty != 1.0:
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+            ll.llama_vocab_n_tokens(model.vocab), PENALTY_LAST_N, settings.repetition_penalty,
+            0.0, 0.0))
+    if settings.temperature <= 0:
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+    else:
+        # temperature before top-p, as the transformers path samples
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(settings.temperature))
+        if settings.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(settings.top_p, 1))
+        seed = ll.LLAMA_DEFAULT_SEED if settings.seed is None else settings.seed & 0xFFFFFFFF
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+    for token in prompt[-PENALTY_LAST_N:]:  # the penalty counts the prompt's tokens too
+        ll.llama_sampler_accept(chain, token)
+    return chain
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LlamaEngine:
+    """The shared llama.cpp worker; the same interface as the transformers `Engine`."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, model: GGUFModel, config: ServingConfig | None = None) -> None:
+        self.config = config or ServingConfig()
+        self._model = model
+        self._next: GGUFModel | None = None
+        self._queue: queue.Queue[_Row] = queue.Queue()
+        self._closed = threading.Event()
+        self._slots = [_Slot(seq) for seq in range(model.slots)]
+        self._batch = ll.llama_batch_init(model.n_batch, 0, 1)
+        # prompt tokens evaluated vs found already in a slot's cache (the prefix reuse)
+        self.stats = {"prompt_tokens": 0, "prompt_tokens_reused": 0}
+        self._thread = threading.Thread(target=self._run, name="llama-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def version(self) -> str:
+        return (self._next or self._model).version
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def describe(self) -> str:
+        m = self._next or self._model
+        return f"llama.cpp, {m.path.name}, {m.threads} threads"
+
+    def swap_model(self, model: GGUFModel) -> None:
+        """Serve `model` for new replies once the replies in flight have finished."""
+        old, self._next = self._next, model
+        if old is not None:
+            old.close()
+
+    def check(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
+              system_prompt: str | None = None) -> None:
+        m = self._next or self._model
+        build_prompt(m.tokenizer, messages, context_window=m.context_window,
+                     max_new_tokens=settings.validate().max_new_tokens,
+                     system_prompt=system_prompt)
+
+    def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
+               *, system_prompt: str | None = None) -> Reply:
+        if self._closed.is_set():
+            raise RuntimeError("the engine is closed")
+        settings = (settings or GenerationSettings()).validate()
+        m = self._next or self._model
+        prompt = build_prompt(m.tokenizer, messages, context_window=m.context_window,
+                              max_new_tokens=settings.max_new_tokens, system_prompt=system_prompt)
+        reply = Reply(settings, prompt.trimmed)
+        self._queue.put(_Row(reply, prompt.input_ids))
+        return reply
+
+    def generate(self, conversations: list[list[dict[str, str]]],
+                 settings: GenerationSettings | None = None, *,
+                 system_prompt: str | None = None) -> list[Reply]:
+        replies = [self.submit(c, settings, system_prompt=system_prompt) for c in conversations]
+        for r in replies:
+            r.wait()
+        return replies
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            ll.llama_batch_free(self._batch)
+            self._model.close()
+            if self._next is not None:
+                self._next.close()
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        active: list[_Row] = []
+        while not self._closed.is_set():
+            try:
+                if not active and self._next is not None:
+                    old, self._model, self._next = self._model, self._next, None
+                    old.close()
+                    self._slots = [_Slot(seq) for seq in range(self._model.slots)]
+                active = [r for r in active if not self._finish_if_cancelled(r)]
+                active += self._admit(block=not active)
+                if active:
+                    self._step(active)
+                    active = [r for r in active if not r.reply.done]
+            except Exception as exc:  # fail the replies in flight, keep serving others
+                log.exception("generation failed")
+                for row in active:
+                    self._finish(row, "error", f"generation failed: {exc}")
+                active = []
+                for slot in self._slots:
+                    slot.cached, slot.row = [], None
+                if self._model.memory:
+                    ll.llama_memory_clear(self._model.memory, True)
+        while True:  # closed: nobody waits forever on a reply that will not come
+            try:
+                active.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for row in active:
+            if not row.reply.done:
+                row.reply._finish("cancelled")
+
+    def _admit(self, *, block: bool) -> list[_Row]:
+        if self._next is not None and not block:
+            return []  # let the running replies finish before the new version takes over
+        free = [s for s in self._slots if s.row is None]
+        rows: list[_Row] = []
+        try:
+            if block and free:
+                rows.append(self._queue.get(timeout=0.2))
+            while len(rows) < len(free):
+                rows.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        admitted = []
+        for row in rows:
+            row.reply.version = self._model.version
+            if row.reply.cancelled:
+                row.reply._finish("cancelled")
+                continue
+            try:
+                slot = self._pick_slot(row.prompt, free)
+                free.remove(slot)
+                keep = min(_common_prefix(slot.cached, row.prompt), len(row.prompt) - 1)
+                ll.llama_memory_seq_rm(self._model.memory, slot.seq, keep, -1)
+                slot.cached = slot.cached[:keep]
+                slot.row, row.slot = row, slot
+                row.pending = row.prompt[keep:]
+                self.stats["prompt_tokens"] += len(row.prompt)
+                self.stats["prompt_tokens_reused"] += keep
+                row.sampler = _sampler(self._model, row.reply.settings, row.prompt)
+                admitted.append(row)
+            except Exception as exc:  # this reply fails, the others go on
+                log.exception("could not start a reply")
+                self._finish(row, "error", f"generation failed: {exc}")
+        return admitted
+
+    def _pick_slot(self, prompt: list[int], free: list[_Slot]) -> _Slot:
+        """The free slot holding the longest start of this prompt, else the least recent."""
+        best = max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
+        if _common_prefix(best.cached, prompt) == 0:
+            best = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+        return best
+
+    def _make_room(self, needed: int) -> None:
+        """Drop idle slots' caches, oldest first, until `needed` more tokens fit."""
+        used = sum(len(s.cached) for s in self._slots)
+        for slot in sorted((s for s in self._slots if s.row is None and s.cached),
+                           key=lambda s: s.last_used):
+            if used + needed <= self._model.n_ctx:
+                return
+            ll.llama_memory_seq_rm(self._model.memory, slot.seq, -1, -1)
+            used -= len(slot.cached)
+            slot.cached = []
+
+    def _step(self, rows: list[_Row]) -> None:
+        """One llama_decode: a token of every running reply, then prompt chunks."""
+        m, batch = self._model, self._batch
+        decoding = [r for r in rows if r.generated > 0]
+        prefilling = [r for r in rows if r.generated == 0]
+        plan: list[tuple[_Row, list[int], bool]] = []
+        budget = m.n_batch
+        for row in decoding + prefilling:
+            if budget <= 0:
+                break
+            chunk = row.pending[:budget]
+            budget -= len(chunk)
+            plan.append((row, chunk, len(chunk) == len(row.pending)))
+        self._make_room(sum(len(c) for _, c, _ in plan))
+        n = 0
+        outputs: list[tuple[_Row, int]] = []
+        for row, chunk, last in plan:
+            start = len(row.slot.cached)
+            for j, token in enumerate(chunk):
+                batch.token[n] = token
+                batch.pos[n] = start + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = row.slot.seq
+                batch.logits[n] = last and j == len(chunk) - 1
+                n += 1
+            if last:
+                outputs.append((row, n - 1))
+        batch.n_tokens = n
+        status = ll.llama_decode(m.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status} (the KV cache of "
+                               f"{m.n_ctx} tokens is full: raise kv_cache_tokens)")
+        for row, chunk, _ in plan:
+            row.slot.cached += chunk
+            row.pending = row.pending[len(chunk):]
+        for row, index in outputs:
+            self._emit(row, ll.llama_sampler_sample(row.sampler, m.ctx, index))
+
+    def _emit(self, row: _Row, token: int) -> None:
+        m, reply = self._model, row.reply
+        if m.is_end(token):
+            self._finish(row, "stop")
+            return
+        row.generated += 1
+        reply.n_tokens = row.generated
+        row.text += row.decoder.decode(m.piece(token))
+        reply._set_text(row.text)
+        if (row.generated >= reply.settings.max_new_tokens
+                or len(row.prompt) + row.generated >= m.context_window):
+            self._finish(row, "length")
+            return
+        row.pending = [token]
+
+    def _finish_if_cancelled(self, row: _Row) -> bool:
+        if row.reply.cancelled:
+            self._finish(row, "cancelled")
+            return True
+        return False
+
+    def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        tail = row.decoder.decode(b"", final=True)
+        if tail and reason != "error":
+            row.text += tail
+            row.reply._set_text(row.text)
+        if row.sampler is not None:
+            ll.llama_sampler_free(row.sampler)
+            row.sampler = None
+        if row.slot is not None:
+            row.slot.row, row.slot.last_used = None, time.monotonic()
+            row.slot = None
+        if not row.reply.done:
+            row.reply._finish(reason, error)
