@@ -160,6 +160,8 @@ class Engine:
         try:
             if block:
                 rows.append(self._queue.get(timeout=0.2))
+            if block and self._next is not None:  # idle: the new version takes over now
+                self._loaded, self._next = self._next, None
             while len(rows) < room:
                 rows.append(self._queue.get_nowait())
         except queue.Empty:

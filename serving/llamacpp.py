@@ -54,7 +54,7 @@ def _init_backend() -> None:
 @ll.llama_log_callback
 def _quiet(level, text, user_data):  # llama.cpp's chatter would drown the app's own log
     if level == GGML_LOG_LEVEL_ERROR:
-        log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+        log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
 class GGUFModel:
@@ -233,10 +233,6 @@ class LlamaEngine:
         active: list[_Row] = []
         while not self._closed.is_set():
             try:
-                if not active and self._next is not None:
-                    old, self._model, self._next = self._model, self._next, None
-                    old.close()
-                    self._slots = [_Slot(seq) for seq in range(self._model.slots)]
                 active = [r for r in active if not self._finish_if_cancelled(r)]
                 active += self._admit(block=not active)
                 if active:
@@ -263,15 +259,20 @@ class LlamaEngine:
     def _admit(self, *, block: bool) -> list[_Row]:
         if self._next is not None and not block:
             return []  # let the running replies finish before the new version takes over
-        free = [s for s in self._slots if s.row is None]
         rows: list[_Row] = []
         try:
-            if block and free:
+            if block:
                 rows.append(self._queue.get(timeout=0.2))
+            if block and self._next is not None:  # idle: the new version takes over now
+                old, self._model, self._next = self._model, self._next, None
+                old.close()
+                self._slots = [_Slot(seq) for seq in range(self._model.slots)]
+            free = [s for s in self._slots if s.row is None]
             while len(rows) < len(free):
                 rows.append(self._queue.get_nowait())
         except queue.Empty:
             pass
+        free = [s for s in self._slots if s.row is None]
         admitted = []
         for row in rows:
             row.reply.version = self._model.version
