@@ -1,12 +1,17 @@
-"""Serving speed through the page's own path: time to first token and decode tokens/s.
+"""Serving speed against its anchor, in one run: llama.cpp itself on the same GGUF file.
 
     python -m bench.serve [--out bench/results] [--max-new-tokens 128] [--runs 3]
+                          [--generate-rows 300] [--no-transformers]
 
-Measures one stream alone, then 4 streams started together, each through `Engine.submit` and
-`Reply.stream()` exactly as the chat page consumes them, then the aggregate throughput of the
-batch path (`Engine.generate`, what `python -m serving generate` uses) at batch 1 and 32, on the current model version (the
-embedded one unless `CHAT_MODEL` or a promotion says otherwise). Prints a table and writes
-`serve.json`. A benchmark, not a test: nothing here passes or fails.
+Measures, on the current version (the embedded model unless `CHAT_MODEL` or a promotion says
+otherwise), through the page's own path (`open_engine`, `Reply.stream()`):
+- one stream: time to first token (TTFT) and decode tokens/s (after the first token), beside
+  llama-cpp-python's own `Llama` on the very same GGUF file and thread count (the anchor);
+- 4 and 8 streams started together: aggregate tokens/s and the slowest first token;
+- turn 10 of a conversation vs turn 1: TTFT (the evaluated prefix is reused);
+- `python -m serving generate`'s path on `--generate-rows` rows of `bench/prompts.jsonl`;
+- the transformers engine's one stream, for reference (`--no-transformers` skips it).
+Prints a table with each ratio, writes `serve.json` and `serve.png`. Nothing passes or fails.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
+from serving.backends import open_engine
+from serving.chat import build_prompt
 from serving.config import GenerationSettings, ServingConfig
-from serving.engine import Engine
+from serving.hardware import dtype_reason, threads
 from serving.registry import Registry
 
 PROMPTS = [
@@ -30,87 +35,189 @@ PROMPTS = [
     "Give me three tips for a job interview.",
     "What is the difference between a virus and a bacterium?",
     "Write a short poem about autumn.",
+    "How do I make a good cup of tea?",
+    "Why is the sky blue?",
+    "Describe a walk in a forest.",
+    "What should I pack for a weekend trip?",
 ]
+ROOT = Path(__file__).resolve().parent
 
 
-def consume(engine: Engine, prompt: str, settings: GenerationSettings, out: dict) -> None:
+def one_stream(engine, messages, settings) -> dict:
     start = time.monotonic()
-    reply = engine.submit([{"role": "user", "content": prompt}], settings)
-    first = None
-    for _ in reply.stream(poll_s=0.01):
-        if first is None:
-            first = time.monotonic()
+    reply = engine.submit(messages, settings)
+    for _ in reply.stream(poll_s=0.005):
+        pass
     end = time.monotonic()
-    out.update(ttft_s=first - start, total_s=end - start, tokens=reply.n_tokens,
-               decode_tok_s=(reply.n_tokens - 1) / max(end - first, 1e-9))
+    first = reply.first_token_at or end
+    return {"ttft_s": first - start, "tokens": reply.n_tokens,
+            "decode_tok_s": (reply.n_tokens - 1) / max(end - first, 1e-9)}
 
 
-def run_streams(engine: Engine, n: int, settings: GenerationSettings) -> dict:
-    results = [{} for _ in range(n)]
-    threads = [threading.Thread(target=consume, args=(engine, PROMPTS[i % len(PROMPTS)],
-                                                       settings, results[i])) for i in range(n)]
+def streams(engine, n: int, settings) -> dict:
+    results: list[dict] = [{} for _ in range(n)]
     start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+
+    def run(i: int) -> None:
+        results[i] = one_stream(engine, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                settings)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
     wall = time.monotonic() - start
-    return {
-        "streams": n,
-        "ttft_s_mean": statistics.mean(r["ttft_s"] for r in results),
-        "ttft_s_max": max(r["ttft_s"] for r in results),
-        "per_stream_decode_tok_s": statistics.mean(r["decode_tok_s"] for r in results),
-        "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
-        "tokens": sum(r["tokens"] for r in results),
-    }
+    return {"streams": n, "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
+            "max_ttft_s": max(r["ttft_s"] for r in results)}
+
+
+def anchor(path: Path, tokenizer, settings, runs: int) -> dict:
+    """llama-cpp-python's `Llama` on the same file: the engine a user would pick instead."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=4096, n_threads=threads(), n_threads_batch=threads(),
+                verbose=False)
+    out = []
+    for i in range(runs):
+        ids = build_prompt(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                           context_window=4096, max_new_tokens=settings.max_new_tokens).input_ids
+        llm.reset()  # no prompt cache between runs: the same work as our first turn
+        start = time.monotonic()
+        first, n = None, 0
+        for _ in llm.create_completion(ids, max_tokens=settings.max_new_tokens,
+                                       temperature=settings.temperature, top_p=settings.top_p,
+                                       repeat_penalty=settings.repetition_penalty,
+                                       seed=settings.seed, stream=True):
+            first = first or time.monotonic()
+            n += 1
+        end = time.monotonic()
+        out.append({"ttft_s": first - start, "tokens": n,
+                    "decode_tok_s": (n - 1) / max(end - first, 1e-9)})
+    llm.close()
+    return _median(out)
+
+
+def _median(rows: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def generate_rows(engine, rows: int, settings) -> dict:
+    prompts = [json.loads(line) for line in (ROOT / "prompts.jsonl").read_text().splitlines()
+               if line.strip()]
+    prompts = (prompts * (rows // len(prompts) + 1))[:rows]
+    start = time.monotonic()
+    replies = [engine.submit(p["messages"], settings) for p in prompts]
+    for r in replies:
+        r.wait()
+    wall = time.monotonic() - start
+    tokens = sum(r.n_tokens for r in replies)
+    return {"rows": rows, "tokens": tokens, "seconds": wall, "aggregate_tok_s": tokens / wall}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3, help="repeats; the median is reported")
-    parser.add_argument("--dtype", default=ServingConfig().dtype)
+    parser.add_argument("--runs", type=int, default=3, help="one-stream runs (median)")
+    parser.add_argument("--generate-rows", type=int, default=300)
+    parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args(argv)
-
-    config = ServingConfig(dtype=args.dtype)
-    loaded = Registry().load(config=config)
-    engine = Engine(loaded, config)
-    # A fixed length makes runs comparable: sampling on, but the eos token is never final.
-    settings = GenerationSettings(temperature=0.7, max_new_tokens=args.max_new_tokens, seed=0)
-    loaded.eos_ids.clear()
-    run_streams(engine, 1, GenerationSettings(max_new_tokens=8))  # warm-up
-    rows = []
-    for n in (1, 4):
-        runs = [run_streams(engine, n, settings) for _ in range(args.runs)]
-        rows.append({k: statistics.median(r[k] for r in runs) for k in runs[0]})
-    batches = []
-    for size in (1, 32):
-        start = time.monotonic()
-        done = engine.generate([[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-                                for i in range(size)], settings)
-        wall = time.monotonic() - start
-        batches.append({"batch": size, "tokens": sum(r.n_tokens for r in done),
-                        "seconds": round(wall, 2),
-                        "aggregate_tok_s": sum(r.n_tokens for r in done) / wall})
-    engine.close()
-    report = {"model_version": loaded.version, "dtype": args.dtype, "batch": batches,
-              "max_new_tokens": args.max_new_tokens, "runs": args.runs,
-              "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or
-              platform.machine(), "results": rows}
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=1)
+    registry = Registry()
+    config = ServingConfig()
+    engine = open_engine(registry, config=config, backend="llama.cpp")
+    model = engine._model
+    report: dict = {"model_version": engine.version, "gguf": model.path.name,
+                    "threads": threads(), "dtype": dtype_reason(),
+                    "max_new_tokens": args.max_new_tokens, "machine": platform.processor()
+                    or platform.machine(), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        report["anchor_llama_cpp"] = anchor(model.path, model.tokenizer, settings, args.runs)
+        ours = []
+        for i in range(args.runs):
+            msgs = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+            engine.submit([{"role": "user", "content": "warm up"}], settings).wait()
+            ours.append(one_stream(engine, msgs, settings))
+        report["one_stream"] = _median(ours)
+        report["concurrent"] = [streams(engine, n, settings) for n in (4, 8)]
+        history, ttft = [], []
+        for t in range(10):
+            history.append({"role": "user", "content": PROMPTS[t % len(PROMPTS)]})
+            reply = engine.submit(history, GenerationSettings(max_new_tokens=64, seed=t))
+            reply.wait()
+            ttft.append(reply.first_token_at - reply.submitted_at)
+            history.append({"role": "assistant", "content": reply.text or "..."})
+        report["turns"] = {"turn_1_ttft_s": ttft[0], "turn_10_ttft_s": ttft[-1],
+                           "ratio": ttft[-1] / ttft[0], "reuse": dict(engine.stats)}
+        if args.generate_rows:
+            report["generate"] = generate_rows(engine, args.generate_rows, settings)
+    finally:
+        engine.close()
+    if not args.no_transformers:
+        t_engine = open_engine(registry, config=config, backend="transformers")
+        try:
+            t_engine.submit([{"role": "user", "content": "warm up"}], settings).wait()
+            report["transformers_one_stream"] = {
+                **_median([one_stream(t_engine, [{"role": "user", "content": PROMPTS[i]}],
+                                      settings) for i in range(args.runs)]),
+                "engine": t_engine.describe()}
+        finally:
+            t_engine.close()
+    a, o = report["anchor_llama_cpp"], report["one_stream"]
+    report["ratios"] = {
+        "decode_vs_llama_cpp": o["decode_tok_s"] / a["decode_tok_s"],
+        "ttft_vs_llama_cpp": o["ttft_s"] / a["ttft_s"],
+        "8_streams_vs_one": report["concurrent"][1]["aggregate_tok_s"] / o["decode_tok_s"],
+        "turn_10_vs_turn_1_ttft": report["turns"]["ratio"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"model {loaded.version} ({args.dtype}), {args.max_new_tokens} new tokens, "
-          f"median of {args.runs}")
-    print(f"{'streams':>7} {'TTFT mean':>10} {'TTFT max':>9} {'tok/s each':>11} "
-          f"{'tok/s total':>12}")
-    for r in rows:
-        print(f"{r['streams']:>7} {r['ttft_s_mean']:>9.2f}s {r['ttft_s_max']:>8.2f}s "
-              f"{r['per_stream_decode_tok_s']:>11.1f} {r['aggregate_tok_s']:>12.1f}")
-    for b in batches:
-        print(f"batch {b['batch']:>2}: {b['aggregate_tok_s']:.1f} tok/s aggregate")
-    print(f"saved {args.out / 'serve.json'}")
+    plot(report, args.out / "serve.png")
+    print_table(report)
     return report
+
+
+def print_table(r: dict) -> None:
+    a, o = r["anchor_llama_cpp"], r["one_stream"]
+    print(f"model {r['model_version']} ({r['gguf']}), {r['threads']} threads, "
+          f"{r['max_new_tokens']} new tokens")
+    print(f"{'':<34} {'TTFT':>8} {'tok/s':>8}")
+    print(f"{'llama.cpp (anchor), one stream':<34} {a['ttft_s']:>7.3f}s {a['decode_tok_s']:>8.1f}")
+    print(f"{'this project, one stream':<34} {o['ttft_s']:>7.3f}s {o['decode_tok_s']:>8.1f}")
+    for c in r["concurrent"]:
+        print(f"{'this project, %d streams (total)' % c['streams']:<34} "
+              f"{c['max_ttft_s']:>7.3f}s {c['aggregate_tok_s']:>8.1f}")
+    if "generate" in r:
+        g = r["generate"]
+        print(f"{'serving generate, %d rows' % g['rows']:<34} {'':>8} {g['aggregate_tok_s']:>8.1f}")
+    if "transformers_one_stream" in r:
+        t = r["transformers_one_stream"]
+        print(f"{'transformers engine, one stream':<34} {t['ttft_s']:>7.3f}s "
+              f"{t['decode_tok_s']:>8.1f}")
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["llama.cpp\n1 stream", "ours\n1 stream"] + [
+        f"ours\n{c['streams']} streams" for c in r["concurrent"]]
+    values = [r["anchor_llama_cpp"]["decode_tok_s"], r["one_stream"]["decode_tok_s"]] + [
+        c["aggregate_tok_s"] for c in r["concurrent"]]
+    if "generate" in r:
+        labels.append(f"generate\n{r['generate']['rows']} rows")
+        values.append(r["generate"]["aggregate_tok_s"])
+    if "transformers_one_stream" in r:
+        labels.append("transformers\n1 stream")
+        values.append(r["transformers_one_stream"]["decode_tok_s"])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(labels, values, color=["#888"] + ["#3a7"] * (len(values) - 1))
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{r['model_version']}, {r['threads']} threads, {r['max_new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

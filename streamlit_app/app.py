@@ -24,7 +24,7 @@ from serving.config import GenerationSettings, InvalidSettings, model_setting  #
 from serving.backends import follow_current, open_engine  # noqa: E402
 from streamlit_app.identity import current_user  # noqa: E402
 from streamlit_app.replies import SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
-from streamlit_app.text import as_text  # noqa: E402
+from streamlit_app.text import as_markdown, as_text  # noqa: E402
 
 THUMBS = {1: 1, 0: -1, None: None}  # st.feedback's value -> stored vote
 DEFAULTS = GenerationSettings()
@@ -319,7 +319,8 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
 
 for n, turn in enumerate(thread):
     with st.chat_message(turn.role):
-        st.markdown(as_text(turn.content))
+        st.markdown(as_markdown(turn.content) if turn.role == "assistant"
+                    else as_text(turn.content))
         if turn.role == "assistant":
             reply_controls(turn, is_last=n == len(thread) - 1)
 
@@ -331,7 +332,12 @@ def show_pending(pending: PendingReply) -> None:
                        "fit the model's context window and are left out of this reply.")
         if not pending.reply.done:
             st.button("Stop", icon=":material/stop:", key="stop", on_click=pending.reply.cancel)
-        st.write_stream(as_text(chunk) for chunk in pending.reply.stream())
+        # Streamed as Markdown too: the whole text so far is redrawn, so a code block opened
+        # in one piece and closed in a later one renders as code throughout.
+        box, text = st.empty(), ""
+        for chunk in pending.reply.stream():
+            text += chunk
+            box.markdown(as_markdown(text))
         pending.saved.wait(SAVE_RETRY_S + 5)
         if pending.save_error:
             st.error(pending.save_error)

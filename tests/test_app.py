@@ -106,7 +106,7 @@ def test_regenerate_page_pick_edit_and_reopen(tiny_model):
     again = open_page()
     [conv_button] = [b for b in again.sidebar.button if b.label == "Tell me a fact"]
     conv_button.click().run()
-    assert [m.markdown[0].value for m in again.chat_message][1] == "A better fact\\."
+    assert [m.markdown[0].value for m in again.chat_message][1] == "A better fact."
     assert again.feedback(key=f"vote_{edited.id}").value == 1
     assert again.get("button_group")[0].value == ["thorough"]
 
@@ -192,3 +192,25 @@ def test_an_unreachable_database_is_said_on_the_page(tiny_model, monkeypatch):
     assert not at.exception
     assert "cannot be reached" in at.error[0].value and "Check that it is running" in \
         at.error[0].value
+
+
+def test_replies_render_as_markdown_with_nothing_executable(tiny_model):
+    """A reply (here an edit, the one way to put chosen text in the model's turn) keeps its
+    code block, list and table; HTML, directives, LaTeX and non-http links stay text."""
+    at = send(open_page(), "show me code")
+    reply = thread()[1]
+    payload = ("Here:\n```python\ndef rev(s):\n    return s[::-1]  # <b>\n```\n"
+               "- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+               "<script>alert(1)</script> <img src=x onerror=alert(1)> "
+               "[click](javascript:alert(1)) [site](https://example.com) $5 :red[y]")
+    with db.transaction(write=True) as s:
+        store.edit_reply(session=s, user_id=1, message_id=reply.id, content=payload)
+    at.run()
+    shown = at.chat_message[1].markdown[0]
+    assert not shown.proto.allow_html
+    assert "```python\ndef rev(s):\n    return s[::-1]  # <b>\n```" in shown.value
+    assert "- one\n- two" in shown.value and "| 1 | 2 |" in shown.value
+    assert "\\<script>" in shown.value and "\\<img" in shown.value
+    assert "\\[click\\]\\(javascript\\:" in shown.value
+    assert "[site](https://example.com)" in shown.value
+    assert "\\$5" in shown.value and "\\:red[y]" in shown.value
