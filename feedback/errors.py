@@ -15,3 +15,7 @@ class NotFound(FeedbackError):
 
 class StoreUnavailable(FeedbackError):
     """The database is locked, unreachable or not migrated; nothing was written."""
+
+
+class Busy(FeedbackError):
+    """The conversation is waiting for a reply; nothing was written. Try again once it is there."""

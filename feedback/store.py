@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from feedback.errors import InvalidInput, NotFound
+from feedback.errors import Busy, InvalidInput, NotFound
 from feedback.models import Conversation, Message, Preference, User, Vote, VoteEvent, utcnow
 
 MAX_MESSAGE_CHARS = 8000
@@ -213,10 +213,14 @@ def _touch(conv: Conversation) -> None:
 
 def add_user_message(*, session: Session, user_id: int, conversation_id: int,
                      content: str) -> Message:
-    """Append a user message at the end of the shown thread (titles a new conversation)."""
+    """Append a user message at the end of the shown thread (titles a new conversation).
+    Refused (`Busy`) while the thread ends with a user message: its reply comes first."""
     check_message_text(content)
     conv = get_conversation(session=session, user_id=user_id, conversation_id=conversation_id)
     path, _ = _shown_path(_messages(session, conversation_id))
+    if path and path[-1].role == "user":
+        raise Busy("The last message has no reply yet. Wait for it (or use Get a reply), "
+                   "then send this one; your text is kept.")
     msg = Message(conversation_id=conv.id, parent_id=path[-1].id if path else None, role="user",
                   content=content, source="chat", selected=True)
     session.add(msg)

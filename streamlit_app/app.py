@@ -23,7 +23,7 @@ from serving.chat import PromptTooLong  # noqa: E402
 from serving.config import GenerationSettings, InvalidSettings, model_setting  # noqa: E402
 from serving.backends import follow_current, open_engine  # noqa: E402
 from streamlit_app.identity import current_user  # noqa: E402
-from streamlit_app.replies import SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
+from streamlit_app.replies import BUSY, SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
 from streamlit_app.text import as_markdown, as_text  # noqa: E402
 
 THUMBS = {1: 1, 0: -1, None: None}  # st.feedback's value -> stored vote
@@ -69,6 +69,10 @@ def send() -> None:
     cid = ss.get("conversation_id")
     settings, system = settings_for(str(cid or "new"))
     msg = None
+    if cid is not None and in_flight.busy(ss.user_id, cid):
+        notify(BUSY)  # refused here, whatever the browser let through
+        ss.chat_box = text
+        return
     try:
         store.check_message_text(text)
         engine.check([{"role": "user", "content": text}], settings, system_prompt=system or None)
@@ -301,7 +305,7 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
         st.text_input("Comment (optional)", value=vote.comment, key=f"comment_{turn.id}_"
                       f"{vote.value}", on_change=on_comment, args=(turn.id, vote.value),
                       max_chars=store.MAX_COMMENT_CHARS, placeholder="Anything else?")
-    busy = in_flight.get(cid) is not None
+    busy = in_flight.busy(ss.user_id, cid)
     a, b, _ = st.columns([2, 2, 6])
     if is_last:
         a.button("Regenerate", icon=":material/refresh:", key=f"regen_{turn.id}",
@@ -346,7 +350,7 @@ def show_pending(pending: PendingReply) -> None:
             st.rerun()
 
 
-pending = in_flight.get(cid) if cid is not None else None
+pending = in_flight.get(ss.user_id, cid) if cid is not None else None
 if pending is not None:
     show_pending(pending)
 elif thread and thread[-1].role == "user":

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from feedback import store
 from feedback.db import transaction
-from feedback.errors import FeedbackError, StoreUnavailable
+from feedback.errors import Busy, FeedbackError, StoreUnavailable
 from serving.config import GenerationSettings
-from serving.engine import Engine, Reply
+from serving.reply import Reply
 
 SAVE_RETRY_S = 60.0
 
@@ -40,29 +40,51 @@ class PendingReply:
                 "trimmed": self.reply.trimmed}
 
 
+BUSY = ("A reply is still being written (or saved) in this conversation. Wait for it, or "
+        "press Stop; your message stays in the box.")
+
+
 class InFlight:
-    """Replies being generated or saved, by conversation id."""
+    """Replies being generated or saved, by (user, conversation): at most one each, enforced
+    here on the server (a disabled chat input guards only the browser)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_conversation: dict[int, PendingReply] = {}
+        self._by_conversation: dict[tuple[int, int], PendingReply] = {}
+        self._reserved: set[tuple[int, int]] = set()
 
-    def get(self, conversation_id: int) -> PendingReply | None:
+    def get(self, user_id: int, conversation_id: int) -> PendingReply | None:
         with self._lock:
-            return self._by_conversation.get(conversation_id)
+            return self._by_conversation.get((user_id, conversation_id))
 
-    def start(self, *, engine: Engine, user_id: int, conversation_id: int, parent_id: int,
+    def busy(self, user_id: int, conversation_id: int | None) -> bool:
+        with self._lock:
+            key = (user_id, conversation_id)
+            return key in self._by_conversation or key in self._reserved
+
+    def start(self, *, engine, user_id: int, conversation_id: int, parent_id: int,
               settings: GenerationSettings, system_prompt: str | None,
               source: str = "chat") -> PendingReply:
-        """Generate a reply to user message `parent_id` from the conversation as stored."""
-        with transaction() as session:
-            messages = store.history(session=session, user_id=user_id,
-                                     conversation_id=conversation_id,
-                                     through_message_id=parent_id)
-        reply = engine.submit(messages, settings, system_prompt=system_prompt or None)
-        pending = PendingReply(reply, user_id, conversation_id, parent_id, source, system_prompt)
+        """Generate a reply to user message `parent_id` from the conversation as stored;
+        raises `Busy` if this conversation already has a reply in flight."""
+        key = (user_id, conversation_id)
         with self._lock:
-            self._by_conversation[conversation_id] = pending
+            if key in self._by_conversation or key in self._reserved:
+                raise Busy(BUSY)
+            self._reserved.add(key)
+        try:
+            with transaction() as session:
+                messages = store.history(session=session, user_id=user_id,
+                                         conversation_id=conversation_id,
+                                         through_message_id=parent_id)
+            reply = engine.submit(messages, settings, system_prompt=system_prompt or None)
+            pending = PendingReply(reply, user_id, conversation_id, parent_id, source,
+                                   system_prompt)
+            with self._lock:
+                self._by_conversation[key] = pending
+        finally:
+            with self._lock:
+                self._reserved.discard(key)
         reply.add_done_callback(lambda _r: threading.Thread(
             target=self._save, args=(pending,), daemon=True).start())
         return pending
@@ -105,7 +127,8 @@ class InFlight:
 
     def _forget(self, pending: PendingReply) -> None:
         with self._lock:
-            if self._by_conversation.get(pending.conversation_id) is pending:
-                del self._by_conversation[pending.conversation_id]
+            key = (pending.user_id, pending.conversation_id)
+            if self._by_conversation.get(key) is pending:
+                del self._by_conversation[key]
         pending.saved.set()
 

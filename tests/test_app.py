@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from streamlit.testing.v1 import AppTest
 
 from feedback import db, io, store
@@ -214,3 +216,53 @@ def test_replies_render_as_markdown_with_nothing_executable(tiny_model):
     assert "\\[click\\]\\(javascript\\:" in shown.value
     assert "[site](https://example.com)" in shown.value
     assert "\\$5" in shown.value and "\\:red[y]" in shown.value
+
+
+def test_a_second_reply_while_one_is_in_flight_is_refused_and_nothing_is_lost(tiny_model):
+    """The server-side rule the page relies on: one reply in flight per user and
+    conversation. (The page checks `busy` before writing, so the text stays in the box.)"""
+    from feedback.errors import Busy
+    from serving.backends import open_engine
+    from serving.config import GenerationSettings
+    from streamlit_app.replies import InFlight
+
+    engine, in_flight = open_engine(), InFlight()
+    try:
+        with db.transaction(write=True) as s:
+            uid = store.get_or_create_user(session=s, username="alice").id
+            cid = store.create_conversation(session=s, user_id=uid).id
+            q1 = store.add_user_message(session=s, user_id=uid, conversation_id=cid,
+                                        content="Q1")
+        long = GenerationSettings(temperature=0, max_new_tokens=400)
+        first = in_flight.start(engine=engine, user_id=uid, conversation_id=cid,
+                                parent_id=q1.id, settings=long, system_prompt=None)
+        assert in_flight.busy(uid, cid) and not in_flight.busy(uid + 1, cid)
+        with pytest.raises(Busy, match="still being written"):  # a regenerate, a second tab
+            in_flight.start(engine=engine, user_id=uid, conversation_id=cid,
+                            parent_id=q1.id, settings=long, system_prompt=None)
+        with pytest.raises(Busy), db.transaction(write=True) as s:  # a second message
+            store.add_user_message(session=s, user_id=uid, conversation_id=cid, content="Q2")
+        first.saved.wait(60)
+        assert not in_flight.busy(uid, cid)
+    finally:
+        engine.close()
+    with db.transaction() as s:
+        turns = store.get_thread(session=s, user_id=uid, conversation_id=cid)
+    assert [t.role for t in turns] == ["user", "assistant"] and turns[1].id == first.message_id
+
+
+def test_the_store_refuses_a_user_message_after_a_user_message(tiny_model):
+    from feedback.errors import Busy
+    with db.transaction(write=True) as s:
+        uid = store.get_or_create_user(session=s, username="alice").id
+        conv = store.create_conversation(session=s, user_id=uid)
+        q1 = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id,
+                                    content="Q1")
+    with pytest.raises(Busy), db.transaction(write=True) as s:
+        store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="Q2")
+    with db.transaction(write=True) as s:  # R1 lands where Q1 left it; Q2 can follow
+        store.add_reply(session=s, user_id=uid, parent_id=q1.id, content="R1",
+                        model_version="m", generation_settings={})
+        store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="Q2")
+        turns = store.get_thread(session=s, user_id=uid, conversation_id=conv.id)
+    assert [t.content for t in turns] == ["Q1", "R1", "Q2"]
