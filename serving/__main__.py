@@ -69,7 +69,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=ServingConfig().max_batch,
-                   help="most replies decoded together (llama.cpp: conversation slots)")
+                   help="transformers: most replies decoded together; openai: requests at once")
+    g.add_argument("--slots", type=int, default=ServingConfig().slots,
+                   help="llama.cpp: replies decoded together, each with its own KV cache")
     g.add_argument("--backend", choices=BACKENDS,
                    help=f"engine (default: ${BACKEND_ENV}, else auto: llama.cpp where the "
                         "version converts to GGUF, else transformers)")
@@ -89,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                                       repetition_penalty=args.repetition_penalty,
                                       seed=args.seed).validate()
         rows = read_conversations(args.inp)
-        if args.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, not {args.batch_size}.")
-        config = ServingConfig(max_batch=args.batch_size,
+        if args.batch_size < 1 or args.slots < 1:
+            raise InputError("--batch-size and --slots must be at least 1.")
+        config = ServingConfig(max_batch=args.batch_size, slots=args.slots,
                                dtype=resolve_dtype(args.dtype) if args.dtype else "auto")
         engine = open_engine(Registry(), args.version, config, backend=args.backend)
     except (InputError, InvalidSettings, UnknownVersion, ModelUnavailable, BadSetting,

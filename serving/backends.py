@@ -1,8 +1,8 @@
 """Which engine serves: llama.cpp by default, transformers where llama.cpp cannot load the model.
 
-`CHAT_BACKEND` (a place-like choice of machine, so an environment setting) is `auto` (llama.cpp
-when the version can be written as GGUF, else transformers), `llama.cpp`, `transformers` or
-`openai` (any OpenAI-compatible server: see `serving/openai_backend.py`). The page,
+`CHAT_BACKEND` (a choice of machine, so an environment setting) is `auto` (llama.cpp when the
+version can be written as GGUF, else transformers), `llama.cpp`, `transformers` or `openai` (any
+OpenAI-compatible server: `serving/openai_backend.py`). The page,
 `python -m serving generate`, the gate's generated replies and the learning-loop bench all open
 their engine here, so what the gate judges is what users are served.
 """
@@ -61,9 +61,9 @@ def load_model(kind: str, registry: Registry, name: str, config: ServingConfig):
         from serving.llamacpp import GGUFModel
         return GGUFModel(registry.gguf_path(name, config.gguf_quant), version=name,
                          tokenizer=registry.tokenizer(), config=config, threads=threads())
-    if kind == "transformers":
-        return registry.load(name, config)
-    return name  # an OpenAI-compatible server loads versions by name
+    if kind == "openai":
+        return name  # the server loads versions by name
+    return registry.load(name, config)
 
 
 def follow_current(engine, registry: Registry | None = None, interval_s: float = 5.0,

@@ -27,15 +27,13 @@ def model_setting() -> str:
 @dataclass
 class ServingConfig:
     max_batch: int = field(default=32, metadata={
-        "help": "most replies decoded together (llama.cpp: conversation slots)"})
+        "help": "transformers: most replies decoded together; openai: most requests at once"})
     max_context_tokens: int = field(default=4096, metadata={
         "help": "context window used (capped by the model's own); older turns are trimmed"})
-    kv_cache_tokens: int = field(default=8192, metadata={
-        "help": "llama.cpp: tokens of key/value cache shared by every conversation slot "
-                "(about 23 KB each for the embedded model); idle slots give theirs back"})
-    kv_unified: bool = field(default=True, metadata={
-        "help": "llama.cpp: one key/value cache shared by all slots (any conversation may use "
-                "it all) rather than an equal share each"})
+    slots: int = field(default=8, metadata={
+        "help": "llama.cpp: conversations decoded together, each with its own context window "
+                "of key/value cache (about 23 KB a token for the embedded model: 8 x 4096 "
+                "tokens is 750 MB); more wait in line"})
     gguf_quant: str = field(default="Q8_0", metadata={
         "help": "llama.cpp: how trained versions are written (Q8_0, F16 or F32); the embedded "
                 "base is served from its shipped Q4_1 file as it is"})

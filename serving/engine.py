@@ -201,12 +201,13 @@ class Engine:
         """Pick each row's next token, publish its text; returns the rows still going."""
         tok = self._loaded.tokenizer
         keep = []
+        tokens = _sample(logits, rows)
         for i, row in enumerate(rows):
             reply = row.reply
             if reply.cancelled:
                 reply._finish("cancelled")
                 continue
-            token = _sample(logits[i], row, reply.settings)
+            token = tokens[i]
             if token in self._loaded.eos_ids:
                 reply._finish("stop")
                 continue
@@ -225,22 +226,46 @@ class Engine:
         return keep
 
 
-def _sample(logits: torch.Tensor, row: _Row, s: GenerationSettings) -> int:
+TOP_CANDIDATES = 256  # top-p is cut within the likeliest 256 tokens of each row
+
+
+def _sample(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """Every row's next token at once: repetition penalty, temperature, top-p over each row's
+    top 256 candidates (one batched `topk`, no full-vocabulary sort), then a draw; greedy rows
+    take the argmax. Rows with a seed draw from their own generator."""
     logits = logits.clone()
-    if s.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_ids[-256:] + row.generated)), dtype=torch.long)
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty,
-                                   picked * s.repetition_penalty)
-    if s.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / s.temperature, dim=-1)
-    if s.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cut = sorted_p.cumsum(-1) - sorted_p > s.top_p
-        sorted_p[cut] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+    settings = [r.reply.settings for r in rows]
+    penalised = [i for i, s in enumerate(settings) if s.repetition_penalty != 1.0]
+    if penalised:
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        for i in penalised:
+            ids = torch.tensor(rows[i].prompt_ids[-256:] + rows[i].generated, dtype=torch.long)
+            seen[i, ids] = True
+        penalty = torch.tensor([s.repetition_penalty for s in settings])[:, None]
+        adjusted = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, adjusted, logits)
+    out = logits.argmax(-1).tolist()
+    sampled = [i for i, s in enumerate(settings) if s.temperature > 0]
+    if not sampled:
+        return out
+    index = torch.tensor(sampled)
+    temps = torch.tensor([settings[i].temperature for i in sampled])[:, None]
+    top_p = torch.tensor([settings[i].top_p for i in sampled])[:, None]
+    k = min(TOP_CANDIDATES, logits.shape[-1])
+    values, candidates = torch.topk(logits[index] / temps, k, dim=-1)  # sorted, descending
+    probs = torch.softmax(values, dim=-1)
+    beyond = probs.cumsum(-1) - probs > top_p  # tokens after the nucleus is full
+    probs = probs.masked_fill(beyond, 0.0)
+    unseeded = [j for j, i in enumerate(sampled) if rows[i].generator is None]
+    if unseeded:
+        picks = torch.multinomial(probs[unseeded], 1)[:, 0]
+        for j, pick in zip(unseeded, picks.tolist()):
+            out[sampled[j]] = int(candidates[j, pick])
+    for j, i in enumerate(sampled):
+        if rows[i].generator is not None:
+            pick = int(torch.multinomial(probs[j], 1, generator=rows[i].generator))
+            out[i] = int(candidates[j, pick])
+    return out
 
 
 # ---- KV cache surgery: the batch is left-padded, so rows line up on the right ----------------

@@ -6,8 +6,9 @@ running reply and a chunk of every newcomer's prompt into one `llama_decode` cal
 chat's first token never waits behind another's whole reply, and the cores are shared by all.
 A slot keeps its conversation's evaluated tokens after the reply ends: the next turn of that
 conversation (whose prompt starts with the same tokens) only evaluates what is new, as the
-server's prompt cache does. Idle slots' caches are dropped, oldest first, when the shared KV
-cache (`ServingConfig.kv_cache_tokens`) runs short.
+server's prompt cache does. Each slot has its own context window of cache (not one cache shared
+by all: with a shared one every token attends over every slot's cells, which made 32 streams
+several times slower here).
 
 Prompts are rendered and trimmed by `serving/chat.py` with the model's transformers tokenizer
 (the same vocabulary as the GGUF file: `serving/gguf_export.py` checks it), so every engine
@@ -70,14 +71,14 @@ class GGUFModel:
         if not self.model:
             raise ModelUnavailable(f"llama.cpp could not load {path}")
         self.vocab = ll.llama_model_get_vocab(self.model)
-        self.slots = config.max_batch
+        self.slots = config.slots
         self.context_window = min(config.max_context_tokens,
-                                  ll.llama_model_n_ctx_train(self.model), config.kv_cache_tokens)
+                                  ll.llama_model_n_ctx_train(self.model))
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = max(config.kv_cache_tokens, self.context_window)
+        cparams.n_ctx = self.slots * self.context_window
         cparams.n_batch = cparams.n_ubatch = config.prefill_chunk
         cparams.n_seq_max = self.slots
-        cparams.kv_unified = config.kv_unified
+        cparams.kv_unified = False  # each sequence attends over its own cells only
         cparams.n_threads = cparams.n_threads_batch = threads
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -303,17 +304,6 @@ class LlamaEngine:
             best = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
         return best
 
-    def _make_room(self, needed: int) -> None:
-        """Drop idle slots' caches, oldest first, until `needed` more tokens fit."""
-        used = sum(len(s.cached) for s in self._slots)
-        for slot in sorted((s for s in self._slots if s.row is None and s.cached),
-                           key=lambda s: s.last_used):
-            if used + needed <= self._model.n_ctx:
-                return
-            ll.llama_memory_seq_rm(self._model.memory, slot.seq, -1, -1)
-            used -= len(slot.cached)
-            slot.cached = []
-
     def _step(self, rows: list[_Row]) -> None:
         """One llama_decode: a token of every running reply, then prompt chunks."""
         m, batch = self._model, self._batch
@@ -327,7 +317,6 @@ class LlamaEngine:
             chunk = row.pending[:budget]
             budget -= len(chunk)
             plan.append((row, chunk, len(chunk) == len(row.pending)))
-        self._make_room(sum(len(c) for _, c, _ in plan))
         n = 0
         outputs: list[tuple[_Row, int]] = []
         for row, chunk, last in plan:
@@ -344,8 +333,7 @@ class LlamaEngine:
         batch.n_tokens = n
         status = ll.llama_decode(m.ctx, batch)
         if status != 0:
-            raise RuntimeError(f"llama_decode returned {status} (the KV cache of "
-                               f"{m.n_ctx} tokens is full: raise kv_cache_tokens)")
+            raise RuntimeError(f"llama_decode returned {status}")
         for row, chunk, _ in plan:
             row.slot.cached += chunk
             row.pending = row.pending[len(chunk):]

@@ -147,8 +147,6 @@ class Registry:
         name = name or self.current_name()
         if quant not in GGUF_QUANTS:
             raise ValueError(f"gguf_quant must be one of {', '.join(GGUF_QUANTS)}, not {quant!r}")
-        if name == self.base_name and self.setting == EMBEDDED:
-            return embedded_gguf_path()  # the shipped file, as it is
         if name == self.base_name:
             folder = self.data / "models" / "base"
             folder.mkdir(parents=True, exist_ok=True)
@@ -163,8 +161,11 @@ class Registry:
         return target
 
     def write_gguf(self, name: str, target: Path, quant: str) -> Path:
-        from serving.gguf_export import export_gguf
+        from serving.gguf_export import export_gguf, requantize
 
+        if name == self.base_name and self.setting == EMBEDDED:
+            log.info("re-encoding the shipped model as %s for llama.cpp: %s", quant, target)
+            return requantize(embedded_gguf_path(), target, quant)
         loaded = self.load(name, ServingConfig(dtype="float32"))
         log.info("writing %s for llama.cpp", target)
         gguf = embedded_gguf_path()

@@ -115,6 +115,21 @@ def test_seeded_sampling_is_reproducible(engine):
     assert engine.submit(conv("x"), s).wait() == engine.submit(conv("x"), s).wait()
 
 
+def test_the_batched_sampler_keeps_top_p_and_seeds_per_row(engine):
+    """One batched top-k/top-p for the whole batch: a nucleus of one token is greedy, and a
+    seeded row draws the same tokens whoever shares its batch."""
+    tiny_nucleus = GenerationSettings(temperature=1.0, top_p=1e-6, max_new_tokens=10,
+                                      repetition_penalty=1.0)
+    greedy = GenerationSettings(temperature=0, max_new_tokens=10, repetition_penalty=1.0)
+    assert engine.submit(conv("x"), tiny_nucleus).wait(60) == engine.submit(conv("x"),
+                                                                            greedy).wait(60)
+    seeded = GenerationSettings(temperature=1.0, max_new_tokens=10, seed=3)
+    alone = engine.submit(conv("y"), seeded).wait(60)
+    crowd = [engine.submit(conv(t), GenerationSettings(temperature=1.2, max_new_tokens=10))
+             for t in ("a", "b")] + [engine.submit(conv("y"), seeded)]
+    assert crowd[-1].wait(60) == alone
+
+
 def test_generate_cli_batches_and_records_the_version(tiny_model, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "messages": conv(f"q{i}")}) + "\n"
@@ -180,7 +195,7 @@ def test_a_promoted_version_is_picked_up_without_a_restart(tiny_model, backend):
 
 
 @pytest.mark.slow
-def test_the_embedded_model_is_served_by_llama_cpp_from_the_shipped_file(monkeypatch):
+def test_the_embedded_model_is_served_by_llama_cpp_from_its_own_file(monkeypatch):
     """What the product guarantees of the real model, not what it happens to say."""
     from serving.backends import open_engine
     from serving.model import EMBEDDED_NAME, embedded_gguf_path
@@ -188,7 +203,8 @@ def test_the_embedded_model_is_served_by_llama_cpp_from_the_shipped_file(monkeyp
     monkeypatch.delenv("CHAT_MODEL", raising=False)
     eng = open_engine()
     try:
-        assert eng.kind == "llama.cpp" and embedded_gguf_path().name in eng.describe()
+        assert eng.kind == "llama.cpp" and "smollm2-135m-instruct.q8_0.gguf" in eng.describe()
+        assert embedded_gguf_path().is_file()
         reply = eng.submit(conv("What is the capital of France?"),
                            GenerationSettings(temperature=0, max_new_tokens=24))
         reply.wait(timeout=120)
@@ -196,7 +212,7 @@ def test_the_embedded_model_is_served_by_llama_cpp_from_the_shipped_file(monkeyp
         eng.close()
     assert reply.version == EMBEDDED_NAME and reply.finish_reason in ("stop", "length")
     assert 1 <= reply.n_tokens <= 24 and re.search(r"\w", reply.text)
-    # no first-start conversion was needed to serve it
+    # re-encoded from the shipped GGUF: no transformers conversion was needed to serve it
     assert not (Path(os.environ["CHAT_DATA_DIR"]) / "models" / "base" / EMBEDDED_NAME).exists()
 
 
@@ -206,7 +222,7 @@ def test_the_embedded_model_is_served_by_llama_cpp_from_the_shipped_file(monkeyp
 def llama(tiny_model):
     from serving.backends import open_engine
     # float32 weights: the crowd test below compares a batched reply with the solo one
-    config = ServingConfig(max_batch=4, gguf_quant="F32")
+    config = ServingConfig(slots=4, gguf_quant="F32")
     eng = open_engine(Registry(), config=config, backend="llama.cpp")
     yield eng
     eng.close()
