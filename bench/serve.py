@@ -150,10 +150,14 @@ def main(argv: list[str] | None = None) -> dict:
             history.append({"role": "assistant", "content": reply.text or "..."})
         report["turns"] = {"turn_1_ttft_s": ttft[0], "turn_10_ttft_s": ttft[-1],
                            "ratio": ttft[-1] / ttft[0], "reuse": dict(engine.stats)}
-        if args.generate_rows:
-            report["generate"] = generate_rows(engine, args.generate_rows, settings)
     finally:
         engine.close()
+    if args.generate_rows:  # as `python -m serving generate` runs: its default 16 slots
+        batch_engine = open_engine(registry, config=ServingConfig(slots=16), backend="llama.cpp")
+        try:
+            report["generate"] = generate_rows(batch_engine, args.generate_rows, settings)
+        finally:
+            batch_engine.close()
     if not args.no_transformers:
         t_engine = open_engine(registry, config=config, backend="transformers")
         try:

@@ -68,7 +68,9 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
-        with engine.begin() as conn:
+        # A write transaction from the start (BEGIN IMMEDIATE on SQLite): processes opening a
+        # blank database together queue for the lock instead of failing on the first write.
+        with engine.connect() as conn, conn.execution_options(write=True).begin():
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except (OperationalError, DBAPIError) as exc:

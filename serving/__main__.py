@@ -70,8 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=ServingConfig().max_batch,
                    help="transformers: most replies decoded together; openai: requests at once")
-    g.add_argument("--slots", type=int, default=ServingConfig().slots,
-                   help="llama.cpp: replies decoded together, each with its own KV cache")
+    g.add_argument("--slots", type=int, default=16,
+                   help="llama.cpp: replies decoded together, each with its own KV cache "
+                        "(16: 252 vs 228 tok/s for 8 on 2 cores; about 1.5 GB of cache)")
     g.add_argument("--backend", choices=BACKENDS,
                    help=f"engine (default: ${BACKEND_ENV}, else auto: llama.cpp where the "
                         "version converts to GGUF, else transformers)")

@@ -13,8 +13,8 @@ several times slower here).
 Prompts are rendered and trimmed by `serving/chat.py` with the model's transformers tokenizer
 (the same vocabulary as the GGUF file: `serving/gguf_export.py` checks it), so every engine
 answers exactly the same prompt tokens. Sampling is llama.cpp's own sampler chain per reply:
-repetition penalty over the last 256 tokens (prompt included), temperature, top-p, a seeded
-draw; greedy at temperature 0.
+repetition penalty over the last 256 tokens (prompt included), the 256 likeliest tokens,
+temperature, top-p, a seeded draw; greedy at temperature 0.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from serving.reply import Reply
 log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 256
+TOP_CANDIDATES = 256  # as serving/engine.py: top-p is cut within the likeliest 256 tokens
 GGML_LOG_LEVEL_ERROR = 3  # ggml.h's enum ggml_log_level
 _backend_ready = threading.Lock()
 _backend_started = False
@@ -138,7 +139,9 @@ def _sampler(model: GGUFModel, settings: GenerationSettings, prompt: list[int]):
     if settings.temperature <= 0:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
     else:
+        # the likeliest TOP_CANDIDATES first (a partial sort, not the whole vocabulary), then
         # temperature before top-p, as the transformers path samples
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(TOP_CANDIDATES))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(settings.temperature))
         if settings.top_p < 1.0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(settings.top_p, 1))
@@ -317,6 +320,9 @@ class LlamaEngine:
             chunk = row.pending[:budget]
             budget -= len(chunk)
             plan.append((row, chunk, len(chunk) == len(row.pending)))
+        # In sequence-id order: llama.cpp splits a batch whose sequences come out of order into
+        # several passes over the weights (measured: 53 instead of 31 ms a step for 8 rows).
+        plan.sort(key=lambda item: item[0].slot.seq)
         n = 0
         outputs: list[tuple[_Row, int]] = []
         for row, chunk, last in plan:

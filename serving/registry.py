@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,7 +30,19 @@ GGUF_QUANTS = ("Q8_0", "F16", "F32")
 
 
 class UnknownVersion(LookupError):
-    """A version name that is not in the registry."""
+    """A version name that is not in the registry (or could never be one)."""
+
+
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    """`name` if it can name a version folder: letters, digits, `.`, `_`, `-`, no `..`, no
+    separators (so no name reaches outside `versions/`); else `UnknownVersion`."""
+    if not isinstance(name, str) or not VERSION_NAME.fullmatch(name) or ".." in name:
+        raise UnknownVersion(f"{name!r} is not a version name: use letters, digits, '.', '_' "
+                             "and '-' only (see `python -m training status` for the versions).")
+    return name
 
 
 @dataclass(frozen=True)
@@ -60,17 +73,39 @@ class Registry:
         return sorted(out, key=lambda v: v.meta.get("created_at", ""))
 
     def get(self, name: str) -> Version:
-        meta = self.root / name / "meta.json"
+        meta = self.root / check_name(name) / "meta.json"
         if not meta.is_file():
             known = ", ".join([self.base_name] + [v.name for v in self.versions()])
             raise UnknownVersion(f"No model version {name!r}. Known: {known}.")
         return Version(name, meta.parent, json.loads(meta.read_text()))
 
     def current_name(self) -> str:
-        """The serving version's name (the base model's when nothing was promoted)."""
+        """The serving version's name (the base model's when nothing was promoted, or when
+        `CURRENT` is unusable: `current_problem()` then says why and how to fix it)."""
+        return self._current()[0]
+
+    def current_problem(self) -> str | None:
+        """Why `CURRENT` was not followed (the base model serves instead), or None."""
+        return self._current()[1]
+
+    def _current(self) -> tuple[str, str | None]:
         pointer = self.root / "CURRENT"
-        name = pointer.read_text().strip() if pointer.is_file() else ""
-        return name or self.base_name
+        if not pointer.is_file():
+            return self.base_name, None
+        fix = ("Fix it with `python -m training rollback NAME` (a version from "
+               "`python -m training status`).")
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            return self.base_name, f"{pointer} cannot be read ({exc}); the base model serves. {fix}"
+        if not name or name == self.base_name:
+            return self.base_name, None
+        try:
+            self.get(name)
+        except UnknownVersion:
+            return self.base_name, (f"{pointer} names {name[:80]!r}, which is not a version "
+                                    f"here; the base model serves. {fix}")
+        return name, None
 
     def register(self, name: str, built: Path, meta: dict) -> Version:
         """Move a finished version folder `built` into the registry under `name`, atomically:
@@ -95,18 +130,27 @@ class Registry:
         path = self.root / "history.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        moves = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                moves.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: skipped, the rest still counts
+        return [m for m in moves if isinstance(m, dict)]
 
     def previous(self) -> str | None:
         """The version that was current before the present one (the default rollback)."""
         current = self.current_name()
         for move in reversed(self.history()):
-            if move["to"] == current and move["from"] != current:
+            if not isinstance(move, dict) or not isinstance(move.get("from"), str):
+                continue  # a damaged line names nothing to go back to
+            if move.get("to") == current and move["from"] != current:
                 return move["from"]
         return None
 
     def set_current(self, name: str, why: str = "") -> None:
         """Point `CURRENT` at `name` atomically and durably, and log the move."""
+        check_name(name)
         if name != self.base_name:
             self.get(name)
         old = self.current_name()
@@ -120,7 +164,7 @@ class Registry:
 
     def load(self, name: str | None = None, config: ServingConfig | None = None) -> LoadedModel:
         """Load a version (default: the current one) for serving."""
-        name = name or self.current_name()
+        name = check_name(name or self.current_name())
         if name == self.base_name:
             return load_base(config, self.setting, self.data)
         version = self.get(name)

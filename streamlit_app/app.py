@@ -22,6 +22,7 @@ from feedback.errors import FeedbackError, StoreUnavailable  # noqa: E402
 from serving.chat import PromptTooLong  # noqa: E402
 from serving.config import GenerationSettings, InvalidSettings, model_setting  # noqa: E402
 from serving.backends import follow_current, open_engine  # noqa: E402
+from serving.registry import Registry  # noqa: E402
 from streamlit_app.identity import current_user  # noqa: E402
 from streamlit_app.replies import BUSY, SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
 from streamlit_app.text import as_markdown, as_text  # noqa: E402
@@ -46,6 +47,7 @@ def get_in_flight(data: str) -> InFlight:
 
 st.set_page_config(page_title="Chat", page_icon="💬")
 engine = get_engine(model_setting(), str(data_dir()))
+serving_problem = Registry().current_problem()  # for the operator: CURRENT is unusable
 in_flight = get_in_flight(str(data_dir()))
 
 
@@ -228,6 +230,8 @@ with st.sidebar:
 
 # ---- the chat ----------------------------------------------------------------------------------
 
+if serving_problem:
+    st.warning(serving_problem, icon=":material/warning:")
 if "notice" in ss:
     st.error(ss.pop("notice"))
 if ss.get("unsaved_votes"):

@@ -280,3 +280,38 @@ def test_llama_cpp_stops_a_reply_when_asked_and_serves_the_next(llama):
     reply.wait(60)
     assert reply.finish_reason == "cancelled" and 3 <= reply.n_tokens < 400
     assert llama.submit(conv("next"), GREEDY).wait(60)
+
+
+# ---- registry hardening ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../outside", "/tmp/abs", "a/b", "..", "x..y", "", "-x",
+                                  "a\nb"])
+def test_version_names_cannot_escape_the_registry(tiny_model, name):
+    reg = Registry()
+    with pytest.raises(LookupError, match="not a version name"):
+        reg.set_current(name)
+    with pytest.raises(LookupError, match="not a version name"):
+        reg.get(name)
+    assert not (reg.root / "CURRENT").exists()
+
+
+def test_rollback_to_a_path_is_refused_by_the_cli(tiny_model):
+    done = subprocess.run([sys.executable, "-m", "training", "rollback", "../outside"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "not a version name" in done.stderr
+    assert "Traceback" not in done.stderr and "now serves" not in done.stdout
+
+
+@pytest.mark.parametrize("content", [b"deleted-version\n", b"\xff\xfe\x00bad", b"../../etc\n"])
+def test_an_unusable_current_serves_the_base_and_says_how_to_fix_it(tiny_model, content):
+    reg = Registry()
+    (reg.root / "CURRENT").write_bytes(content)
+    (reg.root / "history.jsonl").write_text('{"from": "a"}\nnot json\n')
+    assert reg.current_name() == tiny_model.name and reg.previous() is None
+    assert "python -m training rollback" in reg.current_problem()
+    status = subprocess.run([sys.executable, "-m", "training", "status"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "warning:" in status.stdout
+    from tests.test_app import open_page
+    at = open_page()  # the page starts, on the base model, with the warning
+    assert any("python -m training rollback" in w.value for w in at.warning)

@@ -196,8 +196,10 @@ def test_concurrent_sqlite_writers_wait_instead_of_failing(data_dir):
                 with Session(engine.execution_options(write=True)) as s, s.begin():
                     # Read first, then write: the pattern that fails with a deferred BEGIN.
                     store.get_thread(session=s, user_id=uid, conversation_id=cid)
-                    store.add_user_message(session=s, user_id=uid, conversation_id=cid,
-                                           content=f"{n}-{i}")
+                    q = store.add_user_message(session=s, user_id=uid, conversation_id=cid,
+                                               content=f"{n}-{i}")
+                    store.add_reply(session=s, user_id=uid, parent_id=q.id, content="ok",
+                                    model_version="m", generation_settings={})
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -208,7 +210,7 @@ def test_concurrent_sqlite_writers_wait_instead_of_failing(data_dir):
         t.join()
     assert errors == []
     with db.transaction(url=url) as s:
-        assert len(store.get_thread(session=s, user_id=uid, conversation_id=cid)) == 100
+        assert len(store.get_thread(session=s, user_id=uid, conversation_id=cid)) == 200
 
 
 def test_a_locked_database_gives_a_clear_error_and_writes_nothing(data_dir):
@@ -235,3 +237,26 @@ def test_an_unreachable_database_gives_a_clear_error():
     with pytest.raises(StoreUnavailable, match="cannot be reached"):
         with db.transaction(url=url):
             pass
+
+
+def test_sixteen_processes_opening_a_blank_database_all_succeed(tmp_path):
+    """First use races: every process migrates under BEGIN IMMEDIATE, so none fails with
+    'database is locked' and the schema is made once."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "CHAT_DATA_DIR": str(tmp_path / "blank")}
+    env.pop("CHAT_DATABASE_URL", None)
+    code = ("from feedback import db, store\n"
+            "with db.transaction(write=True) as s:\n"
+            "    store.get_or_create_user(session=s, username='u')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(16)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 16, [e[-500:] for e in errors if e]
+    con = sqlite3.connect(tmp_path / "blank" / "feedback.db")
+    assert con.execute("select count(*) from users").fetchone() == (1,)
+    assert con.execute("select count(*) from alembic_version").fetchone() == (1,)

@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_status(s: dict) -> str:
     lines = [f"serving: {s['current']}   (base: {s['base']})",
-             f"machine: {s['machine']['dtype']}, {s['machine']['threads']} threads", "",
-             f"{'version':<22} {'parent':<22} {'method':<7} {'votes':>6}  created"]
+             f"machine: {s['machine']['dtype']}, {s['machine']['threads']} threads", ""]
+    if s.get("current_problem"):
+        lines[1:1] = [f"warning: {s['current_problem']}"]
+    lines += [f"{'version':<22} {'parent':<22} {'method':<7} {'votes':>6}  created"]
     for v in s["versions"]:
         mark = " *" if v["name"] == s["current"] else ""
         lines.append(f"{v['name'] + mark:<22} {v['parent'] or '':<22} {v['method'] or '':<7} "

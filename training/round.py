@@ -248,6 +248,7 @@ def status() -> dict:
     reports = sorted(reports_dir().glob("r*.json"))[-10:]
     return {
         "current": registry.current_name(),
+        "current_problem": registry.current_problem(),
         "base": registry.base_name,
         "machine": {"dtype": dtype_reason(), "threads": threads()},
         "versions": [{"name": v.name, "parent": v.meta.get("parent"),
