@@ -131,14 +131,20 @@ def import_jsonl(*, session: Session, path: Path) -> dict[str, int]:
 
 
 def prompt_for(session: Session, message: Message) -> list[dict[str, str]]:
-    """The conversation that led to `message` (system prompt included), following parents."""
+    """The conversation that led to `message`, following parents, with the system prompt the
+    reply was generated under (stored in its settings; an edit keeps its original's), not the
+    conversation's current one; replies stored without one (imports) take the current one."""
     chain: list[Message] = []
     node = session.get(Message, message.parent_id) if message.parent_id else None
     while node is not None:
         chain.append(node)
         node = session.get(Message, node.parent_id) if node.parent_id else None
     prompt = [{"role": m.role, "content": m.content} for m in reversed(chain)]
-    system = (message.conversation.settings or {}).get("system_prompt")
+    settings = message.generation_settings or {}
+    if "system_prompt" in settings:
+        system = settings["system_prompt"]
+    else:
+        system = (message.conversation.settings or {}).get("system_prompt")
     return ([{"role": "system", "content": system}] if system else []) + prompt
 
 

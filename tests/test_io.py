@@ -116,3 +116,34 @@ def test_cli_usage_errors(tmp_path):
     missing = cli("import", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 1 and "not a file" in missing.stderr
     assert cli("--help").returncode == 0
+
+
+def test_each_exported_prompt_has_the_system_prompt_its_reply_was_written_under(db_url):
+    """Changing the system prompt mid-conversation must not rewrite older replies' prompts."""
+    with db.transaction(write=True, url=db_url) as s:
+        uid = store.get_or_create_user(session=s, username="alice").id
+        conv = store.create_conversation(session=s, user_id=uid,
+                                         settings={"system_prompt": "Be brief."})
+        q1 = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="q1")
+        r1 = store.add_reply(session=s, user_id=uid, parent_id=q1.id, content="r1",
+                             model_version="v", generation_settings={"system_prompt": "Be brief."})
+        store.update_conversation_settings(session=s, user_id=uid, conversation_id=conv.id,
+                                           settings={"system_prompt": "Be a pirate."})
+        q2 = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="q2")
+        r2 = store.add_reply(session=s, user_id=uid, parent_id=q2.id, content="r2",
+                             model_version="v",
+                             generation_settings={"system_prompt": "Be a pirate."})
+        r2b = store.add_reply(session=s, user_id=uid, parent_id=q2.id, content="r2b",
+                              model_version="v", generation_settings={"system_prompt": ""},
+                              source="regenerate")
+        for m in (r1, r2, r2b):
+            store.set_vote(session=s, user_id=uid, message_id=m.id, value=1)
+    with db.transaction(url=db_url) as s:
+        prompts = {r["message_id"]: r["prompt"] for r in io.iter_vote_rows(session=s)}
+    assert prompts[r1.id] == [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "q1"}]
+    assert prompts[r2.id][0] == {"role": "system", "content": "Be a pirate."}
+    assert prompts[r2.id][1:] == [{"role": "user", "content": "q1"},
+                                  {"role": "assistant", "content": "r1"},
+                                  {"role": "user", "content": "q2"}]
+    assert prompts[r2b.id][0] == {"role": "user", "content": "q1"}  # written with none
