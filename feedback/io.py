@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from feedback import store
 from feedback.errors import InvalidInput
+from feedback.jsonl import read_jsonl
 from feedback.models import Conversation, Message, Preference, User, Vote
 
 IMPORT_FORMAT = """\
@@ -32,74 +33,94 @@ IMPORT_FORMAT = """\
    "rejected": ["optional other replies this one was preferred over"]}]}"""
 
 
-def _parse_line(lineno: int, line: str) -> dict[str, Any]:
+RECORD_KEYS = {"user", "title", "messages"}
+MESSAGE_KEYS = {"role", "content", "model_version", "vote", "rejected"}
+
+
+def _parse_line(lineno: int, record: Any) -> dict[str, Any]:
+    """Check every field's type, size and encoding (with the page's limits) before anything
+    is written; `InvalidInput` names the line, the message and the field."""
     def bad(why: str) -> InvalidInput:
         return InvalidInput(f"line {lineno}: {why}. Nothing was imported. Expected:\n"
                             f"{IMPORT_FORMAT}")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise bad(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+    def text(value: Any, what: str, limit: int, *, blank_ok: bool = False) -> str:
+        if not isinstance(value, str):
+            raise bad(f"{what} must be a string, not {type(value).__name__}")
+        if not blank_ok and not value.strip():
+            raise bad(f"{what} is empty")
+        if len(value) > limit:
+            raise bad(f"{what} is {len(value):,} characters; the limit is {limit:,}")
+        return value
+
     if not isinstance(record, dict):
         raise bad("a line must be a JSON object")
+    unknown = set(record) - RECORD_KEYS
+    if unknown:
+        raise bad(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))}")
+    record["user"] = text(record.get("user", "local"), '"user"', store.MAX_USERNAME_CHARS).strip()
+    if "title" in record:
+        record["title"] = text(record["title"], '"title"', store.MAX_TITLE_CHARS).strip()
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad('"messages" must be a non-empty list')
-    if not isinstance(record.get("user", "local"), str) or not record.get("user", "local").strip():
-        raise bad('"user" must be a non-empty string')
     expected = "user"
     for i, m in enumerate(messages):
+        where = f"message {i + 1}"
         if not isinstance(m, dict):
-            raise bad(f"message {i + 1} is not an object")
+            raise bad(f"{where} is not an object")
+        unknown = set(m) - MESSAGE_KEYS
+        if unknown:
+            raise bad(f"{where}: unknown field(s) {', '.join(sorted(map(repr, unknown)))}")
         role = m.get("role")
         if role == "system" and i == 0:
-            if not isinstance(m.get("content"), str):
-                raise bad("the system message needs a string content")
+            text(m.get("content"), "the system message", store.MAX_MESSAGE_CHARS)
+            if set(m) - {"role", "content"}:
+                raise bad("the system message has only a role and a content")
             continue
         if role != expected:
-            raise bad(f"message {i + 1} has role {role!r}; expected {expected!r} "
+            raise bad(f"{where} has role {role!r}; expected {expected!r} "
                       "(turns alternate user, assistant)")
-        try:
-            store.check_message_text(m.get("content"), what=f"message {i + 1}")
-        except InvalidInput as exc:
-            raise bad(str(exc)) from None
-        if "vote" in m or "rejected" in m:
-            if role != "assistant":
-                raise bad(f"message {i + 1}: only assistant messages carry votes or rejected")
-            vote = m.get("vote")
+        text(m.get("content"), where, store.MAX_MESSAGE_CHARS)
+        if role == "user" and set(m) - {"role", "content"}:
+            raise bad(f"{where}: only assistant messages carry a model_version, votes or "
+                      "rejected replies")
+        if "model_version" in m:
+            text(m["model_version"], f'{where}: "model_version"', store.MAX_VERSION_CHARS)
+        if "vote" in m:
+            vote = m["vote"]
             vote = vote if isinstance(vote, dict) or vote is None else {"value": vote}
             if vote is not None:
+                if set(vote) - {"value", "reasons", "comment"}:
+                    raise bad(f"{where}: a vote has a value, reasons and a comment only")
                 try:
                     store.check_vote(vote.get("value"), vote.get("reasons", []),
-                                      vote.get("comment", ""))
+                                     vote.get("comment", ""))
                 except InvalidInput as exc:
-                    raise bad(f"message {i + 1}: {exc}") from None
+                    raise bad(f"{where}: {exc}") from None
             m["vote"] = vote
-            rejected = m.get("rejected", [])
-            if not isinstance(rejected, list) or not all(
-                    isinstance(r, str) and r.strip() for r in rejected):
-                raise bad(f"message {i + 1}: \"rejected\" must be a list of non-empty strings")
+        rejected = m.get("rejected", [])
+        if not isinstance(rejected, list):
+            raise bad(f'{where}: "rejected" must be a list of replies')
+        for j, r in enumerate(rejected):
+            text(r, f'{where}: rejected reply {j + 1}', store.MAX_MESSAGE_CHARS)
         expected = "assistant" if role == "user" else "user"
     return record
 
 
 def import_jsonl(*, session: Session, path: Path) -> dict[str, int]:
     """Import every conversation in `path`, or nothing at all if any line is malformed."""
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                records.append(_parse_line(lineno, line))
+    records = [_parse_line(lineno, value) for lineno, value in read_jsonl(path)]
     counts: Counter[str] = Counter()
     for rec in records:
-        user = store.get_or_create_user(session=session, username=rec.get("user", "local").strip())
+        user = store.get_or_create_user(session=session, username=rec["user"])
         messages = rec["messages"]
         settings = {}
         if messages[0]["role"] == "system":
             settings["system_prompt"] = messages[0]["content"]
             messages = messages[1:]
         conv = store.create_conversation(session=session, user_id=user.id,
-                                         title=(rec.get("title") or store.DEFAULT_TITLE)[:200],
+                                         title=rec.get("title") or store.DEFAULT_TITLE,
                                          settings=settings)
         counts["conversations"] += 1
         for m in messages:

@@ -20,6 +20,8 @@ from feedback.models import Conversation, Message, Preference, User, Vote, VoteE
 MAX_MESSAGE_CHARS = 8000
 MAX_TITLE_CHARS = 200
 MAX_COMMENT_CHARS = 2000
+MAX_USERNAME_CHARS = 320
+MAX_VERSION_CHARS = 200
 DEFAULT_TITLE = "New chat"
 UP_REASONS = ("accurate", "followed instructions", "clear", "creative", "thorough")
 DOWN_REASONS = ("too verbose", "not helpful", "factually wrong", "didn't follow instructions",
@@ -78,8 +80,13 @@ def _check_title(title: str) -> str:
 
 
 def check_vote(value: int | None, reasons: list[str] | tuple[str, ...], comment: str) -> None:
-    if value not in (1, -1, None):
+    if not (value is None or (type(value) is int and value in (1, -1))):  # True is no vote
         raise InvalidInput("A vote is thumbs up (1), thumbs down (-1) or none.")
+    if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) for r in reasons):
+        raise InvalidInput("The reasons of a vote are a list of words such as "
+                           f"{UP_REASONS[0]!r}.")
+    if not isinstance(comment, str):
+        raise InvalidInput("A vote's comment is text.")
     allowed = UP_REASONS if value == 1 else DOWN_REASONS if value == -1 else ()
     unknown = [r for r in reasons if r not in allowed]
     if unknown:

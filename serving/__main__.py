@@ -19,6 +19,9 @@ from tqdm import tqdm
 from serving.chat import PromptTooLong
 from serving.config import GenerationSettings, InvalidSettings, ServingConfig
 from serving.model import ModelUnavailable
+from feedback.errors import InvalidInput
+from feedback.jsonl import read_jsonl
+from feedback.store import MAX_MESSAGE_CHARS
 from serving.backends import BACKEND_ENV, BACKENDS
 from serving.hardware import DTYPE_ENV, DTYPES, BadSetting, resolve_dtype
 from serving.registry import Registry, UnknownVersion
@@ -28,29 +31,52 @@ class InputError(ValueError):
     pass
 
 
+EXPECTED = ('expected {"id": ..., "system": "...", "messages": [{"role": "user", "content": '
+            '"..."}, ...]} (or a bare list of messages): turns alternate user, assistant, '
+            'each with text, ending with a user turn')
+
+
+def check_row(lineno: int, obj) -> dict:
+    """One parsed line as a row to answer, or `InputError` naming the line and the field."""
+    def bad(why: str) -> InputError:
+        return InputError(f"line {lineno}: {why}; {EXPECTED}.")
+
+    obj = {"messages": obj} if isinstance(obj, list) else obj
+    if not isinstance(obj, dict):
+        raise bad("not an object or a list")
+    unknown = set(obj) - {"id", "system", "messages"}
+    if unknown:
+        raise bad(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))}")
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad('"messages" must be a non-empty list')
+    for i, m in enumerate(msgs):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != expected or set(m) - {"role", "content"}:
+            raise bad(f"message {i + 1} must be {{\"role\": \"{expected}\", \"content\": ...}}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise bad(f"message {i + 1} has no text")
+        if len(m["content"]) > MAX_MESSAGE_CHARS:
+            raise bad(f"message {i + 1} is {len(m['content']):,} characters; the limit is "
+                      f"{MAX_MESSAGE_CHARS:,}")
+    if msgs[-1]["role"] != "user":
+        raise bad("the last message must be the user's")
+    system = obj.get("system")
+    if system is not None and (not isinstance(system, str) or len(system) > MAX_MESSAGE_CHARS):
+        raise bad(f'"system" must be text of at most {MAX_MESSAGE_CHARS:,} characters')
+    row_id = obj.setdefault("id", lineno)
+    if row_id is None or isinstance(row_id, (dict, list, bool)) or (
+            isinstance(row_id, str) and not row_id.strip()):
+        raise bad('"id" must be a number or a non-empty string')
+    return obj
+
+
 def read_conversations(path: Path) -> list[dict]:
     """Every line checked before any generation starts; errors name the line."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"line {lineno}: not valid JSON ({exc.msg}).") from None
-            obj = {"messages": obj} if isinstance(obj, list) else obj
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if (not isinstance(msgs, list) or not msgs
-                    or not all(isinstance(m, dict) and m.get("role") in ("user", "assistant")
-                               and isinstance(m.get("content"), str) for m in msgs)
-                    or msgs[-1]["role"] != "user"):
-                raise InputError(f"line {lineno}: expected {{\"messages\": [{{\"role\": "
-                                 "\"user\", \"content\": \"...\"}, ...]}} ending with a user "
-                                 "message.")
-            obj.setdefault("id", lineno)
-            rows.append(obj)
-    return rows
+    try:
+        return [check_row(lineno, value) for lineno, value in read_jsonl(path)]
+    except InvalidInput as exc:
+        raise InputError(str(exc)) from None
 
 
 def make_parser() -> argparse.ArgumentParser:

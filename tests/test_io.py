@@ -80,7 +80,7 @@ def test_import_then_export_gives_trl_datasets(tmp_path, db_url):
                               {"role": "assistant", "content": "a", "vote": 5}]}), "vote"),
     (json.dumps({"messages": [{"role": "user", "content": "q"},
                               {"role": "assistant", "content": "a", "vote": 1,
-                               "reasons": None, "rejected": "oops"}]}), "rejected"),
+                               "rejected": "oops"}]}), '"rejected" must be a list'),
     (json.dumps([1, 2]), "JSON object"),
 ])
 def test_a_malformed_line_is_reported_and_nothing_is_imported(tmp_path, db_url, bad, why):
@@ -147,3 +147,56 @@ def test_each_exported_prompt_has_the_system_prompt_its_reply_was_written_under(
                                   {"role": "assistant", "content": "r1"},
                                   {"role": "user", "content": "q2"}]
     assert prompts[r2b.id][0] == {"role": "user", "content": "q1"}  # written with none
+
+
+# ---- every field checked before anything is written (the fuzzed minimal cases) ----------------
+
+def _line(**fields) -> str:
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    msgs[1].update(fields.pop("reply", {}))
+    return json.dumps({"messages": msgs, **fields})
+
+
+@pytest.mark.parametrize("line,why", [
+    ("[" * 100_000, "nested more than"),
+    ('{"messages": [], "n": ' + "7" * 5000 + "}", "cannot be read"),
+    (_line(reply={"vote": {"value": 1, "reasons": None}}), "reasons of a vote"),
+    (_line(reply={"vote": {"value": 1, "reasons": 5}}), "reasons of a vote"),
+    (_line(reply={"vote": {"value": 1, "reasons": [1]}}), "reasons of a vote"),
+    (_line(reply={"vote": {"value": 1, "reasons": [{"x": 1}]}}), "reasons of a vote"),
+    (_line(reply={"vote": {"value": 1, "comment": 5}}), "comment is text"),
+    (_line(reply={"vote": {"value": 1, "comment": {"c": 1}}}), "comment is text"),
+    (_line(reply={"vote": True}), "thumbs up (1)"),
+    (_line(title=5), '"title" must be a string'),
+    (_line(title=["t"]), '"title" must be a string'),
+    (_line(title="   "), '"title" is empty'),
+    (_line(title="t" * 201), "limit is 200"),
+    (_line(reply={"model_version": 9223372036854775808}), '"model_version" must be a string'),
+    (_line(reply={"model_version": {}}), '"model_version" must be a string'),
+    (_line(reply={"rejected": ["x" * 8001]}), "limit is 8,000"),
+    (_line(user="u" * 321), "limit is 320"),
+    (_line(user="\ud800"), "lone UTF-16 surrogate"),
+    (_line(title="\ud800"), "lone UTF-16 surrogate"),
+    (_line(reply={"content": "\ud800"}), "lone UTF-16 surrogate"),
+    (json.dumps({"messages": [{"role": "system", "content": "s" * 8001},
+                              {"role": "user", "content": "q"}]}), "limit is 8,000"),
+    (_line(reply={"reasons": ["clear"]}), "unknown field"),
+])
+def test_every_bad_field_is_named_with_its_line_and_nothing_is_written(tmp_path, line, why):
+    from feedback.errors import InvalidInput
+    src = tmp_path / "in.jsonl"
+    src.write_text(_line() + "\n" + line.replace("\\ud800", "\\ud800") + "\n")
+    with pytest.raises(InvalidInput, match="line 2") as caught, db.transaction(write=True) as s:
+        io.import_jsonl(session=s, path=src)
+    assert why in str(caught.value)
+    with db.transaction() as s:
+        assert io.stats(session=s)["conversations"] == 0
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_line().encode() + b"\n" + _line(title="caf\xe9").encode()[:-30]
+                    + b"\xe9\xff" + b"\n")
+    done = cli("import", str(src))
+    assert done.returncode == 1 and "line 2: not UTF-8" in done.stderr
+    assert "Traceback" not in done.stderr and "cannot be reached" not in done.stderr

@@ -315,3 +315,25 @@ def test_an_unusable_current_serves_the_base_and_says_how_to_fix_it(tiny_model, 
     from tests.test_app import open_page
     at = open_page()  # the page starts, on the base model, with the warning
     assert any("python -m training rollback" in w.value for w in at.warning)
+
+
+@pytest.mark.parametrize("line,why", [
+    (b"[" * 100_000, "nested more than"),
+    (b'{"messages": [{"role": "user", "content": "q"}], "id": ' + b"9" * 5000 + b"}",
+     "cannot be read"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8"),
+    (b'{"system": 1, "messages": [{"role": "user", "content": "q"}]}', '"system" must be text'),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+     "message 2 must be"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""},'
+     b' {"role": "user", "content": "b"}]}', "message 2 has no text"),
+    (b'{"id": null, "messages": [{"role": "user", "content": "q"}]}', '"id" must be'),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone UTF-16 surrogate"),
+])
+def test_generate_refuses_each_bad_line_by_number_before_generating(tmp_path, line, why):
+    from serving.__main__ import InputError, read_conversations
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"messages": [{"role": "user", "content": "fine"}]}\n' + line + b"\n")
+    with pytest.raises(InputError, match="line 2") as caught:
+        read_conversations(src)
+    assert why in str(caught.value)
