@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(_format_stats(s))
     except FeedbackError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "detail", ""):
+            print(f"  ({exc.detail})", file=sys.stderr)
         return 1
     return 0
 

@@ -8,6 +8,7 @@ Any other SQLAlchemy URL (PostgreSQL) is used as it is.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +18,13 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 from feedback.config import database_url
 from feedback.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 15.0
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -48,7 +51,19 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """A new engine for `url`; SQLite files get their folder created and the pragmas above."""
+    """A new engine for `url`; SQLite files get their folder created and the pragmas above.
+    A URL SQLAlchemy cannot use (syntax, port, unknown driver) is `StoreUnavailable`."""
+    try:
+        return _make_engine(url)
+    except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
+        safe = url.split("@")[-1] if "@" in url else url
+        raise StoreUnavailable(
+            "The database URL cannot be used: the operator should fix CHAT_DATABASE_URL "
+            "(e.g. sqlite:///path/feedback.db or postgresql+psycopg://user@host/db).",
+            f"...@{safe}: {exc}" if "@" in url else f"{safe}: {exc}") from None
+
+
+def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         connect_args = {"check_same_thread": False}
@@ -73,8 +88,8 @@ def migrate(engine: Engine) -> None:
         with engine.connect() as conn, conn.execution_options(write=True).begin():
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-    except (OperationalError, DBAPIError) as exc:
-        raise StoreUnavailable(_describe(exc, engine)) from exc
+    except (OperationalError, DBAPIError, ValueError) as exc:
+        raise _unavailable(exc, engine) from exc
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -89,14 +104,17 @@ def get_engine(url: str | None = None) -> Engine:
         return engine
 
 
-def _describe(exc: Exception, engine: Engine) -> str:
+def _unavailable(exc: Exception, engine: Engine) -> StoreUnavailable:
     where = engine.url.render_as_string(hide_password=True)
     text = str(getattr(exc, "orig", exc)) or type(exc).__name__
+    detail = f"{where}: {text}"
+    log.warning("database error: %s", detail)
     if "locked" in text or "busy" in text:
-        return (f"The database is busy (locked by another program) and nothing was saved: {where}. "
-                "Try again in a moment.")
-    return (f"The database cannot be reached and nothing was saved: {where} ({text}). "
-            "Check that it is running and that the URL is right.")
+        return StoreUnavailable("The database is busy (locked by another program) and nothing "
+                                "was saved. Try again in a moment.", detail)
+    return StoreUnavailable("The database cannot be reached and nothing was saved. Try again "
+                            "in a moment; if it lasts, the operator should check that it is "
+                            "running and that CHAT_DATABASE_URL is right.", detail)
 
 
 @contextmanager
@@ -112,4 +130,4 @@ def transaction(*, write: bool = False, url: str | None = None) -> Iterator[Sess
         with Session(bind, expire_on_commit=False) as session, session.begin():
             yield session
     except (OperationalError, DBAPIError) as exc:
-        raise StoreUnavailable(_describe(exc, engine)) from exc
+        raise _unavailable(exc, engine) from exc

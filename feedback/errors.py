@@ -14,7 +14,14 @@ class NotFound(FeedbackError):
 
 
 class StoreUnavailable(FeedbackError):
-    """The database is locked, unreachable or not migrated; nothing was written."""
+    """The database is locked, unreachable or not migrated; nothing was written.
+
+    The message is safe to show anyone (no host, user or driver text); `detail` holds what an
+    operator needs (the URL without its password, the driver's words) for logs and CLIs."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class Busy(FeedbackError):

@@ -273,6 +273,13 @@ def select_reply(*, session: Session, user_id: int, message_id: int) -> Message:
 
 def record_preference(session: Session, *, user_id: int, chosen: Message, rejected: Message,
                        source: str) -> Preference:
+    """`chosen` over `rejected`: two different assistant replies to the same message, in a
+    conversation of `user_id` (`NotFound` otherwise, as for any message of another user)."""
+    for msg in (chosen, rejected):
+        get_conversation(session=session, user_id=user_id, conversation_id=msg.conversation_id)
+    if (chosen.id == rejected.id or chosen.role != "assistant" or rejected.role != "assistant"
+            or chosen.parent_id != rejected.parent_id):
+        raise InvalidInput("A preference is between two replies to the same message.")
     # A later choice between the same two replies replaces the earlier, opposite one.
     session.execute(delete(Preference).where(Preference.chosen_id == rejected.id,
                                              Preference.rejected_id == chosen.id))

@@ -209,8 +209,8 @@ try:
 except FeedbackError as exc:
     st.error(str(exc))
 cid = ss.conversation_id
-if cid is not None and cid not in {c.id for c in conversations} and conversations:
-    cid = ss.conversation_id = None
+if cid is not None and cid not in {c.id for c in conversations}:
+    cid = ss.conversation_id = None  # deleted, or another user's (the signed-in user changed)
 with st.sidebar:
     st.button("New chat", icon=":material/add:", on_click=open_conversation, args=(None,),
               width="stretch")

@@ -233,10 +233,27 @@ def test_a_locked_database_gives_a_clear_error_and_writes_nothing(data_dir):
 
 
 def test_an_unreachable_database_gives_a_clear_error():
-    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
-    with pytest.raises(StoreUnavailable, match="cannot be reached"):
+    url = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"
+    with pytest.raises(StoreUnavailable, match="cannot be reached") as caught:
         with db.transaction(url=url):
             pass
+    assert "127.0.0.1" not in str(caught.value) and "nobody" not in str(caught.value)
+    assert "127.0.0.1" in caught.value.detail and "secret" not in caught.value.detail
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://u:secret@localhost:abc/db",
+                                 "nosuchdriver://x", "not a url"])
+def test_an_unusable_database_url_is_one_clear_line_in_the_cli(url):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    done = subprocess.run([sys.executable, "-m", "feedback", "stats"], cwd=ROOT,
+                          env={**os.environ, "CHAT_DATABASE_URL": url},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "CHAT_DATABASE_URL" in done.stderr and "secret" not in done.stderr
 
 
 def test_sixteen_processes_opening_a_blank_database_all_succeed(tmp_path):
@@ -260,3 +277,27 @@ def test_sixteen_processes_opening_a_blank_database_all_succeed(tmp_path):
     con = sqlite3.connect(tmp_path / "blank" / "feedback.db")
     assert con.execute("select count(*) from users").fetchone() == (1,)
     assert con.execute("select count(*) from alembic_version").fetchone() == (1,)
+
+
+def test_a_preference_needs_two_sibling_replies_of_the_users_own(db_url):
+    with db.transaction(write=True) as s:
+        alice, bob = _user(s), store.get_or_create_user(session=s, username="bob").id
+        conv = store.create_conversation(session=s, user_id=alice)
+        q = store.add_user_message(session=s, user_id=alice, conversation_id=conv.id,
+                                   content="q")
+        a = store.add_reply(session=s, user_id=alice, parent_id=q.id, content="a",
+                            model_version="m", generation_settings={})
+        b = store.add_reply(session=s, user_id=alice, parent_id=q.id, content="b",
+                            model_version="m", generation_settings={}, source="regenerate")
+        q2 = store.add_user_message(session=s, user_id=alice, conversation_id=conv.id,
+                                    content="q2")
+        c = store.add_reply(session=s, user_id=alice, parent_id=q2.id, content="c",
+                            model_version="m", generation_settings={})
+        with pytest.raises(NotFound):
+            store.record_preference(s, user_id=bob, chosen=a, rejected=b, source="pick")
+        with pytest.raises(InvalidInput, match="same message"):
+            store.record_preference(s, user_id=alice, chosen=a, rejected=c, source="pick")
+        with pytest.raises(InvalidInput, match="same message"):
+            store.record_preference(s, user_id=alice, chosen=a, rejected=q, source="pick")
+        assert store.record_preference(s, user_id=alice, chosen=a, rejected=b,
+                                       source="pick").chosen_id == a.id
