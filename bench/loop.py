@@ -66,6 +66,15 @@ def approval(user, texts: list[list[str]]) -> float:
     return sum(user.judge(t)[0] for t in flat) / len(flat)
 
 
+def approval_interval(user, texts: list[list[str]]) -> list[float]:
+    """95% bootstrap interval of the approval, resampling test prompts (a prompt's replies
+    go together)."""
+    from training.stats import paired_mean
+    per_prompt = [sum(user.judge(t)[0] for t in ts) / len(ts) for ts in texts if ts]
+    iv = paired_mean(per_prompt, confidence=0.95, samples=2000)
+    return [round(iv.low, 3), round(iv.high, 3)]
+
+
 def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str,
                  settings: dict, round_no: int) -> dict:
     """Store the replies and the user's votes (and picks) exactly as the page would."""
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
             calibration = [words(x) for xs in before for x in xs]
         [user] = make_users([name], calibration)
         row = {"args": run_args, "describe": user.describe, "approval": [approval(user, before)],
+               "approval_interval": [approval_interval(user, before)],
                "versions": [version], "rounds": [], "eval_seconds": [round(eval_s, 1)],
                "eval_peak_mb": [eval_mb]}
         print(f"{name}: {user.describe}; round 0 approval {row['approval'][0]:.0%} ({version})",
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["eval_seconds"].append(round(time.monotonic() - t, 1))
             row["eval_peak_mb"].append(peak_mb())
             row["approval"].append(approval(user, after))
+            row["approval_interval"].append(approval_interval(user, after))
             row["versions"].append(version)
             row["rounds"].append({"votes": counts, "generate_seconds": round(gen_s, 1),
                                   "generate_peak_mb": gen_mb,

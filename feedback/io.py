@@ -16,13 +16,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from feedback import store
 from feedback.errors import InvalidInput
 from feedback.jsonl import read_jsonl
-from feedback.models import Conversation, Message, Preference, User, Vote
+from feedback.models import Conversation, Message, Preference, User, Vote, VoteEvent, utcnow
 
 IMPORT_FORMAT = """\
 {"user": "alice", "title": "optional", "messages": [
@@ -109,46 +109,95 @@ def _parse_line(lineno: int, record: Any) -> dict[str, Any]:
 
 
 def import_jsonl(*, session: Session, path: Path) -> dict[str, int]:
-    """Import every conversation in `path`, or nothing at all if any line is malformed."""
+    """Import every conversation in `path`, or nothing at all if any line is malformed.
+
+    Every line is checked first; then the rows go in with a few multi-row INSERTs per batch
+    of conversations (one per depth of the message trees, one each for votes, their history
+    and preferences), so a large import holds the write lock for seconds, not a minute."""
     records = [_parse_line(lineno, value) for lineno, value in read_jsonl(path)]
     counts: Counter[str] = Counter()
-    for rec in records:
-        user = store.get_or_create_user(session=session, username=rec["user"])
-        messages = rec["messages"]
-        settings = {}
-        if messages[0]["role"] == "system":
-            settings["system_prompt"] = messages[0]["content"]
-            messages = messages[1:]
-        conv = store.create_conversation(session=session, user_id=user.id,
-                                         title=rec.get("title") or store.DEFAULT_TITLE,
-                                         settings=settings)
-        counts["conversations"] += 1
-        for m in messages:
-            if m["role"] == "user":
-                parent = store.add_user_message(session=session, user_id=user.id,
-                                                conversation_id=conv.id, content=m["content"])
-                parent.source = "import"
-                continue
-            version = m.get("model_version") or "imported"
-            others = [store.add_reply(session=session, user_id=user.id, parent_id=parent.id,
-                                      content=text, model_version=version,
-                                      generation_settings={}, source="import")
-                      for text in m.get("rejected", [])]
-            reply = store.add_reply(session=session, user_id=user.id, parent_id=parent.id,
-                                    content=m["content"], model_version=version,
-                                    generation_settings={}, source="import")
-            counts["replies"] += 1
-            for other in others:
-                store.record_preference(session, user_id=user.id, chosen=reply,
-                                         rejected=other, source="import")
-                counts["preferences"] += 1
-            if m.get("vote"):
-                v = m["vote"]
-                store.set_vote(session=session, user_id=user.id, message_id=reply.id,
-                               value=v.get("value"), reasons=v.get("reasons", []),
-                               comment=v.get("comment", ""))
-                counts["votes"] += v.get("value") is not None
+    users = {name: store.get_or_create_user(session=session, username=name).id
+             for name in dict.fromkeys(r["user"] for r in records)}
+    for start in range(0, len(records), IMPORT_BATCH):
+        _write_batch(session, records[start:start + IMPORT_BATCH], users, counts)
     return dict(counts)
+
+
+IMPORT_BATCH = 500
+
+
+def _title(rec: dict) -> str:
+    if rec.get("title"):
+        return rec["title"]
+    first = next((m["content"] for m in rec["messages"] if m["role"] == "user"), "")
+    line = first.strip().splitlines()[0] if first.strip() else store.DEFAULT_TITLE
+    return line[:60] + ("…" if len(line) > 60 else "")
+
+
+def _insert(session: Session, model, rows: list[dict]) -> list[int]:
+    """Insert `rows` in one statement; their new ids, in order."""
+    if not rows:
+        return []
+    stmt = insert(model).returning(model.id, sort_by_parameter_order=True)
+    return list(session.scalars(stmt, rows))
+
+
+def _write_batch(session: Session, records: list[dict], users: dict[str, int],
+                 counts: Counter) -> None:
+    now = utcnow()
+    convs = [(rec, rec["messages"][1:] if rec["messages"][0]["role"] == "system"
+              else rec["messages"]) for rec in records]
+    conv_ids = _insert(session, Conversation, [
+        {"user_id": users[rec["user"]], "title": _title(rec), "created_at": now,
+         "updated_at": now, "settings": {"system_prompt": rec["messages"][0]["content"]}
+         if rec["messages"][0]["role"] == "system" else {}} for rec, _ in convs])
+    counts["conversations"] += len(conv_ids)
+    # The message trees, one depth at a time: every row's parent already has its id.
+    parents: list[int | None] = [None] * len(convs)
+    kept: list[tuple[int, dict, int]] = []  # (conversation index, message, id): main line
+    rejected_of: list[tuple[int, int, dict]] = []  # (conversation index, chosen id, message)
+    depth = 0
+    while True:
+        level = [(i, msgs[depth]) for i, (_, msgs) in enumerate(convs) if depth < len(msgs)]
+        if not level:
+            break
+        rows, extra = [], []
+        for i, m in level:
+            base = {"conversation_id": conv_ids[i], "parent_id": parents[i], "role": m["role"],
+                    "content": m["content"], "source": "import", "selected": True,
+                    "created_at": now}
+            if m["role"] == "assistant":
+                base.update(model_version=m.get("model_version") or "imported",
+                            generation_settings={})
+            rows.append(base)
+            for text in m.get("rejected", []):
+                extra.append((i, {**base, "content": text, "selected": False}))
+        ids = _insert(session, Message, rows)
+        other_ids = _insert(session, Message, [row for _, row in extra])
+        for (i, m), new_id in zip(level, ids):
+            parents[i] = new_id
+            if m["role"] == "assistant":
+                kept.append((i, m, new_id))
+        for (i, _), other_id in zip(extra, other_ids):
+            rejected_of.append((i, parents[i], other_id))
+        depth += 1
+    counts["replies"] += len(kept)
+    prefs = [{"user_id": users[convs[i][0]["user"]], "conversation_id": conv_ids[i],
+              "chosen_id": chosen, "rejected_id": other, "source": "import",
+              "created_at": now} for i, chosen, other in rejected_of]
+    _insert(session, Preference, prefs)
+    counts["preferences"] += len(prefs)
+    voted = [(i, m, mid) for i, m, mid in kept
+             if m.get("vote") and m["vote"].get("value") is not None]
+    vote_rows = [{"message_id": mid, "user_id": users[convs[i][0]["user"]],
+                  "value": m["vote"]["value"], "reasons": list(m["vote"].get("reasons", [])),
+                  "comment": m["vote"].get("comment", ""), "created_at": now,
+                  "updated_at": now} for i, m, mid in voted]
+    vote_ids = _insert(session, Vote, vote_rows)
+    _insert(session, VoteEvent, [{"vote_id": vid, "value": row["value"],
+                                  "reasons": row["reasons"], "comment": row["comment"],
+                                  "created_at": now} for vid, row in zip(vote_ids, vote_rows)])
+    counts["votes"] += len(vote_ids)
 
 
 def prompt_for(session: Session, message: Message) -> list[dict[str, str]]:

@@ -200,3 +200,38 @@ def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path):
     done = cli("import", str(src))
     assert done.returncode == 1 and "line 2: not UTF-8" in done.stderr
     assert "Traceback" not in done.stderr and "cannot be reached" not in done.stderr
+
+
+def test_a_vote_during_a_large_import_waits_and_lands(tmp_path):
+    """The import holds the write lock briefly (multi-row inserts); a vote from the page in
+    the meantime waits for it and is stored."""
+    import threading
+    with db.transaction(write=True) as s:
+        uid = store.get_or_create_user(session=s, username="alice").id
+        conv = store.create_conversation(session=s, user_id=uid)
+        q = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="q")
+        reply = store.add_reply(session=s, user_id=uid, parent_id=q.id, content="a",
+                                model_version="v", generation_settings={})
+    rows = [{"user": f"u{i % 7}", "messages": [
+        {"role": "user", "content": f"q{i}"},
+        {"role": "assistant", "content": "a", "vote": 1, "rejected": ["b"]}]}
+        for i in range(3000)]
+    src = write_lines(tmp_path / "big.jsonl", rows)
+    done = threading.Event()
+
+    def importer():
+        with db.transaction(write=True) as s:
+            counts = io.import_jsonl(session=s, path=src)
+        assert counts == {"conversations": 3000, "replies": 3000, "preferences": 3000,
+                          "votes": 3000}
+        done.set()
+
+    t = threading.Thread(target=importer)
+    t.start()
+    with db.transaction(write=True) as s:
+        store.set_vote(session=s, user_id=uid, message_id=reply.id, value=1)
+    t.join()
+    assert done.is_set()
+    with db.transaction() as s:
+        assert store.get_vote(session=s, user_id=uid, message_id=reply.id).value == 1
+        assert io.stats(session=s)["conversations"] == 3001
