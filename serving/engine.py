@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from serving.chat import build_prompt
+from serving.base import EngineBase
 from serving.config import GenerationSettings, ServingConfig
 from serving.model import LoadedModel
 from serving.reply import Reply
@@ -41,7 +41,7 @@ class _Row:
     generator: torch.Generator | None = None
 
 
-class Engine:
+class Engine(EngineBase):
     """The shared worker. `submit` returns at once with a `Reply`; `generate` waits for many."""
 
     kind = "transformers"
@@ -71,38 +71,20 @@ class Engine:
         """Serve `loaded` for new replies once the replies in flight have finished."""
         self._next = loaded
 
-    def check(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
-              system_prompt: str | None = None) -> None:
-        """Raise `PromptTooLong` (or `InvalidSettings`) now if `messages` could not be answered."""
+    def _prompt_target(self):
         loaded = self._next or self._loaded
-        build_prompt(loaded.tokenizer, messages, context_window=loaded.context_window,
-                     max_new_tokens=settings.validate().max_new_tokens,
-                     system_prompt=system_prompt)
+        return loaded.tokenizer, loaded.context_window
 
     def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
                *, system_prompt: str | None = None) -> Reply:
         """Queue a reply to `messages` (user/assistant turns, oldest first, ending with user)."""
-        if self._closed.is_set():
-            raise RuntimeError("the engine is closed")
-        settings = (settings or GenerationSettings()).validate()
-        loaded = self._next or self._loaded
-        prompt = build_prompt(loaded.tokenizer, messages, context_window=loaded.context_window,
-                              max_new_tokens=settings.max_new_tokens, system_prompt=system_prompt)
+        settings, prompt = self._start(messages, settings, system_prompt)
         reply = Reply(settings, prompt.trimmed)
         gen = None
         if settings.seed is not None:
             gen = torch.Generator().manual_seed(settings.seed)
         self._queue.put(_Row(reply, prompt.input_ids, generator=gen))
         return reply
-
-    def generate(self, conversations: list[list[dict[str, str]]],
-                 settings: GenerationSettings | None = None, *,
-                 system_prompt: str | None = None) -> list[Reply]:
-        """Replies to many conversations, batched by the worker; returns when all are done."""
-        replies = [self.submit(c, settings, system_prompt=system_prompt) for c in conversations]
-        for r in replies:
-            r.wait()
-        return replies
 
     def close(self) -> None:
         self._closed.set()

@@ -94,12 +94,7 @@ def export_gguf(model, out: Path, *, name: str, tokenizer_gguf: Path, quant: str
             writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, data.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
-    return out
+    return _finish(writer, tmp, out)
 
 
 def requantize(src: Path, out: Path, quant: str = QUANT) -> Path:
@@ -128,6 +123,11 @@ def requantize(src: Path, out: Path, quant: str = QUANT) -> Path:
             writer.add_tensor(t.name, data.astype(np.float32))
         else:
             writer.add_tensor(t.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    return _finish(writer, tmp, out)
+
+
+def _finish(writer, tmp: Path, out: Path) -> Path:
+    """Write the file under its temporary name, then rename it into place (atomic)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import llama_cpp as ll
 
-from serving.chat import build_prompt
+from serving.base import EngineBase
 from serving.config import GenerationSettings, ServingConfig
 from serving.model import ModelUnavailable
 from serving.reply import Reply
@@ -160,7 +160,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-class LlamaEngine:
+class LlamaEngine(EngineBase):
     """The shared llama.cpp worker; the same interface as the transformers `Engine`."""
 
     kind = "llama.cpp"
@@ -196,32 +196,16 @@ class LlamaEngine:
         if old is not None:
             old.close()
 
-    def check(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
-              system_prompt: str | None = None) -> None:
+    def _prompt_target(self):
         m = self._next or self._model
-        build_prompt(m.tokenizer, messages, context_window=m.context_window,
-                     max_new_tokens=settings.validate().max_new_tokens,
-                     system_prompt=system_prompt)
+        return m.tokenizer, m.context_window
 
     def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
                *, system_prompt: str | None = None) -> Reply:
-        if self._closed.is_set():
-            raise RuntimeError("the engine is closed")
-        settings = (settings or GenerationSettings()).validate()
-        m = self._next or self._model
-        prompt = build_prompt(m.tokenizer, messages, context_window=m.context_window,
-                              max_new_tokens=settings.max_new_tokens, system_prompt=system_prompt)
+        settings, prompt = self._start(messages, settings, system_prompt)
         reply = Reply(settings, prompt.trimmed)
         self._queue.put(_Row(reply, prompt.input_ids))
         return reply
-
-    def generate(self, conversations: list[list[dict[str, str]]],
-                 settings: GenerationSettings | None = None, *,
-                 system_prompt: str | None = None) -> list[Reply]:
-        replies = [self.submit(c, settings, system_prompt=system_prompt) for c in conversations]
-        for r in replies:
-            r.wait()
-        return replies
 
     def close(self) -> None:
         self._closed.set()

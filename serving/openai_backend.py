@@ -22,7 +22,7 @@ import threading
 import urllib.error
 import urllib.request
 
-from serving.chat import build_prompt
+from serving.base import EngineBase
 from serving.config import GenerationSettings, ServingConfig
 from serving.model import ModelUnavailable
 from serving.reply import Reply
@@ -35,7 +35,7 @@ API_KEY_ENV = "CHAT_OPENAI_API_KEY"
 CONTEXT_WINDOW = 8192  # what the project trims to; the server's own window may be smaller
 
 
-class OpenAIEngine:
+class OpenAIEngine(EngineBase):
     """Replies from an OpenAI-compatible server; the same interface as the local engines."""
 
     kind = "openai"
@@ -81,18 +81,12 @@ class OpenAIEngine:
         if not os.environ.get(MODEL_ENV):
             self.model = name
 
-    def check(self, messages, settings: GenerationSettings, *, system_prompt=None) -> None:
-        build_prompt(self.tokenizer, messages, context_window=self.context_window,
-                     max_new_tokens=settings.validate().max_new_tokens,
-                     system_prompt=system_prompt)
+    def _prompt_target(self):
+        return self.tokenizer, self.context_window
 
     def submit(self, messages, settings: GenerationSettings | None = None, *,
                system_prompt: str | None = None) -> Reply:
-        if self._closed.is_set():
-            raise RuntimeError("the engine is closed")
-        settings = (settings or GenerationSettings()).validate()
-        prompt = build_prompt(self.tokenizer, messages, context_window=self.context_window,
-                              max_new_tokens=settings.max_new_tokens, system_prompt=system_prompt)
+        settings, prompt = self._start(messages, settings, system_prompt)
         kept = messages[prompt.trimmed:]
         body = {"model": self.model, "stream": True, "max_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature, "top_p": settings.top_p,
@@ -110,12 +104,6 @@ class OpenAIEngine:
             self._threads.add(thread)
         thread.start()
         return reply
-
-    def generate(self, conversations, settings=None, *, system_prompt=None) -> list[Reply]:
-        replies = [self.submit(c, settings, system_prompt=system_prompt) for c in conversations]
-        for r in replies:
-            r.wait()
-        return replies
 
     def close(self) -> None:
         self._closed.set()

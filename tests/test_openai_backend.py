@@ -6,43 +6,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from serving.config import GenerationSettings
 from serving.registry import Registry
-from tests.conftest import ROOT
-from tests.test_e2e import free_port
+from tests.conftest import ROOT, free_port, http_server
 
 
 @pytest.fixture
 def server(tiny_model, tmp_path, monkeypatch):
     gguf = Registry().gguf_path()
     port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "512", "--n_threads", "1",
-         "--interrupt_requests", "False"],  # its default cuts a stream off for the next
-        stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "server.log").read_text()
-            time.sleep(0.3)
-    monkeypatch.setenv("CHAT_BACKEND", "openai")
-    monkeypatch.setenv("CHAT_OPENAI_BASE_URL", url)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "512", "--n_threads", "1",
+           "--interrupt_requests", "False"]  # its default cuts a stream off for the next
+    with http_server(cmd, url + "/models", tmp_path / "server.log"):
+        monkeypatch.setenv("CHAT_BACKEND", "openai")
+        monkeypatch.setenv("CHAT_OPENAI_BASE_URL", url)
+        yield url
 
 
 def conv(text: str) -> list[dict]:

@@ -1,7 +1,8 @@
 """One round at a time, across processes: an exclusive `flock` on `<data>/training/round.lock`.
 
 The kernel drops the lock when its holder dies, SIGKILL included, so a killed round never
-leaves a stale lock behind; the file's text (pid, start time) is only for `status`.
+leaves a stale lock behind; the file's text (pid, start time) names the holder in the "busy"
+message.
 """
 
 from __future__ import annotations
@@ -42,19 +43,3 @@ def round_lock():
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def holder() -> dict | None:
-    """Who holds the lock now, or None."""
-    path = lock_path()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        try:
-            return json.loads(path.read_text() or "{}")
-        except json.JSONDecodeError:
-            return {}
-    finally:
-        os.close(fd)
