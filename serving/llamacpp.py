@@ -169,6 +169,7 @@ class LlamaEngine(EngineBase):
         self.config = config or ServingConfig()
         self._model = model
         self._next: GGUFModel | None = None
+        self._swap = threading.Lock()  # the watcher thread hands over, the worker takes over
         self._queue: queue.Queue[_Row] = queue.Queue()
         self._closed = threading.Event()
         self._slots = [_Slot(seq) for seq in range(model.slots)]
@@ -192,8 +193,9 @@ class LlamaEngine(EngineBase):
 
     def swap_model(self, model: GGUFModel) -> None:
         """Serve `model` for new replies once the replies in flight have finished."""
-        old, self._next = self._next, model
-        if old is not None:
+        with self._swap:
+            old, self._next = self._next, model
+        if old is not None:  # a version promoted and replaced before it ever served
             old.close()
 
     def _prompt_target(self):
@@ -252,7 +254,8 @@ class LlamaEngine(EngineBase):
             if block:
                 rows.append(self._queue.get(timeout=0.2))
             if block and self._next is not None:  # idle: the new version takes over now
-                old, self._model, self._next = self._model, self._next, None
+                with self._swap:
+                    old, self._model, self._next = self._model, self._next, None
                 old.close()
                 self._slots = [_Slot(seq) for seq in range(self._model.slots)]
             free = [s for s in self._slots if s.row is None]
