@@ -7,6 +7,8 @@ An engine subclasses `EngineBase`, says which tokenizer and context window new r
 
 from __future__ import annotations
 
+import threading
+
 from serving.chat import Prompt, build_prompt
 from serving.config import GenerationSettings
 from serving.reply import Reply
@@ -14,10 +16,11 @@ from serving.reply import Reply
 
 class EngineBase:
     kind = "engine"
+    _closed: threading.Event  # set by `close()`
 
     @property
     def closed(self) -> bool:
-        raise NotImplementedError
+        return self._closed.is_set()
 
     def _prompt_target(self) -> tuple[object, int]:
         """(tokenizer, context window) of the model new replies will come from."""

@@ -59,10 +59,6 @@ class Engine(EngineBase):
     def version(self) -> str:
         return (self._next or self._loaded).version
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
     def describe(self) -> str:
         model = (self._next or self._loaded).model
         return f"transformers, {str(model.dtype).removeprefix('torch.')}"

@@ -183,10 +183,6 @@ class LlamaEngine(EngineBase):
     def version(self) -> str:
         return (self._next or self._model).version
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
     def describe(self) -> str:
         m = self._next or self._model
         return f"llama.cpp, {m.path.name}, {m.threads} threads"

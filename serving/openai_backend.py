@@ -67,10 +67,6 @@ class OpenAIEngine(EngineBase):
     def version(self) -> str:
         return self._version
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
     def describe(self) -> str:
         return f"OpenAI-compatible server {self.base_url}, model {self.model}"
 
