@@ -89,6 +89,21 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
             if still_streaming:
                 voted_mid_stream = (attempt, value, seen_while_streaming)
                 break
+
+        # A reply with a code block and markup, put in by editing the last reply: the browser
+        # shows the code as a code block and the markup as text, never as elements.
+        first = messages.last
+        first.get_by_role("button", name="Edit").click()
+        editor = page.get_by_label("Your better reply")
+        editor.fill("Here:\n```python\nprint('hi')\n```\n<script>window.pwned=1</script> "
+                    "<img src=x onerror=\"window.pwned=1\"> [x](javascript:window.pwned=1)")
+        page.get_by_role("button", name="Save edit").click()
+        code = first.locator("pre code")
+        expect(code).to_contain_text("print('hi')", timeout=30_000)
+        expect(first.get_by_test_id("stMarkdown").first).to_contain_text("<script>")
+        assert first.locator("script, img[onerror]").count() == 0
+        assert first.locator("a[href^='javascript']").count() == 0
+        assert page.evaluate("window.pwned") is None
         page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
         browser.close()
 
@@ -100,8 +115,12 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
         turns = store.get_thread(session=s, user_id=1, conversation_id=conv.id)
     assert [t.role for t in turns] == ["user", "assistant"] * (attempt + 2)
     assert turns[1].vote == store.VoteView(value)
-    assert turns[1].content.strip()[:20] in first_reply
-    streamed = turns[-1]
+    edited = turns[-1]
+    assert edited.source == "edit" and "print('hi')" in edited.content
+    [streamed_id] = [i for i in edited.sibling_ids if i != edited.id]
+    with db.transaction(write=True) as s:  # show the streamed reply again, to read it
+        store.select_reply(session=s, user_id=1, message_id=streamed_id)
+        streamed = store.get_thread(session=s, user_id=1, conversation_id=conv.id)[-1]
     assert streamed.generation_settings["max_new_tokens"] == 2048
     assert streamed.finish_reason in ("stop", "length"), "the streaming reply was cut off"
     assert streamed.content.strip()
