@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -267,3 +268,72 @@ def test_the_store_refuses_a_user_message_after_a_user_message(tiny_model):
         store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="Q2")
         turns = store.get_thread(session=s, user_id=uid, conversation_id=conv.id)
     assert [t.content for t in turns] == ["Q1", "R1", "Q2"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # AppTest's
+# own teardown of a page run on a second thread; the page's behaviour is asserted below
+def test_a_second_tab_cannot_send_while_the_first_tabs_reply_is_in_flight(tiny_model,
+                                                                          monkeypatch):
+    """Two tabs of one user on one conversation, the race of the lost reply. The model server
+    is faked (the network, nothing of ours): it holds tab 1's reply open until told. Tab 2
+    sends meanwhile: refused with a notice, its text kept; tab 1's reply lands where it
+    belongs; tab 2's message goes through afterwards."""
+    import json as json_
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hold = threading.Event()
+
+    class Server(BaseHTTPRequestHandler):
+        def do_POST(self):  # an OpenAI-compatible streaming chat completion
+            body = json_.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+
+            def event(content, finish=None):
+                data = {"choices": [{"delta": {"content": content}, "finish_reason": finish}]}
+                self.wfile.write(f"data: {json_.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+
+            event("A reply")
+            if body["messages"][-1]["content"] == "from tab one":
+                hold.wait(60)
+            event(" to it.", "stop")
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CHAT_BACKEND", "openai")
+    monkeypatch.setenv("CHAT_OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+    try:
+        first = send(open_page(), "hello")
+        second = open_page()
+        [conv_button] = [b for b in second.sidebar.button if b.label == "hello"]
+        conv_button.click().run()
+        first.chat_input[0].set_value("from tab one")
+        tab_one = threading.Thread(target=first.run, kwargs={"timeout": 120})
+        tab_one.start()
+        try:
+            while len(thread()) < 3:  # tab 1's message is stored, its reply is streaming
+                time.sleep(0.01)
+            # Tab 2's run also shows tab 1's reply streaming, to its end: let it end soon.
+            threading.Timer(2.0, hold.set).start()
+            second.chat_input[0].set_value("from tab two").run()
+            # refused (the notice shows while the reply streams; the rerun at its end clears
+            # it): nothing of tab 2 was stored, and its text is back in its box
+            assert second.chat_input[0].proto.value == "from tab two"
+            assert "from tab two" not in [t.content for t in thread()]
+        finally:
+            hold.set()
+            tab_one.join()
+        assert [t.content for t in thread()] == ["hello", "A reply to it.", "from tab one",
+                                                 "A reply to it."]
+        second.chat_input[0].set_value("from tab two").run()
+        assert [t.content for t in thread()][::2] == ["hello", "from tab one", "from tab two"]
+        assert [t.role for t in thread()] == ["user", "assistant"] * 3
+    finally:
+        server.shutdown()
