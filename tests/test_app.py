@@ -337,3 +337,18 @@ def test_a_second_tab_cannot_send_while_the_first_tabs_reply_is_in_flight(tiny_m
         assert [t.role for t in thread()] == ["user", "assistant"] * 3
     finally:
         server.shutdown()
+
+
+def test_a_conversation_id_of_another_user_is_dropped_even_with_none_of_ones_own(tiny_model):
+    """A page whose signed-in user changed (or a stale id) never shows another's conversation,
+    also when the user now signed in has no conversation at all."""
+    with db.transaction(write=True) as s:
+        bob = store.get_or_create_user(session=s, username="bob").id
+        conv = store.create_conversation(session=s, user_id=bob)
+        store.add_user_message(session=s, user_id=bob, conversation_id=conv.id,
+                               content="bob's secret")
+    at = open_page()  # the local user, who has no conversation
+    at.session_state["conversation_id"] = conv.id
+    at.run()
+    assert not at.exception and at.session_state["conversation_id"] is None
+    assert not at.chat_message and "bob's secret" not in str(at)
