@@ -285,8 +285,9 @@ class LlamaEngine(EngineBase):
 
     def _pick_slot(self, prompt: list[int], free: list[_Slot]) -> _Slot:
         """The free slot holding the longest start of this prompt, else the least recent."""
-        best = max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
-        if _common_prefix(best.cached, prompt) == 0:
+        shared = {s.seq: _common_prefix(s.cached, prompt) for s in free}
+        best = max(free, key=lambda s: (shared[s.seq], -s.last_used))
+        if shared[best.seq] == 0:
             best = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
         return best
 

@@ -1,10 +1,10 @@
 """Model versions: each a folder under `<data>/versions/NAME/`, and the pointer to the current one.
 
 A version folder holds its weights (a full checkpoint in `model/`, or a LoRA adapter in
-`adapter/` over its base), `model.q8_0.gguf` (the merged weights as llama.cpp serves them, written
-when the version is registered, or on first use for older versions), the configs that produced
-it and `meta.json` (parent, data counts, metrics). `CURRENT` names the serving version; it moves atomically (write a temp file, fsync,
-rename), so a reader sees the old name or the new one, never half. No `CURRENT` means the base
+`adapter/` over its base), `model.q8_0.gguf` (the merged weights as llama.cpp serves them,
+written when the version is registered, or on first use for older versions), the configs that
+produced it and `meta.json` (parent, data counts, metrics). `CURRENT` names the serving version;
+it moves atomically (write a temp file, fsync, rename), so a reader sees the old name or the new one, never half. No `CURRENT` means the base
 model chosen by `CHAT_MODEL` serves.
 """
 
@@ -60,6 +60,7 @@ class Registry:
         self.root = Path(root or self.data / "versions")
         self.root.mkdir(parents=True, exist_ok=True)
         self.setting = model_setting()
+        self._tokenizer = None
 
     @property
     def base_name(self) -> str:
@@ -142,7 +143,7 @@ class Registry:
         """The version that was current before the present one (the default rollback)."""
         current = self.current_name()
         for move in reversed(self.history()):
-            if not isinstance(move, dict) or not isinstance(move.get("from"), str):
+            if not isinstance(move.get("from"), str):
                 continue  # a damaged line names nothing to go back to
             if move.get("to") == current and move["from"] != current:
                 return move["from"]
@@ -172,9 +173,14 @@ class Registry:
             return load(str(version.path / "model"), version=name, config=config)
         return self._load_adapter(version, config)
 
-
     def tokenizer(self):
-        """The tokenizer every version shares (the base model's), without loading weights."""
+        """The tokenizer every version shares (the base model's), without loading weights;
+        read once per registry (every engine opened or swapped here needs it)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._read_tokenizer()
+        return self._tokenizer
+
+    def _read_tokenizer(self):
         from transformers import AutoTokenizer
 
         if self.setting == EMBEDDED:

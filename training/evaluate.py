@@ -153,7 +153,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         f"in {time.monotonic() - t:.0f}s")
 
     # (b) the reward model's verdict on held-out prompts, as many as half the time left allows.
-    prompts = heldout_prompts(heldout)
+    available = heldout_prompts(heldout)
+    prompts = available
     fit = int(max(0.0, (deadline - time.monotonic()) / 2) / max(2 * per_reply_s, 1e-6))
     n_prompts = min(len(prompts), cfg.max_heldout_prompts, max(cfg.min_heldout_prompts, fit))
     prompts = prompts[:n_prompts]
@@ -180,7 +181,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             pair_accuracy = sum(c > r for c, r in zip(pair_scores[:n], pair_scores[n:])) / n
         checks["b_reward_model"] = {
             "win_rate": wins.estimate, "interval": wins.to_dict(), "prompts": len(prompts),
-            "prompts_available": len(heldout_prompts(heldout)),
+            "prompts_available": len(available),
             "heldout_pair_accuracy": pair_accuracy,
             "mean_reward_current": sum(cur_s) / len(cur_s),
             "mean_reward_candidate": sum(cand_s) / len(cand_s), "verdict": verdict,
