@@ -1,16 +1,18 @@
 """What every engine shares: the prompt checks before anything is queued, and waiting for many.
 
-An engine subclasses `EngineBase`, says which tokenizer and context window new replies use
-(`_prompt_target`), and implements `submit`, `swap_model`, `describe`, `close`, `version`,
-`closed` and `kind` (see docs/architecture.md, "The engine interface").
+A worker-thread engine (llama.cpp, transformers) calls `_init_worker` and serves `_model` until
+`_next` takes over; the base then knows its version and prompt tokenizer. Each engine implements
+`submit`, `swap_model`, `describe`, `close` and `kind`; one without a local model (openai)
+overrides `version` and `_prompt_target` (see docs/architecture.md, "The engine interface").
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 
 from serving.chat import Prompt, build_prompt
-from serving.config import GenerationSettings
+from serving.config import GenerationSettings, ServingConfig
 from serving.reply import Reply
 
 
@@ -22,9 +24,23 @@ class EngineBase:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    @property
+    def version(self) -> str:
+        """The version new replies come from (a worker engine serves `_model` until the
+        `_next` one handed over by `swap_model` takes over)."""
+        return (self._next or self._model).version
+
+    def _init_worker(self, model, config: ServingConfig | None) -> None:
+        """The state every worker-thread engine starts with."""
+        self.config = config or ServingConfig()
+        self._model, self._next = model, None
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+
     def _prompt_target(self) -> tuple[object, int]:
         """(tokenizer, context window) of the model new replies will come from."""
-        raise NotImplementedError
+        model = self._next or self._model
+        return model.tokenizer, model.context_window
 
     def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
                *, system_prompt: str | None = None) -> Reply:
@@ -47,6 +63,18 @@ class EngineBase:
             raise RuntimeError("the engine is closed")
         settings = (settings or GenerationSettings()).validate()
         return settings, self._prompt(messages, settings, system_prompt)
+
+    def _cancel_the_rest(self, active: list) -> None:
+        """Closed: every reply still queued or running ends "cancelled" (nobody waits forever
+        on a reply that will not come)."""
+        while True:
+            try:
+                active.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for row in active:
+            if not row.reply.done:
+                row.reply._finish("cancelled")
 
     def generate(self, conversations: list[list[dict[str, str]]],
                  settings: GenerationSettings | None = None, *,

@@ -47,29 +47,17 @@ class Engine(EngineBase):
     kind = "transformers"
 
     def __init__(self, loaded: LoadedModel, config: ServingConfig | None = None) -> None:
-        self.config = config or ServingConfig()
-        self._loaded = loaded
-        self._next: LoadedModel | None = None
-        self._queue: queue.Queue[_Row] = queue.Queue()
-        self._closed = threading.Event()
+        self._init_worker(loaded, config)
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._thread.start()
 
-    @property
-    def version(self) -> str:
-        return (self._next or self._loaded).version
-
     def describe(self) -> str:
-        model = (self._next or self._loaded).model
+        model = (self._next or self._model).model
         return f"transformers, {str(model.dtype).removeprefix('torch.')}"
 
     def swap_model(self, loaded: LoadedModel) -> None:
         """Serve `loaded` for new replies once the replies in flight have finished."""
         self._next = loaded
-
-    def _prompt_target(self):
-        loaded = self._next or self._loaded
-        return loaded.tokenizer, loaded.context_window
 
     def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
                *, system_prompt: str | None = None) -> Reply:
@@ -94,7 +82,7 @@ class Engine(EngineBase):
             new: list[_Row] = []
             try:
                 if not active and self._next is not None:
-                    self._loaded, self._next = self._next, None
+                    self._model, self._next = self._next, None
                 new = self._admit(block=not active, room=self.config.max_batch - len(active))
                 if not active and not new:
                     continue
@@ -121,15 +109,7 @@ class Engine(EngineBase):
                     if not row.reply.done:
                         row.reply._finish("error", f"generation failed: {exc}")
                 active, cache, mask = [], None, None
-        # Closed: nobody waits forever on a reply that will not come.
-        while True:
-            try:
-                active.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for row in active:
-            if not row.reply.done:
-                row.reply._finish("cancelled")
+        self._cancel_the_rest(active)
 
     def _admit(self, *, block: bool, room: int) -> list[_Row]:
         if self._next is not None and not block:
@@ -139,13 +119,13 @@ class Engine(EngineBase):
             if block:
                 rows.append(self._queue.get(timeout=0.2))
             if block and self._next is not None:  # idle: the new version takes over now
-                self._loaded, self._next = self._next, None
+                self._model, self._next = self._next, None
             while len(rows) < room:
                 rows.append(self._queue.get_nowait())
         except queue.Empty:
             pass
         for row in rows:
-            row.reply.version = self._loaded.version
+            row.reply.version = self._model.version
         live = [r for r in rows if not r.reply.cancelled]
         for r in rows:
             if r.reply.cancelled:
@@ -154,9 +134,9 @@ class Engine(EngineBase):
 
     @torch.inference_mode()
     def _prefill(self, rows: list[_Row]):
-        model = self._loaded.model
+        model = self._model.model
         width = max(len(r.prompt_ids) for r in rows)
-        pad = self._loaded.tokenizer.pad_token_id or 0
+        pad = self._model.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
                              for r in rows])
@@ -171,13 +151,13 @@ class Engine(EngineBase):
         ids = torch.tensor([[r.generated[-1]] for r in rows])
         positions = mask.sum(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=-1)
-        out = self._loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+        out = self._model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                  past_key_values=cache, use_cache=True)
         return out.logits[:, -1, :].float(), mask
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, publish its text; returns the rows still going."""
-        tok = self._loaded.tokenizer
+        tok = self._model.tokenizer
         keep = []
         tokens = _sample(logits, rows)
         for i, row in enumerate(rows):
@@ -186,7 +166,7 @@ class Engine(EngineBase):
                 reply._finish("cancelled")
                 continue
             token = tokens[i]
-            if token in self._loaded.eos_ids:
+            if token in self._model.eos_ids:
                 reply._finish("stop")
                 continue
             row.generated.append(token)
@@ -196,7 +176,7 @@ class Engine(EngineBase):
                 reply._set_text(text)
             total = len(row.prompt_ids) + len(row.generated)
             if (len(row.generated) >= reply.settings.max_new_tokens
-                    or total >= self._loaded.context_window):
+                    or total >= self._model.context_window):
                 reply._set_text(text.rstrip("\ufffd"))
                 reply._finish("length")
                 continue

@@ -166,22 +166,14 @@ class LlamaEngine(EngineBase):
     kind = "llama.cpp"
 
     def __init__(self, model: GGUFModel, config: ServingConfig | None = None) -> None:
-        self.config = config or ServingConfig()
-        self._model = model
-        self._next: GGUFModel | None = None
+        self._init_worker(model, config)
         self._swap = threading.Lock()  # the watcher thread hands over, the worker takes over
-        self._queue: queue.Queue[_Row] = queue.Queue()
-        self._closed = threading.Event()
         self._slots = [_Slot(seq) for seq in range(model.slots)]
         self._batch = ll.llama_batch_init(model.n_batch, 0, 1)
         # prompt tokens evaluated vs found already in a slot's cache (the prefix reuse)
         self.stats = {"prompt_tokens": 0, "prompt_tokens_reused": 0}
         self._thread = threading.Thread(target=self._run, name="llama-worker", daemon=True)
         self._thread.start()
-
-    @property
-    def version(self) -> str:
-        return (self._next or self._model).version
 
     def describe(self) -> str:
         m = self._next or self._model
@@ -193,10 +185,6 @@ class LlamaEngine(EngineBase):
             old, self._next = self._next, model
         if old is not None:  # a version promoted and replaced before it ever served
             old.close()
-
-    def _prompt_target(self):
-        m = self._next or self._model
-        return m.tokenizer, m.context_window
 
     def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
                *, system_prompt: str | None = None) -> Reply:
@@ -233,14 +221,7 @@ class LlamaEngine(EngineBase):
                     slot.cached, slot.row = [], None
                 if self._model.memory:
                     ll.llama_memory_clear(self._model.memory, True)
-        while True:  # closed: nobody waits forever on a reply that will not come
-            try:
-                active.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for row in active:
-            if not row.reply.done:
-                row.reply._finish("cancelled")
+        self._cancel_the_rest(active)
 
     def _admit(self, *, block: bool) -> list[_Row]:
         if self._next is not None and not block:
