@@ -40,6 +40,9 @@ class ServingConfig:
     prefill_chunk: int = field(default=512, metadata={
         "help": "llama.cpp: most tokens evaluated in one step; a long prompt is split so "
                 "running replies keep moving"})
+    flash_attention: str = field(default="auto", metadata={
+        "help": "llama.cpp: flash attention (auto, on or off): faster for many conversations "
+                "decoding together, slower for a new turn's prompt over a long conversation"})
     dtype: str = field(default="auto", metadata={
         "help": "transformers weights dtype: auto (bfloat16 where the hardware has it natively, "
                 "else float32; CHAT_DTYPE overrides), bfloat16 or float32"})

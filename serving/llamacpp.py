@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 256
 TOP_CANDIDATES = 256  # as serving/engine.py: top-p is cut within the likeliest 256 tokens
+FLASH_ATTENTION = {"auto": ll.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                   "off": ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 GGML_LOG_LEVEL_ERROR = 3  # ggml.h's enum ggml_log_level
 _backend_ready = threading.Lock()
 _backend_started = False
@@ -81,6 +83,7 @@ class GGUFModel:
         cparams.n_seq_max = self.slots
         cparams.kv_unified = False  # each sequence attends over its own cells only
         cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.flash_attn_type = FLASH_ATTENTION[config.flash_attention]
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             ll.llama_model_free(self.model)
