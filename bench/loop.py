@@ -77,42 +77,29 @@ def approval_interval(user, texts: list[list[str]]) -> list[float]:
 
 def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str,
                  settings: dict, round_no: int) -> dict:
-    """Store the replies and the user's votes (and picks) exactly as the page would."""
-    from feedback import store
-    from feedback.db import transaction
+    """Store the replies and the user's votes (and picks) through the page's own `ChatSession`."""
+    from streamlit_app.chat_session import ChatSession
 
     counts = {"votes": 0, "liked": 0, "picks": 0}
-    with transaction(write=True) as s:
-        uid = store.get_or_create_user(session=s, username=f"sim-{user.name}").id
-        for i, (prompt, options) in enumerate(zip(prompts, texts)):
-            conv = store.create_conversation(session=s, user_id=uid)
-            parent = None
-            for m in prompt["messages"]:
-                if m["role"] == "user":
-                    parent = store.add_user_message(session=s, user_id=uid,
-                                                    conversation_id=conv.id, content=m["content"])
-                else:
-                    store.add_reply(session=s, user_id=uid, parent_id=parent.id,
-                                    content=m["content"], model_version="prompt-set",
-                                    generation_settings={})
-            shown = []
-            for j, text in enumerate(options):
-                if not text.strip():
-                    continue
-                msg = store.add_reply(session=s, user_id=uid, parent_id=parent.id, content=text,
-                                      model_version=version, generation_settings=settings,
-                                      source="chat" if j == 0 else "regenerate")
-                liked, reasons = user.judge(text)
-                store.set_vote(session=s, user_id=uid, message_id=msg.id,
-                               value=1 if liked else -1, reasons=reasons)
-                counts["votes"] += 1
-                counts["liked"] += liked
-                shown.append((liked, msg.id))
-            # Some users regenerate and pick the reply they like when the replies differ.
-            if (i % 100) < user.regenerate_share * 100 and len({lk for lk, _ in shown}) == 2:
-                store.prefer_reply(session=s, user_id=uid,
-                                   message_id=next(mid for lk, mid in shown if lk))
-                counts["picks"] += 1
+    chat = ChatSession(ChatSession.sign_in(f"sim-{user.name}"))
+    for i, (prompt, options) in enumerate(zip(prompts, texts)):
+        parent_id = chat.start_conversation(prompt["messages"])
+        shown = []
+        for j, text in enumerate(options):
+            if not text.strip():
+                continue
+            message_id = chat.record_reply(parent_id, text, model_version=version,
+                                           generation_settings=settings,
+                                           source="chat" if j == 0 else "regenerate")
+            liked, reasons = user.judge(text)
+            chat.vote(message_id, value=1 if liked else -1, reasons=reasons)
+            counts["votes"] += 1
+            counts["liked"] += liked
+            shown.append((liked, message_id))
+        # Some users regenerate and pick the reply they like when the replies differ.
+        if (i % 100) < user.regenerate_share * 100 and len({lk for lk, _ in shown}) == 2:
+            chat.prefer(next(mid for lk, mid in shown if lk))
+            counts["picks"] += 1
     return counts
 
 

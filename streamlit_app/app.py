@@ -17,14 +17,14 @@ import streamlit as st  # noqa: E402
 
 from feedback import store  # noqa: E402
 from feedback.config import data_dir  # noqa: E402
-from feedback.db import transaction  # noqa: E402
-from feedback.errors import FeedbackError, StoreUnavailable  # noqa: E402
-from serving.chat import PromptTooLong  # noqa: E402
-from serving.config import GenerationSettings, InvalidSettings, model_setting  # noqa: E402
+from feedback.errors import FeedbackError  # noqa: E402
+from serving.config import GenerationSettings, model_setting  # noqa: E402
 from serving.backends import follow_current, open_engine  # noqa: E402
 from serving.registry import Registry  # noqa: E402
+from streamlit_app import keys  # noqa: E402
+from streamlit_app.chat_session import ChatError, ChatSession, View  # noqa: E402
 from streamlit_app.identity import current_user  # noqa: E402
-from streamlit_app.replies import BUSY, SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
+from streamlit_app.replies import SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
 from streamlit_app.text import as_markdown, as_text  # noqa: E402
 
 THUMBS = {1: 1, 0: -1, None: None}  # st.feedback's value -> stored vote
@@ -48,134 +48,85 @@ def get_in_flight(data: str) -> InFlight:
 st.set_page_config(page_title="Chat", page_icon="💬")
 engine = get_engine(model_setting(), str(data_dir()))
 serving_problem = Registry().current_problem()  # for the operator: CURRENT is unusable
-in_flight = get_in_flight(str(data_dir()))
 
 
-# ---- actions (widget callbacks) ----------------------------------------------------------------
+def chat() -> ChatSession:
+    """The signed-in user's actions, on the shared engine; unsaved votes stay in the session."""
+    return ChatSession(ss[keys.USER_ID], engine=engine, in_flight=get_in_flight(str(data_dir())),
+                       unsaved=ss.setdefault(keys.UNSAVED_VOTES, {}))
 
-def notify(message: str) -> None:
-    ss.notice = message
+
+# ---- actions (widget callbacks): each binds a widget to one ChatSession call ----------------------
+
+def acting(action: str, *args, **kwargs) -> bool:
+    """Run a ChatSession action; its refusal is shown at the top of the next run."""
+    try:
+        notice = getattr(chat(), action)(*args, **kwargs)
+    except ChatError as exc:
+        ss[keys.NOTICE] = str(exc)
+        return False
+    if isinstance(notice, str):
+        ss[keys.NOTICE] = notice
+    return True
 
 
-def settings_for(key: str) -> tuple[GenerationSettings, str]:
-    s = GenerationSettings(temperature=ss.get(f"temperature_{key}", DEFAULTS.temperature),
-                           max_new_tokens=int(ss.get(f"max_tokens_{key}",
-                                                     DEFAULTS.max_new_tokens)))
-    return s, ss.get(f"system_{key}", "")
+def settings_for(cid: int | None) -> tuple[GenerationSettings, str]:
+    s = GenerationSettings(
+        temperature=ss.get(keys.setting("temperature", cid), DEFAULTS.temperature),
+        max_new_tokens=int(ss.get(keys.setting("max_tokens", cid), DEFAULTS.max_new_tokens)))
+    return s, ss.get(keys.setting("system", cid), "")
 
 
 def send() -> None:
-    text = ss.get("chat_box")
+    text = ss.get(keys.CHAT_BOX)
     if not text or not text.strip():
         return  # empty or whitespace: nothing is sent
-    cid = ss.get("conversation_id")
-    settings, system = settings_for(str(cid or "new"))
-    msg = None
-    if cid is not None and in_flight.busy(ss.user_id, cid):
-        notify(BUSY)  # refused here, whatever the browser let through
-        ss.chat_box = text
-        return
+    cid = ss.get(keys.CONVERSATION)
     try:
-        store.check_message_text(text)
-        engine.check([{"role": "user", "content": text}], settings, system_prompt=system or None)
-        with transaction(write=True) as session:
-            if cid is None:
-                cid = store.create_conversation(session=session, user_id=ss.user_id).id
-                for name in ("temperature", "max_tokens", "system"):
-                    if f"{name}_new" in ss:
-                        ss[f"{name}_{cid}"] = ss[f"{name}_new"]
-            store.update_conversation_settings(
-                session=session, user_id=ss.user_id, conversation_id=cid,
-                settings={**settings.to_dict(), "system_prompt": system})
-            msg = store.add_user_message(session=session, user_id=ss.user_id,
-                                         conversation_id=cid, content=text)
-        ss.conversation_id = cid
-        in_flight.start(engine=engine, user_id=ss.user_id, conversation_id=cid,
-                        parent_id=msg.id, settings=settings, system_prompt=system)
-    except (FeedbackError, PromptTooLong, InvalidSettings) as exc:
-        notify(str(exc))
-        if msg is None:
-            ss.chat_box = text  # not stored: keep what was typed in the box
+        new_cid = chat().send(cid, text, *settings_for(cid))
+    except ChatError as exc:
+        ss[keys.NOTICE] = str(exc)
+        ss[keys.CHAT_BOX] = text  # not stored: keep what was typed in the box
+        return
+    if cid is None:
+        keys.adopt_new_settings(ss, new_cid)
+    ss[keys.CONVERSATION] = new_cid
 
 
 def reply_to(parent_id: int, source: str) -> None:
-    cid = ss.conversation_id
-    settings, system = settings_for(str(cid))
-    try:
-        in_flight.start(engine=engine, user_id=ss.user_id, conversation_id=cid,
-                        parent_id=parent_id, settings=settings, system_prompt=system,
-                        source=source)
-    except (FeedbackError, PromptTooLong, InvalidSettings) as exc:
-        notify(str(exc))
-
-
-def write(fn, **kwargs) -> bool:
-    try:
-        with transaction(write=True) as session:
-            fn(session=session, user_id=ss.user_id, **kwargs)
-        return True
-    except FeedbackError as exc:
-        notify(str(exc))
-        return False
-
-
-def save_vote(message_id: int, value: int | None, reasons=(), comment: str = "") -> None:
-    # Queued first, so a vote the database refuses now is retried on the next run, not lost.
-    ss.setdefault("unsaved_votes", {})[message_id] = (value, tuple(reasons), comment)
-    flush_votes()
-
-
-def flush_votes() -> None:
-    for mid, (value, reasons, comment) in list(ss.get("unsaved_votes", {}).items()):
-        try:
-            with transaction(write=True) as session:
-                store.set_vote(session=session, user_id=ss.user_id, message_id=mid, value=value,
-                               reasons=list(reasons), comment=comment)
-            del ss.unsaved_votes[mid]
-        except StoreUnavailable as exc:
-            notify(f"Your vote is kept here and will be saved when the database answers. {exc}")
-            return
-        except FeedbackError as exc:
-            del ss.unsaved_votes[mid]
-            notify(str(exc))
+    cid = ss[keys.CONVERSATION]
+    acting("reply_to", cid, parent_id, *settings_for(cid), source=source)
 
 
 def on_thumb(message_id: int) -> None:
-    value = THUMBS[ss[f"vote_{message_id}"]]
-    old = current_votes.get(message_id)
-    comment = old.comment if old else ""
-    save_vote(message_id, value, (), comment if value is not None else "")
+    acting("vote", message_id, value=THUMBS[ss[keys.vote(message_id)]])
 
 
 def on_reasons(message_id: int, value: int) -> None:
-    old = current_votes.get(message_id)
-    save_vote(message_id, value, ss[f"reasons_{message_id}_{value}"] or (),
-              old.comment if old else "")
+    acting("vote", message_id, reasons=ss[keys.reasons(message_id, value)] or ())
 
 
 def on_comment(message_id: int, value: int) -> None:
-    old = current_votes.get(message_id)
-    save_vote(message_id, value, old.reasons if old else (),
-              ss[f"comment_{message_id}_{value}"])
+    acting("vote", message_id, comment=ss[keys.comment(message_id, value)])
 
 
 def save_edit(message_id: int) -> None:
-    if write(store.edit_reply, message_id=message_id, content=ss[f"edit_text_{message_id}"]):
-        ss.editing = None
+    if acting("edit", message_id, ss[keys.edit_text(message_id)]):
+        ss[keys.EDITING] = None
 
 
 def open_conversation(cid: int | None) -> None:
-    ss.conversation_id = cid
-    ss.editing = None
+    ss[keys.CONVERSATION] = cid
+    ss[keys.EDITING] = None
 
 
 def rename(cid: int) -> None:
-    write(store.rename_conversation, conversation_id=cid, title=ss[f"title_{cid}"])
+    acting("rename", cid, ss[keys.title(cid)])
 
 
 def delete(cid: int) -> None:
-    if write(store.delete_conversation, conversation_id=cid):
-        ss.conversation_id = None
+    if acting("delete", cid):
+        ss[keys.CONVERSATION] = None
 
 
 # ---- who is chatting ---------------------------------------------------------------------------
@@ -186,95 +137,76 @@ if user is None:
     st.write("Sign in to see your conversations.")
     st.button("Sign in", on_click=st.login, type="primary")
     st.stop()
-if ss.get("username") != user[0]:
+if ss.get(keys.USERNAME) != user.username:
     try:
-        with transaction(write=True) as session:
-            ss.user_id = store.get_or_create_user(session=session, username=user[0],
-                                                  display_name=user[1]).id
-        ss.username = user[0]
+        ss[keys.USER_ID] = ChatSession.sign_in(user.username, user.display_name)
+        ss[keys.USERNAME] = user.username
     except FeedbackError as exc:
         st.error(str(exc))
         st.stop()
-ss.setdefault("conversation_id", None)
-ss.setdefault("editing", None)
-if ss.get("unsaved_votes"):
-    flush_votes()
+ss.setdefault(keys.CONVERSATION, None)
+ss.setdefault(keys.EDITING, None)
+if ss.get(keys.UNSAVED_VOTES):
+    acting("flush_votes")
+
+view = View()
+try:
+    view = chat().view(ss[keys.CONVERSATION])
+except FeedbackError as exc:
+    st.error(str(exc))
+# None when the conversation asked for is deleted, or another user's (the sign-in changed)
+cid = ss[keys.CONVERSATION] = view.conversation_id
 
 # ---- sidebar: conversations --------------------------------------------------------------------
 
-conversations = []
-try:
-    with transaction() as session:
-        conversations = store.list_conversations(session=session, user_id=ss.user_id)
-except FeedbackError as exc:
-    st.error(str(exc))
-cid = ss.conversation_id
-if cid is not None and cid not in {c.id for c in conversations}:
-    cid = ss.conversation_id = None  # deleted, or another user's (the signed-in user changed)
 with st.sidebar:
     st.button("New chat", icon=":material/add:", on_click=open_conversation, args=(None,),
               width="stretch")
-    for conv in conversations:
-        st.button(conv.title, key=f"conv_{conv.id}", on_click=open_conversation,
+    for conv in view.conversations:
+        st.button(conv.title, key=keys.widget("conv", conv.id), on_click=open_conversation,
                   args=(conv.id,), width="stretch",
                   type="primary" if conv.id == cid else "secondary")
     if cid is not None:
         with st.expander("Rename or delete this chat"):
-            title = next(c.title for c in conversations if c.id == cid)
-            st.text_input("Title", value=title, key=f"title_{cid}", on_change=rename,
+            st.text_input("Title", value=view.title, key=keys.title(cid), on_change=rename,
                           args=(cid,), max_chars=store.MAX_TITLE_CHARS)
             st.button("Delete this chat", icon=":material/delete:", on_click=delete, args=(cid,))
-    st.caption(f"Signed in as {user[1]}" if user[0] != "local" else "Local user")
-    if user[0] != "local":
+    st.caption("Local user" if user.is_local else f"Signed in as {user.display_name}")
+    if not user.is_local:
         st.button("Sign out", on_click=st.logout)
 
 # ---- the chat ----------------------------------------------------------------------------------
 
 if serving_problem:
     st.warning(serving_problem, icon=":material/warning:")
-if "notice" in ss:
-    st.error(ss.pop("notice"))
-if ss.get("unsaved_votes"):
-    st.warning(f"{len(ss.unsaved_votes)} vote(s) waiting to be saved: the database is busy.")
-
-thread: list[store.Turn] = []
-if cid is not None:
-    try:
-        with transaction() as session:
-            thread = store.get_thread(session=session, user_id=ss.user_id, conversation_id=cid)
-            conv_settings = store.get_conversation(session=session, user_id=ss.user_id,
-                                                   conversation_id=cid).settings
-    except FeedbackError as exc:
-        st.error(str(exc))
-        conv_settings = {}
-else:
-    conv_settings = {}
-current_votes = {t.id: t.vote for t in thread if t.vote}
-
-key = str(cid or "new")
+if keys.NOTICE in ss:
+    st.error(ss.pop(keys.NOTICE))
+if ss.get(keys.UNSAVED_VOTES):
+    st.warning(f"{len(ss[keys.UNSAVED_VOTES])} vote(s) waiting to be saved: the database is busy.")
 
 
 def initial(name: str, value):
     """A widget's starting value, unless the session already holds one (no double setting)."""
-    return {} if f"{name}_{key}" in ss else {"value": value}
+    return {} if keys.setting(name, cid) in ss else {"value": value}
 
 
 with st.expander("Generation settings", icon=":material/tune:"):
-    st.text_area("System prompt", key=f"system_{key}", max_chars=store.MAX_MESSAGE_CHARS,
+    st.text_area("System prompt", key=keys.setting("system", cid),
+                 max_chars=store.MAX_MESSAGE_CHARS,
                  placeholder="Leave empty for the model's default",
-                 **initial("system", conv_settings.get("system_prompt", "")))
-    st.slider("Temperature", 0.0, 2.0, step=0.05, key=f"temperature_{key}",
+                 **initial("system", view.settings.get("system_prompt", "")))
+    st.slider("Temperature", 0.0, 2.0, step=0.05, key=keys.setting("temperature", cid),
               help="0 always picks the likeliest word",
-              **initial("temperature", float(conv_settings.get("temperature",
+              **initial("temperature", float(view.settings.get("temperature",
                                                                 DEFAULTS.temperature))))
     st.number_input("Max new tokens", 1, GenerationSettings.MAX_NEW_TOKENS,
-                    key=f"max_tokens_{key}",
-                    **initial("max_tokens", int(conv_settings.get("max_new_tokens",
+                    key=keys.setting("max_tokens", cid),
+                    **initial("max_tokens", int(view.settings.get("max_new_tokens",
                                                                   DEFAULTS.max_new_tokens))))
 
-if not thread and cid is None:
-    st.caption(f"Model: {engine.version} ({engine.describe()}). Rate any reply with 👍 or 👎: it is how the model "
-               "learns what you like.")
+if not view.thread and cid is None:
+    st.caption(f"Model: {engine.version} ({engine.describe()}). Rate any reply with 👍 or 👎: "
+               "it is how the model learns what you like.")
 
 
 def reply_controls(turn: store.Turn, is_last: bool) -> None:
@@ -289,48 +221,47 @@ def reply_controls(turn: store.Turn, is_last: bool) -> None:
     if len(turn.sibling_ids) > 1:
         i, n = turn.sibling_index, len(turn.sibling_ids)
         left, mid, right, pick = st.columns([1, 2, 1, 5], vertical_alignment="center")
-        left.button("‹", key=f"prev_{turn.id}", disabled=i == 0, on_click=write,
-                    args=(store.select_reply,),
-                    kwargs={"message_id": turn.sibling_ids[max(i - 1, 0)]})
+        left.button("‹", key=keys.widget("prev", turn.id), disabled=i == 0, on_click=acting,
+                    args=("show_reply", turn.sibling_ids[max(i - 1, 0)]))
         mid.caption(f"{i + 1} / {n}")
-        right.button("›", key=f"next_{turn.id}", disabled=i == n - 1, on_click=write,
-                     args=(store.select_reply,),
-                     kwargs={"message_id": turn.sibling_ids[min(i + 1, n - 1)]})
-        pick.button("Prefer this reply", icon=":material/check:", key=f"prefer_{turn.id}",
-                    on_click=write, args=(store.prefer_reply,), kwargs={"message_id": turn.id})
+        right.button("›", key=keys.widget("next", turn.id), disabled=i == n - 1,
+                     on_click=acting, args=("show_reply", turn.sibling_ids[min(i + 1, n - 1)]))
+        pick.button("Prefer this reply", icon=":material/check:",
+                    key=keys.widget("prefer", turn.id), on_click=acting, args=("prefer", turn.id))
     vote = turn.vote
-    st.feedback("thumbs", key=f"vote_{turn.id}", on_change=on_thumb, args=(turn.id,),
+    st.feedback("thumbs", key=keys.vote(turn.id), on_change=on_thumb, args=(turn.id,),
                 default={1: 1, -1: 0}.get(vote.value) if vote else None)
     if vote:
         options = store.UP_REASONS if vote.value == 1 else store.DOWN_REASONS
         st.pills("Why?", options, selection_mode="multi", default=list(vote.reasons),
-                 key=f"reasons_{turn.id}_{vote.value}", on_change=on_reasons,
+                 key=keys.reasons(turn.id, vote.value), on_change=on_reasons,
                  args=(turn.id, vote.value))
-        st.text_input("Comment (optional)", value=vote.comment, key=f"comment_{turn.id}_"
-                      f"{vote.value}", on_change=on_comment, args=(turn.id, vote.value),
-                      max_chars=store.MAX_COMMENT_CHARS, placeholder="Anything else?")
-    busy = in_flight.busy(ss.user_id, cid)
+        st.text_input("Comment (optional)", value=vote.comment,
+                      key=keys.comment(turn.id, vote.value), on_change=on_comment,
+                      args=(turn.id, vote.value), max_chars=store.MAX_COMMENT_CHARS,
+                      placeholder="Anything else?")
+    busy = chat().busy(cid)
     a, b, _ = st.columns([2, 2, 6])
     if is_last:
-        a.button("Regenerate", icon=":material/refresh:", key=f"regen_{turn.id}",
+        a.button("Regenerate", icon=":material/refresh:", key=keys.widget("regen", turn.id),
                  disabled=busy, on_click=reply_to, args=(turn.parent_id, "regenerate"))
-    b.button("Edit", icon=":material/edit:", key=f"edit_{turn.id}", disabled=busy,
-             on_click=lambda: ss.update(editing=turn.id))
-    if ss.editing == turn.id:
-        with st.form(f"edit_form_{turn.id}"):
-            st.text_area("Your better reply", value=turn.content, key=f"edit_text_{turn.id}",
+    b.button("Edit", icon=":material/edit:", key=keys.widget("edit", turn.id), disabled=busy,
+             on_click=lambda: ss.update({keys.EDITING: turn.id}))
+    if ss[keys.EDITING] == turn.id:
+        with st.form(keys.widget("edit_form", turn.id)):
+            st.text_area("Your better reply", value=turn.content, key=keys.edit_text(turn.id),
                          max_chars=store.MAX_MESSAGE_CHARS, height=200)
             c1, c2 = st.columns(2)
             c1.form_submit_button("Save edit", on_click=save_edit, args=(turn.id,))
-            c2.form_submit_button("Cancel", on_click=lambda: ss.update(editing=None))
+            c2.form_submit_button("Cancel", on_click=lambda: ss.update({keys.EDITING: None}))
 
 
-for n, turn in enumerate(thread):
+for n, turn in enumerate(view.thread):
     with st.chat_message(turn.role):
         st.markdown(as_markdown(turn.content) if turn.role == "assistant"
                     else as_text(turn.content))
         if turn.role == "assistant":
-            reply_controls(turn, is_last=n == len(thread) - 1)
+            reply_controls(turn, is_last=n == len(view.thread) - 1)
 
 
 def show_pending(pending: PendingReply) -> None:
@@ -349,20 +280,21 @@ def show_pending(pending: PendingReply) -> None:
         pending.saved.wait(SAVE_RETRY_S + 5)
         if pending.save_error:
             st.error(pending.save_error)
-            st.button("Save again", on_click=in_flight.retry_save, args=(pending,))
+            st.button("Save again", on_click=get_in_flight(str(data_dir())).retry_save,
+                      args=(pending,))
         elif pending.message_id is not None or pending.reply.done:
             st.rerun()
 
 
-pending = in_flight.get(ss.user_id, cid) if cid is not None else None
+pending = chat().pending(cid)
 if pending is not None:
     show_pending(pending)
-elif thread and thread[-1].role == "user":
+elif view.waiting_for_reply:
     # A message left without a reply (the server restarted, or generation failed).
     st.button("Get a reply", icon=":material/chat:", on_click=reply_to,
-              args=(thread[-1].id, "chat"))
+              args=(view.thread[-1].id, "chat"))
 
 # No max_chars here: the browser would silently cut a long paste; `send` says what is wrong
 # instead and puts the whole text back.
-st.chat_input("Message the assistant", key="chat_box", on_submit=send,
+st.chat_input("Message the assistant", key=keys.CHAT_BOX, on_submit=send,
               disabled=pending is not None and not pending.reply.done)

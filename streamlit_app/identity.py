@@ -5,9 +5,22 @@ Auth is configured by an `[auth]` section in `.streamlit/secrets.toml` (see READ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import streamlit as st
 
-LOCAL_USER = ("local", "Local user")
+
+@dataclass(frozen=True)
+class Identity:
+    username: str
+    display_name: str
+
+    @property
+    def is_local(self) -> bool:
+        return self == LOCAL_USER
+
+
+LOCAL_USER = Identity("local", "Local user")
 
 
 def auth_configured() -> bool:
@@ -17,11 +30,11 @@ def auth_configured() -> bool:
         return False
 
 
-def current_user() -> tuple[str, str] | None:
-    """(username, display name), or None while sign-in is required and not done."""
+def current_user() -> Identity | None:
+    """Who is chatting, or None while sign-in is required and not done."""
     if not auth_configured():
         return LOCAL_USER
     if not st.user.is_logged_in:
         return None
     username = st.user.get("email") or st.user.get("sub")
-    return str(username), str(st.user.get("name") or username)
+    return Identity(str(username), str(st.user.get("name") or username))
