@@ -8,24 +8,19 @@ and retried on the next run, and a message that cannot be sent goes back into th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import streamlit as st  # noqa: E402
-
-from feedback import store  # noqa: E402
-from feedback.config import data_dir  # noqa: E402
-from feedback.errors import FeedbackError  # noqa: E402
-from serving.config import GenerationSettings, model_setting  # noqa: E402
-from serving.backends import follow_current, open_engine  # noqa: E402
-from serving.registry import Registry  # noqa: E402
-from streamlit_app import keys  # noqa: E402
-from streamlit_app.chat_session import ChatError, ChatSession, View  # noqa: E402
-from streamlit_app.identity import current_user  # noqa: E402
-from streamlit_app.replies import SAVE_RETRY_S, InFlight, PendingReply  # noqa: E402
-from streamlit_app.text import as_markdown, as_text  # noqa: E402
+from feedback import store
+from feedback.config import data_dir
+from feedback.errors import FeedbackError
+from serving.config import GenerationSettings, model_setting
+from serving.backends import follow_current, open_engine
+from serving.registry import Registry
+from streamlit_app import keys
+from streamlit_app.chat_session import ChatError, ChatSession, View
+from streamlit_app.identity import current_user
+from streamlit_app.replies import SAVE_RETRY_S, InFlight, PendingReply
+from streamlit_app.text import as_markdown, as_text
 
 THUMBS = {1: 1, 0: -1, None: None}  # st.feedback's value -> stored vote
 DEFAULTS = GenerationSettings()
