@@ -1,11 +1,12 @@
 """Model versions: each a folder under `<data>/versions/NAME/`, and the pointer to the current one.
 
-A version folder holds its weights (a full checkpoint in `model/`, or a LoRA adapter in
-`adapter/` over its base), `model.q8_0.gguf` (the merged weights as llama.cpp serves them,
-written when the version is registered, or on first use for older versions), the configs that
-produced it and `meta.json` (parent, data counts, metrics). `CURRENT` names the serving version;
-it moves atomically (write a temp file, fsync, rename), so a reader sees the old name or the new one, never half. No `CURRENT` means the base
-model chosen by `CHAT_MODEL` serves.
+`VersionDir` owns a version folder's layout (no other module names its files). A version is
+built in a hidden staging folder (`Registry.staging`) and appears whole, by one rename, when it
+is registered; every backend then loads it directly (merged weights in `model/` for
+transformers and vLLM, `model.q8_0.gguf` for llama.cpp): no parent chain at load. `CURRENT`
+names the serving version; it moves atomically (write a temp file, fsync, rename), so a reader
+sees the old name or the new one, never half. No `CURRENT` means the base model chosen by
+`CHAT_MODEL` serves.
 """
 
 from __future__ import annotations
@@ -46,10 +47,67 @@ def check_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class VersionDir:
+    """The layout of one version's folder:
+
+        model/              the merged weights, a transformers checkpoint (float32): what the
+                            transformers engine, the next round and vLLM load
+        adapter/            the round's LoRA adapter over its parent (small; absent after a
+                            full fine-tune): for inspection and vLLM's --lora-modules
+        reward/             the round's reward model, a LoRA adapter over the base
+        model.<quant>.gguf  the merged weights as llama.cpp serves them (Q8_0 by default)
+        config.json         the round's configuration
+        meta.json           name, parent, base, data counts, created_at (written at register)
+        metrics.json        the gate's verdict, tuning and reward-model summaries
+        trainer/            TRL's scratch output while training, removed before registering
+    """
+
+    path: Path
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def reward(self) -> Path:
+        return self.path / "reward"
+
+    @property
+    def trainer(self) -> Path:
+        return self.path / "trainer"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    def gguf(self, quant: str) -> Path:
+        return self.path / f"model.{quant.lower()}.gguf"
+
+    def drop_scratch(self) -> None:
+        shutil.rmtree(self.trainer, ignore_errors=True)
+
+
+@dataclass(frozen=True)
 class Version:
     name: str
     path: Path
     meta: dict
+
+    @property
+    def dir(self) -> VersionDir:
+        return VersionDir(self.path)
 
 
 class Registry:
@@ -108,23 +166,34 @@ class Registry:
                                     f"here; the base model serves. {fix}")
         return name, None
 
-    def register(self, name: str, built: Path, meta: dict) -> Version:
+    def register(self, name: str, built: VersionDir, meta: dict) -> Version:
         """Move a finished version folder `built` into the registry under `name`, atomically:
         the folder appears whole (a rename) with its `meta.json`, or not at all."""
+        if not built.model.is_dir():
+            raise ValueError(f"{built.path} has no merged weights in model/: not registered")
+        built.drop_scratch()
         meta = {"name": name, "created_at": datetime.now(timezone.utc).isoformat(), **meta}
-        _write_durably(built / "meta.json", json.dumps(meta, indent=2) + "\n")
+        _write_durably(built.meta, json.dumps(meta, indent=2) + "\n")
         target = self.root / name
         assert not target.exists(), f"version {name} exists already"
-        os.replace(built, target)
+        os.replace(built.path, target)
         _fsync_dir(self.root)
         return Version(name, target, meta)
 
-    def staging(self, name: str) -> Path:
+    def staging(self, name: str) -> VersionDir:
         """A fresh folder (ignored by readers) to build version `name` in before `register`."""
-        path = self.root / f".{name}.partial"
+        path = self.root / f".{check_name(name)}.partial"
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
-        return path
+        return VersionDir(path)
+
+    def drop_staging(self) -> list[str]:
+        """Remove staging folders left by killed rounds (call holding the round lock); their
+        names."""
+        stale = sorted(self.root.glob(".*.partial"))
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return [p.name for p in stale]
 
     def history(self) -> list[dict]:
         """Every move of `CURRENT`, oldest first: {"at", "from", "to", "why"}."""
@@ -169,9 +238,9 @@ class Registry:
         if name == self.base_name:
             return load_base(config, self.setting, self.data)
         version = self.get(name)
-        if (version.path / "model").is_dir():
-            return load(str(version.path / "model"), version=name, config=config)
-        return self._load_adapter(version, config)
+        if version.dir.model.is_dir():
+            return load(str(version.dir.model), version=name, config=config)
+        return self._load_adapter(version, config)  # a version registered before model/ was
 
     def tokenizer(self):
         """The tokenizer every version shares (the base model's), without loading weights;
@@ -202,7 +271,7 @@ class Registry:
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{name}.{quant.lower()}.gguf"
         else:
-            target = self.get(name).path / f"model.{quant.lower()}.gguf"
+            target = self.get(name).dir.gguf(quant)
         if target.is_file():
             return target
         with FileLock(str(target.with_name(f".{target.name}.lock"))):
@@ -222,11 +291,12 @@ class Registry:
         return export_gguf(loaded.model, target, name=name, tokenizer_gguf=gguf, quant=quant)
 
     def _load_adapter(self, version: Version, config: ServingConfig | None) -> LoadedModel:
-        """A LoRA version: its parent (loaded the same way) with the adapter merged in."""
+        """A LoRA version registered before versions held their merged weights: its parent
+        (loaded the same way) with the adapter merged in."""
         from peft import PeftModel
 
         loaded = self.load(version.meta["parent"], config)
-        loaded.model = PeftModel.from_pretrained(loaded.model, version.path / "adapter") \
+        loaded.model = PeftModel.from_pretrained(loaded.model, version.dir.adapter) \
             .merge_and_unload().eval()
         loaded.version = version.name
         return loaded

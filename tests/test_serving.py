@@ -167,7 +167,7 @@ def test_a_promoted_version_is_picked_up_without_a_restart(tiny_model, backend):
 
     reg = Registry()
     staging = reg.staging("v2")
-    shutil.copytree(tiny_model, staging / "model")
+    shutil.copytree(tiny_model, staging.model)
     reg.register("v2", staging, {"parent": tiny_model.name, "kind": "full"})
     config = ServingConfig(dtype="float32")
     eng = open_engine(reg, config=config, backend=backend)

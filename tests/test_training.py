@@ -176,7 +176,18 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
         weights = load_file(version.path / part / "adapter_model.safetensors")
         lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
         assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values()), part
-    assert json.loads((version.path / "config.json").read_text())["tune"]["max_steps"] == 4
+    # Every backend loads the version directly (its merged weights), equal to parent + adapter.
+    import torch
+
+    from serving.config import ServingConfig
+    assert version.dir.model.is_dir() and not version.dir.trainer.exists()
+    fp32 = ServingConfig(dtype="float32")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        direct = reg.load(version.name, fp32).model(ids).logits
+        chained = reg._load_adapter(version, fp32).model(ids).logits
+    assert torch.allclose(direct, chained, atol=1e-4)
+    assert json.loads(version.dir.config.read_text())["tune"]["max_steps"] == 4
     report = json.loads(next((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
                         .read_text())
     assert report["decision"] == "promoted" and report["tuning"]["steps"] == 4

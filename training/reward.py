@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from serving.registry import VersionDir
 from training.config import RewardModelConfig, TuneConfig
 from training.tune import Deadline, common_args, lora_config
 
 
 def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardModelConfig,
-                       out: Path, deadline: float) -> dict:
+                       out: VersionDir, deadline: float) -> dict:
     """Train on `pairs` (conversational `chosen`/`rejected`) from the checkpoint at `source`."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -27,7 +28,7 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
                            max_steps=cfg.max_steps, max_length=cfg.max_length,
                            lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
-    args = RewardConfig(**common_args(tune_like, out / "trainer",
+    args = RewardConfig(**common_args(tune_like, out.trainer,
                                       max(1, min(cfg.batch_size, len(pairs)))))
     stop = Deadline(deadline)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
@@ -35,7 +36,7 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
                             peft_config=lora_config(tune_like, task_type="SEQ_CLS"),
                             callbacks=[stop])
     result = trainer.train()
-    trainer.model.save_pretrained(out / "reward")
+    trainer.model.save_pretrained(out.reward)
     return {"pairs": len(pairs), "steps": trainer.state.global_step,
             "train_loss": result.training_loss, "stopped_by_deadline": stop.hit}
 

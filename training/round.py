@@ -11,7 +11,6 @@ Every round, even one that stops early, writes a report (JSON and Markdown) unde
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -79,8 +78,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
             fh.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line}\n")
 
     registry = Registry()
-    for stale in registry.root.glob(".*.partial"):  # left by a killed round
-        shutil.rmtree(stale, ignore_errors=True)
+    registry.drop_staging()  # left by a killed round (we hold the round lock)
     current_name = registry.current_name()
     report: dict = {"round": round_id, "started_at": datetime.now(timezone.utc).isoformat(),
                     "current_version": current_name, "config": cfg.to_dict(), "timings_s": {},
@@ -121,7 +119,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     fp32 = ServingConfig(dtype="float32")  # train and judge in full precision
     base_name, base_source = resolve_base()
     staging = registry.staging(round_id)
-    (staging / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    staging.config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     t = time.monotonic()
     pairs = reward_pairs(train, cfg.data)
@@ -140,7 +138,6 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
                       train_deadline)
     report["tuning"] = summary
     del trainee
-    shutil.rmtree(staging / "trainer", ignore_errors=True)
     timed("tuning", t)
 
     registry.register(round_id, staging, {
@@ -158,7 +155,8 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     current = registry.load(current_name, fp32)
     base = current if current_name == base_name else registry.load(base_name, fp32)
     candidate = registry.load(round_id, fp32)
-    judge = RewardModel(base_source, registry.root / round_id / "reward", candidate.tokenizer,
+    version = registry.get(round_id).dir
+    judge = RewardModel(base_source, version.reward, candidate.tokenizer,
                         cfg.reward.max_length)
     engines = [open_engine(registry, n) for n in (current_name, round_id)]
     try:
@@ -171,7 +169,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
             engine.close()
     report["gate"] = verdict
     timed("gate", t)
-    (registry.root / round_id / "metrics.json").write_text(json.dumps(
+    version.metrics.write_text(json.dumps(
         {"gate": verdict, "tuning": summary, "reward_model": report["reward_model"]},
         indent=2) + "\n")
 

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from serving.registry import VersionDir
 from training.config import TuneConfig
 from training.dataset import FeedbackData, interleave, kto_weights
 
@@ -58,9 +59,10 @@ def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
                 disable_tqdm=False, use_cpu=not torch.cuda.is_available())
 
 
-def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: Path,
+def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
          deadline: float) -> dict:
-    """Train `model` (the current version) on `train`; saves into `out` and returns a summary."""
+    """Train `model` (the current version) on `train`; saves into the version folder `out`
+    (the merged weights, and the LoRA adapter) and returns a summary."""
     method = choose_method(cfg, train)
     peft = None if cfg.full_finetune else lora_config(cfg)
     stop = Deadline(deadline)
@@ -71,7 +73,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: Path,
         pos = sum(r["label"] for r in rows)
         dw, uw = kto_weights(pos, len(rows) - pos)
         batch = max(2, min(cfg.batch_size, len(rows)))  # KTO needs a batch above 1
-        args = KTOConfig(**common_args(cfg, out / "trainer", batch), beta=cfg.beta,
+        args = KTOConfig(**common_args(cfg, out.trainer, batch), beta=cfg.beta,
                          desirable_weight=dw, undesirable_weight=uw)
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"],
                                    "label": r["label"]} for r in rows])
@@ -85,7 +87,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: Path,
         # sft_weight > 0 adds TRL's "sft" loss (NLL of the chosen reply) beside the sigmoid one
         losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} \
             if cfg.sft_weight > 0 else {}
-        args = DPOConfig(**common_args(cfg, out / "trainer", batch), beta=cfg.beta, **losses)
+        args = DPOConfig(**common_args(cfg, out.trainer, batch), beta=cfg.beta, **losses)
         data = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"],
                                    "rejected": p["rejected"]} for p in train.pairs])
         trainer = DPOTrainer(model=model, args=args, train_dataset=data,
@@ -95,10 +97,10 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: Path,
     result = trainer.train()
     trained = trainer.model
     if peft is not None:
-        trained.save_pretrained(out / "adapter")
-    else:
-        trained.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        trained.save_pretrained(out.adapter)
+        trained = trained.merge_and_unload()  # what every backend loads: no parent chain
+    trained.save_pretrained(out.model)
+    tokenizer.save_pretrained(out.model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"method": method, "kind": "lora" if peft is not None else "full",
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
