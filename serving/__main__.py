@@ -25,6 +25,11 @@ from feedback.store import MAX_MESSAGE_CHARS
 from serving.backends import BACKEND_ENV, BACKENDS
 from serving.hardware import DTYPE_ENV, DTYPES, BadSetting, resolve_dtype
 from serving.registry import Registry, UnknownVersion
+from serving.setting import add_flags, given
+
+SAMPLING = ["temperature", "top_p", "max_new_tokens", "repetition_penalty", "seed"]
+ENGINE = ["max_batch", "slots"]
+GENERATE_SLOTS = 16
 
 
 class InputError(ValueError):
@@ -88,17 +93,11 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--in", dest="inp", type=Path, required=True, help="input JSONL")
     g.add_argument("--out", type=Path, required=True, help="output JSONL")
     g.add_argument("--version", help="model version (default: the current one)")
-    defaults = GenerationSettings()
-    g.add_argument("--temperature", type=float, default=defaults.temperature)
-    g.add_argument("--top-p", type=float, default=defaults.top_p)
-    g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    g.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=ServingConfig().max_batch,
-                   help="transformers: most replies decoded together; openai: requests at once")
-    g.add_argument("--slots", type=int, default=16,
-                   help="llama.cpp: replies decoded together, each with its own KV cache "
-                        "(16: 252 vs 228 tok/s for 8 on 2 cores; about 1.5 GB of cache)")
+    add_flags(g, GenerationSettings, SAMPLING)
+    # more slots than the page's: a batch job fills them all (16 vs 8: a few % more tok/s
+    # on 2 cores, about 1.5 GB of cache)
+    add_flags(g, ServingConfig, ENGINE, rename={"max_batch": "batch_size"},
+              defaults={"slots": GENERATE_SLOTS})
     g.add_argument("--backend", choices=BACKENDS,
                    help=f"engine (default: ${BACKEND_ENV}, else auto: llama.cpp where the "
                         "version converts to GGUF, else transformers)")
@@ -113,14 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     from serving.backends import open_engine
 
     try:
-        settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,
-                                      max_new_tokens=args.max_new_tokens,
-                                      repetition_penalty=args.repetition_penalty,
-                                      seed=args.seed).validate()
+        settings = GenerationSettings(**given(args, SAMPLING)).validate()
         rows = read_conversations(args.inp)
-        if args.batch_size < 1 or args.slots < 1:
-            raise InputError("--batch-size and --slots must be at least 1.")
-        config = ServingConfig(max_batch=args.batch_size, slots=args.slots,
+        config = ServingConfig(**{"slots": GENERATE_SLOTS, **given(args, ENGINE)},
                                dtype=resolve_dtype(args.dtype) if args.dtype else "auto")
         engine = open_engine(Registry(), args.version, config, backend=args.backend)
     except (InputError, InvalidSettings, UnknownVersion, ModelUnavailable, BadSetting,

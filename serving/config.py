@@ -8,9 +8,10 @@ hub id where the network allows. Everything else is a field with a default and a
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from feedback.config import data_dir  # noqa: F401  (re-exported: one data directory for all)
+from serving.setting import check, setting
 
 MODEL_ENV = "CHAT_MODEL"
 EMBEDDED = "embedded"
@@ -24,55 +25,60 @@ def model_setting() -> str:
     return os.environ.get(MODEL_ENV) or EMBEDDED
 
 
+GGUF_QUANTS = ("Q8_0", "F16", "F32")
+MAX_NEW_TOKENS = 2048
+
+
 @dataclass
 class ServingConfig:
-    max_batch: int = field(default=32, metadata={
-        "help": "transformers: most replies decoded together; openai: most requests at once"})
-    max_context_tokens: int = field(default=4096, metadata={
-        "help": "context window used (capped by the model's own); older turns are trimmed"})
-    slots: int = field(default=8, metadata={
-        "help": "llama.cpp: conversations decoded together, each with its own context window "
-                "of key/value cache (about 23 KB a token for the embedded model: 8 x 4096 "
-                "tokens is 750 MB); more wait in line"})
-    gguf_quant: str = field(default="Q8_0", metadata={
-        "help": "llama.cpp: how trained versions are written (Q8_0, F16 or F32); the embedded "
-                "base is served from its shipped Q4_1 file as it is"})
-    prefill_chunk: int = field(default=512, metadata={
-        "help": "llama.cpp: most tokens evaluated in one step; a long prompt is split so "
-                "running replies keep moving"})
-    flash_attention: str = field(default="auto", metadata={
-        "help": "llama.cpp: flash attention (auto, on or off): faster for many conversations "
-                "decoding together, slower for a new turn's prompt over a long conversation"})
-    dtype: str = field(default="auto", metadata={
-        "help": "transformers weights dtype: auto (bfloat16 where the hardware has it natively, "
-                "else float32; CHAT_DTYPE overrides), bfloat16 or float32"})
+    max_batch: int = setting(32, "transformers: most replies decoded together; openai: most "
+                                 "requests at once", low=1, high=1024)
+    max_context_tokens: int = setting(4096, "context window used (capped by the model's own); "
+                                            "older turns are trimmed", low=64)
+    slots: int = setting(8, "llama.cpp: conversations decoded together, each with its own "
+                            "context window of key/value cache (about 23 KB a token for the "
+                            "embedded model: 8 x 4096 tokens is 750 MB); more wait in line",
+                         low=1, high=256)
+    gguf_quant: str = setting("Q8_0", "llama.cpp: how versions are written for it (Q8_0 keeps "
+                                      "a round's small changes; F16, F32 exact)",
+                              choices=GGUF_QUANTS)
+    prefill_chunk: int = setting(512, "llama.cpp: most tokens evaluated in one step; a long "
+                                      "prompt is split so running replies keep moving",
+                                 low=16, high=8192)
+    flash_attention: str = setting("auto", "llama.cpp: flash attention: faster for many "
+                                           "conversations decoding together, slower for a new "
+                                           "turn's prompt over a long conversation",
+                                   choices=("auto", "on", "off"))
+    dtype: str = setting("auto", "transformers weights: auto (bfloat16 where the hardware has "
+                                 "it natively, else float32; CHAT_DTYPE overrides), bfloat16 or "
+                                 "float32", choices=("auto", "bfloat16", "float32"))
+
+    def __post_init__(self) -> None:
+        check(self, error=InvalidSettings)
 
 
 @dataclass
 class GenerationSettings:
     """How one reply is sampled; recorded beside every assistant message."""
 
-    temperature: float = field(default=0.7, metadata={"help": "0 = greedy; up to 2"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass, (0, 1]"})
-    max_new_tokens: int = field(default=256, metadata={"help": "reply length cap, 1..2048"})
-    repetition_penalty: float = field(default=1.1, metadata={
-        "help": "penalise tokens already present (1 = off); small models loop without it"})
-    seed: int | None = field(default=None, metadata={"help": "fix sampling for reproducibility"})
-
-    MAX_NEW_TOKENS = 2048
+    temperature: float = setting(0.7, "0 always picks the likeliest token", low=0.0, high=2.0)
+    top_p: float = setting(0.9, "nucleus sampling: the likeliest tokens holding this much "
+                                "probability", low=0.0, high=1.0, low_open=True)
+    max_new_tokens: int = setting(256, "reply length cap, in tokens", low=1,
+                                  high=MAX_NEW_TOKENS)
+    repetition_penalty: float = setting(1.1, "penalise tokens already present (1 = off); "
+                                             "small models loop without it", low=1.0, high=2.0)
+    seed: int | None = setting(None, "fix sampling for reproducibility (none: random)", low=0,
+                               special=(None,))
 
     def validate(self) -> GenerationSettings:
-        if not 0.0 <= self.temperature <= 2.0:
-            raise InvalidSettings(f"temperature must be between 0 and 2, not {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidSettings(f"top_p must be in (0, 1], not {self.top_p}.")
-        if not 1 <= int(self.max_new_tokens) <= self.MAX_NEW_TOKENS:
-            raise InvalidSettings(
-                f"max_new_tokens must be between 1 and {self.MAX_NEW_TOKENS}, "
-                f"not {self.max_new_tokens}.")
-        if not 1.0 <= self.repetition_penalty <= 2.0:
-            raise InvalidSettings("repetition_penalty must be between 1 and 2.")
-        return self
+        """`self` if every setting is allowed, else `InvalidSettings` saying which and why."""
+        for name in ("max_new_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value != int(value)):
+                raise InvalidSettings(f"{name} must be a whole number, not {value!r}.")
+        return check(self, error=InvalidSettings)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from serving.config import EMBEDDED, ServingConfig, data_dir, model_setting
+from serving.config import EMBEDDED, GGUF_QUANTS, ServingConfig, data_dir, model_setting
 from serving.model import LoadedModel, base_name, embedded_gguf_path, load, load_base
 
 log = logging.getLogger(__name__)
 
-GGUF_QUANTS = ("Q8_0", "F16", "F32")
 
 
 class UnknownVersion(LookupError):

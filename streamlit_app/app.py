@@ -16,6 +16,7 @@ from feedback.errors import FeedbackError
 from serving.config import GenerationSettings, model_setting
 from serving.backends import follow_current, open_engine
 from serving.registry import Registry
+from serving.setting import help_of, limits
 from streamlit_app import keys
 from streamlit_app.chat_session import ChatError, ChatSession, View
 from streamlit_app.identity import current_user
@@ -190,11 +191,13 @@ with st.expander("Generation settings", icon=":material/tune:"):
                  max_chars=store.MAX_MESSAGE_CHARS,
                  placeholder="Leave empty for the model's default",
                  **initial("system", view.settings.get("system_prompt", "")))
-    st.slider("Temperature", 0.0, 2.0, step=0.05, key=keys.setting("temperature", cid),
-              help="0 always picks the likeliest word",
+    st.slider("Temperature", *limits(GenerationSettings, "temperature"), step=0.05,
+              key=keys.setting("temperature", cid),
+              help=help_of(GenerationSettings, "temperature"),
               **initial("temperature", float(view.settings.get("temperature",
                                                                 DEFAULTS.temperature))))
-    st.number_input("Max new tokens", 1, GenerationSettings.MAX_NEW_TOKENS,
+    st.number_input("Max new tokens", *limits(GenerationSettings, "max_new_tokens"),
+                    help=help_of(GenerationSettings, "max_new_tokens"),
                     key=keys.setting("max_tokens", cid),
                     **initial("max_tokens", int(view.settings.get("max_new_tokens",
                                                                   DEFAULTS.max_new_tokens))))

@@ -104,10 +104,30 @@ def test_stream_resumes_from_the_start_after_an_interruption(engine):
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"temperature": 3}, {"top_p": 0},
-                                    {"max_new_tokens": 0}, {"max_new_tokens": 10**6}])
+                                    {"max_new_tokens": 0}, {"max_new_tokens": 10**6},
+                                    {"max_new_tokens": 2.5}, {"temperature": "hot"},
+                                    {"repetition_penalty": 0.5}, {"seed": -1}, {"seed": True}])
 def test_bad_settings_are_refused(engine, kwargs):
-    with pytest.raises(InvalidSettings):
+    with pytest.raises(InvalidSettings, match=next(iter(kwargs))):
         engine.submit(conv("hi"), GenerationSettings(**kwargs))
+
+
+def test_each_setting_is_declared_once_and_the_cli_and_page_follow_it():
+    from serving.setting import allowed, help_of, limits
+
+    # the page's widget limits and the CLI's flags come from the same declaration
+    assert limits(GenerationSettings, "temperature") == (0.0, 2.0)
+    assert limits(GenerationSettings, "max_new_tokens") == (1, 2048)
+    usage = subprocess.run([sys.executable, "-m", "serving", "generate", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60).stdout
+    flat = " ".join(usage.split())
+    for name in ("temperature", "top_p", "max_new_tokens", "repetition_penalty"):
+        assert " ".join(help_of(GenerationSettings, name).split()) in flat, name
+        assert allowed(GenerationSettings, name).describe() in flat, name
+    with pytest.raises(InvalidSettings, match=r"slots must be in \[1, 256\], not 0"):
+        ServingConfig(slots=0)
+    with pytest.raises(InvalidSettings, match="flash_attention must be auto, on, off"):
+        ServingConfig(flash_attention="maybe")
 
 
 def test_seeded_sampling_is_reproducible(engine):

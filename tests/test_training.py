@@ -127,7 +127,7 @@ def _only_likes(n: int) -> None:
     ({"tune": {"learning_rat": 1e-4}}, "unknown setting 'tune.learning_rat'"),
     ({"tune": {"batch_size": 0}}, "tune.batch_size must be at least 1"),
     ({"tune": {"bf16": "yes"}}, "tune.bf16 must be a bool"),
-    ({"reward_share": 1.5}, "reward_share must be between 0 and 1"),
+    ({"reward_share": 1.5}, "reward_share must be in (0, 1)"),
     ([1, 2], "must be a JSON object"),
     ("{not json", "is not valid JSON"),
     (None, "--max-minutes must be above 0"),

@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from training.config import ConfigError, RoundConfig
+from serving.setting import add_flags, check_value, given
+from training.config import ConfigError, RoundConfig, TuneConfig
 
 RUN_EXIT_CODES = """exit codes:
   0  the candidate passed the gate and now serves
@@ -34,10 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     def round_options(p):
         p.add_argument("--config", type=Path, help="JSON with RoundConfig fields to override, "
                        'e.g. {"tune": {"learning_rate": 1e-4}, "gate": {"min_retention": 0.9}}')
-        p.add_argument("--max-minutes", type=float, help="time budget of a round (default 60)")
-        p.add_argument("--method", choices=["auto", "kto", "dpo"])
-        p.add_argument("--full-finetune", action="store_true",
-                       help="train every weight instead of a LoRA adapter")
+        add_flags(p, RoundConfig, ["max_minutes"])
+        add_flags(p, TuneConfig, ["method", "full_finetune"])
 
     p = sub.add_parser("run", help="one round: data, reward model, tuning, gate, promote or not",
                        epilog=RUN_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,14 +66,13 @@ def round_config(args) -> RoundConfig:
             raise ConfigError(f"{args.config} is not valid JSON: {exc}") from exc
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from exc
-    if args.max_minutes is not None:
-        if not args.max_minutes > 0:
-            raise ConfigError(f"--max-minutes must be above 0, got {args.max_minutes}")
-        cfg.max_minutes = args.max_minutes
-    if args.method:
-        cfg.tune.method = args.method
-    if args.full_finetune:
-        cfg.tune.full_finetune = True
+    # the flags override the file; each checked against its one declaration
+    for section, klass, names in ((cfg, RoundConfig, ["max_minutes"]),
+                                  (cfg.tune, TuneConfig, ["method", "full_finetune"])):
+        for name, value in given(args, names).items():
+            flag = "--" + name.replace("_", "-")
+            setattr(section, name, check_value(klass, name, value, error=ConfigError,
+                                               label=flag))
     return cfg
 
 
