@@ -200,22 +200,16 @@ def _write_batch(session: Session, records: list[dict], users: dict[str, int],
     counts["votes"] += len(vote_ids)
 
 
-def prompt_for(session: Session, message: Message) -> list[dict[str, str]]:
-    """The conversation that led to `message`, following parents, with the system prompt the
-    reply was generated under (stored in its settings; an edit keeps its original's), not the
+def reply_prompt(session: Session, message: Message) -> list[dict[str, str]]:
+    """The exact prompt reply `message` was generated from (`store.prompt_for`), with the
+    system prompt stored in its settings (an edit keeps its original's), not the
     conversation's current one; replies stored without one (imports) take the current one."""
-    chain: list[Message] = []
-    node = session.get(Message, message.parent_id) if message.parent_id else None
-    while node is not None:
-        chain.append(node)
-        node = session.get(Message, node.parent_id) if node.parent_id else None
-    prompt = [{"role": m.role, "content": m.content} for m in reversed(chain)]
     settings = message.generation_settings or {}
     if "system_prompt" in settings:
         system = settings["system_prompt"]
     else:
         system = (message.conversation.settings or {}).get("system_prompt")
-    return ([{"role": "system", "content": system}] if system else []) + prompt
+    return store.prompt_for(session=session, parent_id=message.parent_id, system_prompt=system)
 
 
 def iter_vote_rows(*, session: Session) -> Iterator[dict[str, Any]]:
@@ -223,7 +217,7 @@ def iter_vote_rows(*, session: Session) -> Iterator[dict[str, Any]]:
     for vote, msg in session.execute(
             select(Vote, Message).join(Message, Vote.message_id == Message.id)
             .where(Vote.value.is_not(None)).order_by(Vote.id)):
-        yield {"prompt": prompt_for(session, msg),
+        yield {"prompt": reply_prompt(session, msg),
                "completion": [{"role": "assistant", "content": msg.content}],
                "label": vote.value == 1,
                "vote_id": vote.id, "message_id": msg.id, "user_id": vote.user_id,
@@ -236,7 +230,7 @@ def iter_pair_rows(*, session: Session) -> Iterator[dict[str, Any]]:
     for pref in session.scalars(select(Preference).order_by(Preference.id)):
         chosen = session.get(Message, pref.chosen_id)
         rejected = session.get(Message, pref.rejected_id)
-        yield {"prompt": prompt_for(session, chosen),
+        yield {"prompt": reply_prompt(session, chosen),
                "chosen": [{"role": "assistant", "content": chosen.content}],
                "rejected": [{"role": "assistant", "content": rejected.content}],
                "preference_id": pref.id, "source": pref.source, "user_id": pref.user_id,

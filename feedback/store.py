@@ -196,15 +196,28 @@ def get_thread(*, session: Session, user_id: int, conversation_id: int) -> list[
     return turns
 
 
-def history(*, session: Session, user_id: int, conversation_id: int,
-            through_message_id: int | None = None) -> list[dict[str, str]]:
-    """The shown thread as chat messages (`role`, `content`), optionally ending at a message."""
-    out = []
-    for t in get_thread(session=session, user_id=user_id, conversation_id=conversation_id):
-        out.append({"role": t.role, "content": t.content})
-        if t.id == through_message_id:
-            break
-    return out
+def prompt_for(*, session: Session, parent_id: int, system_prompt: str | None = None,
+               user_id: int | None = None) -> list[dict[str, str]]:
+    """The prompt of a reply to message `parent_id`, as chat messages: the system prompt (if
+    any), then the conversation from its first message through `parent_id`, following parents
+    (whichever siblings the page shows now). The one place a prompt is rebuilt: serving asks it
+    for a new reply, the export (so training) for every stored one, so both see the same turns.
+    One query (the conversation's messages, linked in memory). With `user_id`, the message must
+    be that user's."""
+    if user_id is not None:
+        parent = _owned_message(session, user_id, parent_id)
+    else:
+        parent = session.get(Message, parent_id)
+        if parent is None:
+            raise NotFound(f"Message {parent_id} does not exist.")
+    by_id = {m.id: m for m in _messages(session, parent.conversation_id)}
+    chain: list[Message] = []
+    node: Message | None = parent
+    while node is not None:
+        chain.append(node)
+        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": m.role, "content": m.content} for m in reversed(chain)]
 
 
 def _owned_message(session: Session, user_id: int, message_id: int) -> Message:

@@ -9,6 +9,7 @@ has the input's `id`, `messages`, the `reply`, the `model_version` that wrote it
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import sys
 import time
@@ -27,7 +28,8 @@ from serving.hardware import DTYPE_ENV, DTYPES, BadSetting, resolve_dtype
 from serving.registry import Registry, UnknownVersion
 from serving.setting import add_flags, given
 
-SAMPLING = ["temperature", "top_p", "max_new_tokens", "repetition_penalty", "seed"]
+SAMPLING = ["temperature", "top_p", "max_new_tokens", "repetition_penalty", "seed",
+            "system_prompt"]  # a row's own "system" replaces --system-prompt
 ENGINE = ["max_batch", "slots"]
 GENERATE_SLOTS = 16
 
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         replies = []
         for row in rows:
             try:
-                replies.append(engine.submit(row["messages"], settings,
-                                             system_prompt=row.get("system")))
+                replies.append(engine.submit(row["messages"], replace(
+                    settings, system_prompt=row.get("system") or settings.system_prompt)))
             except PromptTooLong as exc:
                 print(f"error: conversation {row['id']}: {exc}", file=sys.stderr)
                 return 1
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps({
                     "id": row["id"], "messages": row["messages"], "reply": reply.text,
                     "model_version": reply.version, "finish_reason": reply.finish_reason,
-                    "trimmed": reply.trimmed, "generation_settings": settings.to_dict(),
+                    "trimmed": reply.trimmed, "generation_settings": reply.settings.to_dict(),
                 }, ensure_ascii=False) + "\n")
         tmp.replace(args.out)
     finally:

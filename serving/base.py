@@ -42,27 +42,29 @@ class EngineBase:
         model = self._next or self._model
         return model.tokenizer, model.context_window
 
-    def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
-               *, system_prompt: str | None = None) -> Reply:
+    def submit(self, messages: list[dict[str, str]],
+               settings: GenerationSettings | None = None) -> Reply:
+        """Queue a reply to `messages` (user/assistant turns ending with a user turn), written
+        with `settings` (its system prompt included)."""
         raise NotImplementedError
 
-    def _prompt(self, messages, settings: GenerationSettings, system_prompt) -> Prompt:
+    def _prompt(self, messages, settings: GenerationSettings) -> Prompt:
         tokenizer, window = self._prompt_target()
         return build_prompt(tokenizer, messages, context_window=window,
-                            max_new_tokens=settings.max_new_tokens, system_prompt=system_prompt)
+                            max_new_tokens=settings.max_new_tokens,
+                            system_prompt=settings.system_prompt or None)
 
-    def check(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
-              system_prompt: str | None = None) -> None:
+    def check(self, messages: list[dict[str, str]], settings: GenerationSettings) -> None:
         """Raise `PromptTooLong` (or `InvalidSettings`) now if `messages` could not be answered."""
-        self._prompt(messages, settings.validate(), system_prompt)
+        self._prompt(messages, settings.validate())
 
-    def _start(self, messages, settings: GenerationSettings | None,
-               system_prompt) -> tuple[GenerationSettings, Prompt]:
+    def _start(self, messages, settings: GenerationSettings | None
+               ) -> tuple[GenerationSettings, Prompt]:
         """The checked settings and prompt of a reply about to be queued."""
         if self.closed:
             raise RuntimeError("the engine is closed")
         settings = (settings or GenerationSettings()).validate()
-        return settings, self._prompt(messages, settings, system_prompt)
+        return settings, self._prompt(messages, settings)
 
     def _cancel_the_rest(self, active: list) -> None:
         """Closed: every reply still queued or running ends "cancelled" (nobody waits forever
@@ -77,10 +79,9 @@ class EngineBase:
                 row.reply._finish("cancelled")
 
     def generate(self, conversations: list[list[dict[str, str]]],
-                 settings: GenerationSettings | None = None, *,
-                 system_prompt: str | None = None) -> list[Reply]:
+                 settings: GenerationSettings | None = None) -> list[Reply]:
         """Replies to many conversations, batched by the engine; returns when all are done."""
-        replies = [self.submit(c, settings, system_prompt=system_prompt) for c in conversations]
+        replies = [self.submit(c, settings) for c in conversations]
         for r in replies:
             r.wait()
         return replies

@@ -20,6 +20,14 @@ class Prompt:
     trimmed: int  # messages dropped from the start of the history
 
 
+def split_system(messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]]:
+    """(system prompt, the turns after it) of a stored prompt (`feedback.store.prompt_for`),
+    to hand an engine the turns and put the system prompt in the settings."""
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], list(messages[1:])
+    return "", list(messages)
+
+
 def render(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

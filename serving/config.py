@@ -59,7 +59,8 @@ class ServingConfig:
 
 @dataclass
 class GenerationSettings:
-    """How one reply is sampled; recorded beside every assistant message."""
+    """How one reply is written (its system prompt included); stored with every assistant
+    message, so the exact prompt of any reply can be rebuilt (`feedback.store.prompt_for`)."""
 
     temperature: float = setting(0.7, "0 always picks the likeliest token", low=0.0, high=2.0)
     top_p: float = setting(0.9, "nucleus sampling: the likeliest tokens holding this much "
@@ -70,6 +71,8 @@ class GenerationSettings:
                                              "small models loop without it", low=1.0, high=2.0)
     seed: int | None = setting(None, "fix sampling for reproducibility (none: random)", low=0,
                                special=(None,))
+    system_prompt: str = setting("", "instructions put before the conversation; empty: the "
+                                     "model's own default")
 
     def validate(self) -> GenerationSettings:
         """`self` if every setting is allowed, else `InvalidSettings` saying which and why."""
@@ -78,6 +81,8 @@ class GenerationSettings:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or value != int(value)):
                 raise InvalidSettings(f"{name} must be a whole number, not {value!r}.")
+        if not isinstance(self.system_prompt, str):
+            raise InvalidSettings(f"system_prompt must be text, not {self.system_prompt!r}.")
         return check(self, error=InvalidSettings)
 
     def to_dict(self) -> dict:

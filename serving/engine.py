@@ -59,10 +59,10 @@ class Engine(EngineBase):
         """Serve `loaded` for new replies once the replies in flight have finished."""
         self._next = loaded
 
-    def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
-               *, system_prompt: str | None = None) -> Reply:
+    def submit(self, messages: list[dict[str, str]],
+               settings: GenerationSettings | None = None) -> Reply:
         """Queue a reply to `messages` (user/assistant turns, oldest first, ending with user)."""
-        settings, prompt = self._start(messages, settings, system_prompt)
+        settings, prompt = self._start(messages, settings)
         reply = Reply(settings, prompt.trimmed)
         gen = None
         if settings.seed is not None:

@@ -189,9 +189,9 @@ class LlamaEngine(EngineBase):
         if old is not None:  # a version promoted and replaced before it ever served
             old.close()
 
-    def submit(self, messages: list[dict[str, str]], settings: GenerationSettings | None = None,
-               *, system_prompt: str | None = None) -> Reply:
-        settings, prompt = self._start(messages, settings, system_prompt)
+    def submit(self, messages: list[dict[str, str]],
+               settings: GenerationSettings | None = None) -> Reply:
+        settings, prompt = self._start(messages, settings)
         reply = Reply(settings, prompt.trimmed)
         self._queue.put(_Row(reply, prompt.input_ids))
         return reply

@@ -80,14 +80,13 @@ class OpenAIEngine(EngineBase):
     def _prompt_target(self):
         return self.tokenizer, self.context_window
 
-    def submit(self, messages, settings: GenerationSettings | None = None, *,
-               system_prompt: str | None = None) -> Reply:
-        settings, prompt = self._start(messages, settings, system_prompt)
+    def submit(self, messages, settings: GenerationSettings | None = None) -> Reply:
+        settings, prompt = self._start(messages, settings)
         kept = messages[prompt.trimmed:]
         body = {"model": self.model, "stream": True, "max_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature, "top_p": settings.top_p,
-                "messages": ([{"role": "system", "content": system_prompt}]
-                             if system_prompt else []) + list(kept)}
+                "messages": ([{"role": "system", "content": settings.system_prompt}]
+                             if settings.system_prompt else []) + list(kept)}
         if settings.seed is not None:
             body["seed"] = settings.seed
         if settings.repetition_penalty != 1.0:

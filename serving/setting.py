@@ -129,8 +129,10 @@ def add_flags(parser, klass, names: list[str], *, rename: dict[str, str] | None 
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help)
             continue
-        help = f"{f.metadata.get('help', '')} ({allowed(klass, name).describe()}; " \
-               f"default {default})"
+        a = allowed(klass, name)
+        constrained = a != Allowed()
+        help = f"{f.metadata.get('help', '')} (" + (f"{a.describe()}; " if constrained else "") \
+            + f"default {default!r})"
         convert = {"int": int, "float": float, "str": str, "int | None": int}.get(kind, str)
         parser.add_argument(flag, dest=name, type=convert, default=None, help=help,
                             choices=allowed(klass, name).choices, metavar=shown.upper())

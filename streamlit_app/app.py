@@ -66,11 +66,11 @@ def acting(action: str, *args, **kwargs) -> bool:
     return True
 
 
-def settings_for(cid: int | None) -> tuple[GenerationSettings, str]:
-    s = GenerationSettings(
+def settings_for(cid: int | None) -> GenerationSettings:
+    return GenerationSettings(
         temperature=ss.get(keys.setting("temperature", cid), DEFAULTS.temperature),
-        max_new_tokens=int(ss.get(keys.setting("max_tokens", cid), DEFAULTS.max_new_tokens)))
-    return s, ss.get(keys.setting("system", cid), "")
+        max_new_tokens=int(ss.get(keys.setting("max_tokens", cid), DEFAULTS.max_new_tokens)),
+        system_prompt=ss.get(keys.setting("system", cid), ""))
 
 
 def send() -> None:
@@ -79,7 +79,7 @@ def send() -> None:
         return  # empty or whitespace: nothing is sent
     cid = ss.get(keys.CONVERSATION)
     try:
-        new_cid = chat().send(cid, text, *settings_for(cid))
+        new_cid = chat().send(cid, text, settings_for(cid))
     except ChatError as exc:
         ss[keys.NOTICE] = str(exc)
         ss[keys.CHAT_BOX] = text  # not stored: keep what was typed in the box
@@ -91,7 +91,7 @@ def send() -> None:
 
 def reply_to(parent_id: int, source: str) -> None:
     cid = ss[keys.CONVERSATION]
-    acting("reply_to", cid, parent_id, *settings_for(cid), source=source)
+    acting("reply_to", cid, parent_id, settings_for(cid), source=source)
 
 
 def on_thumb(message_id: int) -> None:

@@ -89,38 +89,35 @@ class ChatSession:
         return self.in_flight is not None and self.in_flight.busy(self.user_id, conversation_id)
 
     # ---- chatting -------------------------------------------------------------------------------
-    def send(self, conversation_id: int | None, text: str, settings: GenerationSettings,
-             system_prompt: str = "") -> int:
+    def send(self, conversation_id: int | None, text: str, settings: GenerationSettings) -> int:
         """Store the user's message (in a new conversation when `conversation_id` is None)
         and start the reply; returns the conversation's id. On `ChatError` nothing is stored."""
         if conversation_id is not None and self.busy(conversation_id):
             raise ChatError(BUSY)  # refused here, whatever the browser let through
         try:
             store.check_message_text(text)
-            self.engine.check([{"role": "user", "content": text}], settings,
-                              system_prompt=system_prompt or None)
+            self.engine.check([{"role": "user", "content": text}], settings)
             with transaction(write=True) as session:
                 if conversation_id is None:
                     conversation_id = store.create_conversation(
                         session=session, user_id=self.user_id).id
                 store.update_conversation_settings(
                     session=session, user_id=self.user_id, conversation_id=conversation_id,
-                    settings={**settings.to_dict(), "system_prompt": system_prompt})
+                    settings=settings.to_dict())
                 message = store.add_user_message(session=session, user_id=self.user_id,
                                                  conversation_id=conversation_id, content=text)
         except (FeedbackError, PromptTooLong, InvalidSettings) as exc:
             raise ChatError(str(exc)) from exc
-        self.reply_to(conversation_id, message.id, settings, system_prompt)
+        self.reply_to(conversation_id, message.id, settings)
         return conversation_id
 
     def reply_to(self, conversation_id: int, parent_id: int, settings: GenerationSettings,
-                 system_prompt: str = "", source: str = "chat") -> PendingReply:
+                 source: str = "chat") -> PendingReply:
         """Start a reply to user message `parent_id` (`source` "regenerate" for another one)."""
         try:
             return self.in_flight.start(engine=self.engine, user_id=self.user_id,
                                         conversation_id=conversation_id, parent_id=parent_id,
-                                        settings=settings, system_prompt=system_prompt,
-                                        source=source)
+                                        settings=settings, source=source)
         except (FeedbackError, PromptTooLong, InvalidSettings) as exc:
             raise ChatError(str(exc)) from exc
 

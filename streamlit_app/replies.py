@@ -29,15 +29,13 @@ class PendingReply:
     conversation_id: int
     parent_id: int
     source: str
-    system_prompt: str | None
     saved: threading.Event = field(default_factory=threading.Event)
     message_id: int | None = None
     save_error: str | None = None
 
     def record(self) -> dict:
-        """The generation settings stored beside the reply."""
-        return {**self.reply.settings.to_dict(), "system_prompt": self.system_prompt,
-                "trimmed": self.reply.trimmed}
+        """The generation settings stored with the reply (its system prompt included)."""
+        return {**self.reply.settings.to_dict(), "trimmed": self.reply.trimmed}
 
 
 BUSY = ("A reply is still being written (or saved) in this conversation. Wait for it, or "
@@ -63,8 +61,7 @@ class InFlight:
             return key in self._by_conversation or key in self._reserved
 
     def start(self, *, engine, user_id: int, conversation_id: int, parent_id: int,
-              settings: GenerationSettings, system_prompt: str | None,
-              source: str = "chat") -> PendingReply:
+              settings: GenerationSettings, source: str = "chat") -> PendingReply:
         """Generate a reply to user message `parent_id` from the conversation as stored;
         raises `Busy` if this conversation already has a reply in flight."""
         key = (user_id, conversation_id)
@@ -73,13 +70,11 @@ class InFlight:
                 raise Busy(BUSY)
             self._reserved.add(key)
         try:
-            with transaction() as session:
-                messages = store.history(session=session, user_id=user_id,
-                                         conversation_id=conversation_id,
-                                         through_message_id=parent_id)
-            reply = engine.submit(messages, settings, system_prompt=system_prompt or None)
-            pending = PendingReply(reply, user_id, conversation_id, parent_id, source,
-                                   system_prompt)
+            with transaction() as session:  # the system prompt is added by the engine
+                messages = store.prompt_for(session=session, parent_id=parent_id,
+                                            user_id=user_id)
+            reply = engine.submit(messages, settings)
+            pending = PendingReply(reply, user_id, conversation_id, parent_id, source)
             with self._lock:
                 self._by_conversation[key] = pending
         finally:

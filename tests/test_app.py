@@ -114,6 +114,29 @@ def test_regenerate_page_pick_edit_and_reopen(tiny_model):
     assert again.get("button_group")[0].value == ["thorough"]
 
 
+def test_a_system_prompt_changed_mid_conversation_stays_with_each_reply(tiny_model):
+    at = open_page()
+    at.text_area(key="system_new").input("Be brief.")
+    send(at, "first question")
+    cid = at.session_state["conversation_id"]
+    at.text_area(key=f"system_{cid}").input("Be a pirate.")
+    send(at, "second question")
+    replies = [t for t in thread() if t.role == "assistant"]
+    assert [r.generation_settings["system_prompt"] for r in replies] == ["Be brief.",
+                                                                         "Be a pirate."]
+    for reply in replies:
+        at.feedback(key=f"vote_{reply.id}").set_value(1).run()
+    with db.transaction() as s:
+        prompts = [row["prompt"] for row in io.iter_vote_rows(session=s)]
+    assert prompts == [
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "first question"}],
+        [{"role": "system", "content": "Be a pirate."},
+         {"role": "user", "content": "first question"},
+         {"role": "assistant", "content": replies[0].content},
+         {"role": "user", "content": "second question"}]]
+
+
 def test_empty_and_overlong_messages(tiny_model):
     at = open_page()
     at.chat_input[0].set_value("   \n ").run()
@@ -237,11 +260,11 @@ def test_a_second_reply_while_one_is_in_flight_is_refused_and_nothing_is_lost(ti
                                         content="Q1")
         long = GenerationSettings(temperature=0, max_new_tokens=400)
         first = in_flight.start(engine=engine, user_id=uid, conversation_id=cid,
-                                parent_id=q1.id, settings=long, system_prompt=None)
+                                parent_id=q1.id, settings=long)
         assert in_flight.busy(uid, cid) and not in_flight.busy(uid + 1, cid)
         with pytest.raises(Busy, match="still being written"):  # a regenerate, a second tab
             in_flight.start(engine=engine, user_id=uid, conversation_id=cid,
-                            parent_id=q1.id, settings=long, system_prompt=None)
+                            parent_id=q1.id, settings=long)
         with pytest.raises(Busy), db.transaction(write=True) as s:  # a second message
             store.add_user_message(session=s, user_id=uid, conversation_id=cid, content="Q2")
         first.saved.wait(60)

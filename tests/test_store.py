@@ -171,13 +171,22 @@ def test_a_follow_up_continues_from_the_shown_reply(db_url):
     with db.transaction(write=True, url=db_url) as s:
         uid = _user(s)
         conv, q, first = _exchange(s, uid, reply="first")
-        store.add_reply(session=s, user_id=uid, parent_id=q.id, content="second",
-                        model_version="v1", generation_settings={}, source="regenerate")
+        second = store.add_reply(session=s, user_id=uid, parent_id=q.id, content="second",
+                                 model_version="v1", generation_settings={}, source="regenerate")
         store.select_reply(session=s, user_id=uid, message_id=first.id)
-        store.add_user_message(session=s, user_id=uid, conversation_id=conv.id, content="More?")
-        assert store.history(session=s, user_id=uid, conversation_id=conv.id) == [
+        more = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id,
+                                      content="More?")
+        assert store.prompt_for(session=s, parent_id=more.id, user_id=uid,
+                                system_prompt="Be brief.") == [
+            {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "first"},
             {"role": "user", "content": "More?"}]
+        # the path to a message, not what is shown now: showing "second" changes nothing
+        store.select_reply(session=s, user_id=uid, message_id=second.id)
+        assert [m["content"] for m in store.prompt_for(session=s, parent_id=more.id)] == [
+            "Hi", "first", "More?"]
+        with pytest.raises(NotFound):
+            store.prompt_for(session=s, parent_id=more.id, user_id=uid + 1)
 
 
 def test_concurrent_sqlite_writers_wait_instead_of_failing(data_dir):

@@ -26,10 +26,12 @@ import json
 import random
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from serving.chat import split_system
 from serving.config import GenerationSettings
 from serving.model import LoadedModel
 from training.config import GateConfig
@@ -86,7 +88,11 @@ def answers(engine, conversations: list[list[dict]], max_new_tokens: int) -> lis
     """Greedy replies through the serving engine (the one users get), batched."""
     settings = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens,
                                   repetition_penalty=1.0)
-    return [r.text for r in engine.generate(conversations, settings)]
+    replies = []
+    for conversation in conversations:  # each with the system prompt its replies were under
+        system, turns = split_system(conversation)
+        replies.append(engine.submit(turns, replace(settings, system_prompt=system)))
+    return [r.wait() for r in replies]
 
 
 def heldout_prompts(heldout: FeedbackData) -> list[list[dict]]:
