@@ -25,7 +25,8 @@ BAD = "Well, um, so, you know, it depends, maybe, perhaps, who can say really, w
 FAST = {"tune": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "bf16": False},
         "reward": {"max_steps": 3, "batch_size": 4},
         "gate": {"max_heldout_prompts": 4, "reply_max_new_tokens": 8},
-        "data": {"heldout_fraction": 0.3, "min_votes": 4}}
+        "data": {"heldout_fraction": 0.3, "min_votes": 4},
+        "synthetic": {"samples_per_prompt": 2, "max_prompts": 4, "max_new_tokens": 16}}
 LENIENT = {**FAST, "gate": {**FAST["gate"], "enforce": False}}
 
 
@@ -191,6 +192,13 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
     report = json.loads(next((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
                         .read_text())
     assert report["decision"] == "promoted" and report["tuning"]["steps"] == 4
+    # The judge was checked on held-out votes before any synthetic pair was made from it.
+    judge = report["reward_model"]["judge"]
+    assert judge["heldout_votes"] > 0 and 0 <= judge["auc"]["low"] <= judge["auc"]["high"] <= 1
+    if judge["trusted"]:
+        assert report["synthetic"]["prompts"] > 0
+    else:
+        assert report["synthetic"]["pairs"] == 0 and "chance" in report["synthetic"]["why"]
     assert set(report["gate"]["checks"]) == {"a_heldout_ranking", "b_reward_model",
                                              "c_regression"}
     assert "Decision: promoted" in next((Path(os.environ["CHAT_DATA_DIR"]) / "reports")

@@ -73,6 +73,23 @@ class TuneConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    samples_per_prompt: int = setting(4, "replies sampled per training prompt from the serving "
+                                         "version, judged by the reward model (0: no synthetic "
+                                         "pairs)", low=2, high=16, special=(0,))
+    max_prompts: int = setting(96, "most training prompts sampled", low=1)
+    margin: float = setting(1.0, "best and worst reply must differ by this many standard "
+                                 "deviations of the reward model's scores to make a pair",
+                            low=0.0)
+    temperature: float = setting(0.9, "sampling temperature of the replies", low=0.0,
+                                 high=2.0, low_open=True)
+    max_new_tokens: int = setting(192, "reply length cap of the samples", low=16, high=2048)
+    time_share: float = setting(0.25, "share of the training time left after the reward model "
+                                      "that sampling and judging may take",
+                                low=0.0, high=1.0, low_open=True, high_open=True)
+
+
+@dataclass
 class GateConfig:
     min_heldout_votes: int = setting(2, "(a) fewest held-out votes (with both labels) to "
                                         "judge on; scored even when the gate's time is up",
@@ -108,6 +125,7 @@ class RoundConfig:
     reward: RewardModelConfig = field(default_factory=RewardModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_minutes: float = setting(60.0, "time budget of the whole round, gate included: training "
                                        "stops when only gate_share of it is left",
                                  low=0.0, low_open=True)
@@ -141,7 +159,7 @@ class RoundConfig:
 
 
 SECTIONS = {"data": DataConfig, "reward": RewardModelConfig, "tune": TuneConfig,
-            "gate": GateConfig}
+            "gate": GateConfig, "synthetic": SyntheticConfig}
 
 class ConfigError(ValueError):
     """A round config that names an unknown field or holds a value of the wrong type or range."""

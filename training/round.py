@@ -23,11 +23,13 @@ from serving.hardware import dtype_reason, threads
 from serving.model import resolve_base
 from serving.registry import Registry
 from training.config import RoundConfig
-from training.dataset import NotEnoughFeedback, check_enough, load_feedback, reward_pairs, split
+from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, load_feedback,
+                              reward_pairs, split)
 from training.evaluate import gate
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
 from training.reward import RewardModel, train_reward_model
+from training.synthetic import judge_quality, synthetic_pairs
 from training.tune import tune
 
 # Exit codes of `python -m training run` (also in its --help).
@@ -129,7 +131,33 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     reward_deadline = t + cfg.reward_share * max(0.0, train_deadline - t)
     report["reward_model"] = train_reward_model(base_source, trainee.tokenizer, pairs,
                                                 cfg.reward, staging, reward_deadline)
+    judge = RewardModel(base_source, staging.reward, trainee.tokenizer, cfg.reward.max_length)
+    quality = judge_quality(judge, heldout, confidence=cfg.gate.confidence,
+                            samples=cfg.gate.bootstrap_samples, seed=cfg.gate.seed)
+    report["reward_model"]["judge"] = quality
     timed("reward_model", t)
+
+    t = time.monotonic()
+    report["synthetic"] = {"pairs": 0}
+    if cfg.synthetic.samples_per_prompt == 0:
+        report["synthetic"]["why"] = "off (synthetic.samples_per_prompt = 0)"
+    elif not quality["trusted"]:
+        report["synthetic"]["why"] = (
+            "the reward model's held-out ranking is not above chance "
+            f"(AUC interval {quality.get('auc', {}).get('low', 0):.2f}-"
+            f"{quality.get('auc', {}).get('high', 0):.2f}): no pairs from it")
+    else:
+        share = cfg.synthetic.time_share * max(0.0, train_deadline - t)
+        # all slots busy with the samples (a batch job, as `serving generate`)
+        engine = open_engine(registry, current_name, ServingConfig(slots=16))
+        try:  # sampling gets 80% of the share, judging the rest
+            made, report["synthetic"] = synthetic_pairs(engine, judge, train, cfg.synthetic,
+                                                        t + 0.8 * share, log=log)
+        finally:
+            engine.close()
+        train = FeedbackData(votes=train.votes, pairs=train.pairs + made)
+    log(report["synthetic"].get("why") or f"{report['synthetic']['pairs']} synthetic pairs")
+    timed("synthetic", t)
 
     t = time.monotonic()
     log(f"tuning {current_name} ({cfg.tune.method}, "
@@ -156,8 +184,6 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     base = current if current_name == base_name else registry.load(base_name, fp32)
     candidate = registry.load(round_id, fp32)
     version = registry.get(round_id).dir
-    judge = RewardModel(base_source, version.reward, candidate.tokenizer,
-                        cfg.reward.max_length)
     engines = [open_engine(registry, n) for n in (current_name, round_id)]
     try:
         verdict = gate(current=current, candidate=candidate, base=base,
@@ -219,7 +245,9 @@ def markdown(r: dict) -> str:
                                                       t.get("loss_weights") or []))
         lines += ["## Training", "",
                   f"- reward model: {r['reward_model']['pairs']} pairs, "
-                  f"{r['reward_model']['steps']} steps, loss {r['reward_model']['train_loss']:.4f}",
+                  f"{r['reward_model']['steps']} steps, loss {r['reward_model']['train_loss']:.4f}"
+                  + _judge_line(r["reward_model"].get("judge")),
+                  _synthetic_line(r.get("synthetic")),
                   f"- tuning: {t['method'].upper()} ({t['kind']}), {t['steps']} steps, loss "
                   + (f"({mix}) " if mix else "")
                   + f"{_num(t['first_loss'])} -> {_num(t['last_loss'])}"
@@ -238,6 +266,27 @@ def markdown(r: dict) -> str:
               for k, v in r["timings_s"].items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def _judge_line(q: dict | None) -> str:
+    if not q:
+        return ""
+    auc = q.get("auc")
+    line = (f"; on held-out votes AUC {auc['estimate']:.2f} [{auc['low']:.2f}, {auc['high']:.2f}]"
+            if auc else "; no held-out votes of both labels to check it on")
+    if q.get("pair_accuracy") is not None:
+        line += f", held-out pair accuracy {q['pair_accuracy']:.0%} of {q['heldout_pairs']}"
+    return line
+
+
+def _synthetic_line(s: dict | None) -> str:
+    if not s:
+        return "- synthetic pairs: none"
+    if "why" in s:
+        return f"- synthetic pairs: none ({s['why']})"
+    return (f"- synthetic pairs: {s['pairs']} from {s['prompts_finished']} of {s['prompts']} "
+            f"prompts ({s['replies']} sampled replies; {s['pairs_below_margin']} prompts below "
+            f"the {s['margin_sd']} s.d. margin), {s['generate_and_score_s']} s")
 
 
 def status() -> dict:

@@ -5,6 +5,7 @@ resampled with a fixed seed, so a rerun of the gate on the same numbers gives th
 
 - `auc_difference`: bootstrap interval of AUC(candidate) - AUC(current) on the same votes,
   resampled within each label so every resample has the liked/disliked counts of the data.
+- `auc_interval`: the same for one ranking (is a reward model better than chance?).
 - `paired_mean`: bootstrap interval of the mean of per-item scores (a win rate with ties as
   0.5, or a per-question accuracy difference in {-1, 0, 1}).
 - `sign_test`: exact one-sided binomial (McNemar) test on discordant pairs, for counts too small
@@ -68,6 +69,13 @@ def auc_difference(candidate, current, labels, *, confidence: float, samples: in
                     - _auc_sorted(cur[p], np.sort(cur[n])))
     low, high = _bounds(diffs, confidence)
     return Interval(auc(cand, labels) - auc(cur, labels), low, high, confidence)
+
+
+def auc_interval(scores, labels, *, confidence: float, samples: int, seed: int = 0) -> Interval:
+    """AUC of one ranking with its label-stratified bootstrap interval (chance is 0.5)."""
+    flat = [0.0] * len(scores)  # a constant ranking has AUC 0.5 in every resample
+    d = auc_difference(scores, flat, labels, confidence=confidence, samples=samples, seed=seed)
+    return Interval(d.estimate + 0.5, d.low + 0.5, d.high + 0.5, confidence)
 
 
 def paired_mean(values, *, confidence: float, samples: int, seed: int = 0) -> Interval:

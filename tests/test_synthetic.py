@@ -1,0 +1,77 @@
+"""Synthetic on-policy pairs: real replies from the tiny model through the serving engine, judged.
+
+The judge here scores a reply by its length in characters, a real ranking whose best and worst
+reply are known, so the pairing rules (best vs worst, the margin, the deadline, the trust check)
+can be asserted exactly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from serving.backends import open_engine
+from serving.config import ServingConfig
+from serving.registry import Registry
+from training.config import SyntheticConfig
+from training.dataset import FeedbackData
+from training.synthetic import judge_quality, synthetic_pairs
+
+
+class LengthJudge:
+    def score(self, conversations: list[list[dict]]) -> list[float]:
+        return [float(len(c[-1]["content"])) for c in conversations]
+
+
+def vote(prompt: str, reply: str, label: bool) -> dict:
+    return {"prompt": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": prompt}],
+            "completion": [{"role": "assistant", "content": reply}], "label": label}
+
+
+TRAIN = FeedbackData(votes=[vote(f"Question {i}?", "a reply", i % 2 == 0) for i in range(6)])
+
+
+@pytest.fixture
+def engine(tiny_model):
+    eng = open_engine(Registry(), config=ServingConfig(dtype="float32", slots=8))
+    yield eng
+    eng.close()
+
+
+def test_best_and_worst_of_each_prompt_become_a_pair_past_the_margin(engine):
+    cfg = SyntheticConfig(samples_per_prompt=4, max_prompts=5, margin=0.0, max_new_tokens=24,
+                          temperature=1.5)
+    pairs, report = synthetic_pairs(engine, LengthJudge(), TRAIN, cfg, time.monotonic() + 120)
+    assert report["prompts"] == 5 and report["prompts_finished"] == 5
+    assert report["replies"] <= 20 and report["pairs"] == len(pairs) > 0
+    for p in pairs:
+        assert p["source"] == "synthetic" and p["prompt"][0]["content"] == "Be brief."
+        assert len(p["chosen"][0]["content"]) > len(p["rejected"][0]["content"])
+    strict = SyntheticConfig(samples_per_prompt=4, max_prompts=5, margin=1e6, max_new_tokens=24,
+                             temperature=1.5)
+    none, report = synthetic_pairs(engine, LengthJudge(), TRAIN, strict, time.monotonic() + 120)
+    assert none == [] and report["pairs_below_margin"] > 0
+
+
+def test_past_its_deadline_sampling_stops_and_keeps_nothing_half_done(engine):
+    cfg = SyntheticConfig(samples_per_prompt=4, max_prompts=6, margin=0.0, max_new_tokens=300)
+    pairs, report = synthetic_pairs(engine, LengthJudge(), TRAIN, cfg, time.monotonic())
+    assert pairs == [] and report["prompts_finished"] == 0
+    # the engine is free again: the cancelled samples do not hold its slots
+    reply = engine.submit([{"role": "user", "content": "hi"}])
+    reply.wait(60)
+    assert reply.done
+
+
+def test_only_a_judge_that_ranks_held_out_votes_above_chance_is_trusted():
+    heldout = FeedbackData(votes=[vote(f"q{i}", "x" * (50 if i % 2 else 5), bool(i % 2))
+                                  for i in range(20)])
+    good = judge_quality(LengthJudge(), heldout, confidence=0.95, samples=500)
+    assert good["trusted"] and good["auc"]["estimate"] == 1.0
+    inverted = FeedbackData(votes=[dict(v, label=not v["label"]) for v in heldout.votes])
+    bad = judge_quality(LengthJudge(), inverted, confidence=0.95, samples=500)
+    assert not bad["trusted"] and bad["auc"]["high"] < 0.5
+    one_label = FeedbackData(votes=[v for v in heldout.votes if v["label"]])
+    assert not judge_quality(LengthJudge(), one_label, confidence=0.95, samples=500)["trusted"]

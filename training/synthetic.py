@@ -1,0 +1,128 @@
+"""On-policy pairs judged by the round's reward model (rejection sampling, as in iterative DPO).
+
+300 votes are a thin signal, and each is used once. Once the reward model has learned the users'
+votes, it can judge replies nobody voted on: the serving version answers each training prompt
+several times (batched, through the serving engine: what users would get), the reward model
+scores every reply, and the best and the worst become a preference pair when they are far
+enough apart (`margin`, in standard deviations of all the scores). Those pairs join the users'
+own for preference tuning.
+
+Only a judge that has shown it agrees with users is trusted: its ranking of the held-out votes
+(AUC, a label-stratified bootstrap interval) must lie above chance, else no synthetic pair is
+made and the report says why. Generation stops at its deadline; prompts whose replies did not
+all finish are left out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from statistics import pstdev
+
+from serving.chat import PromptTooLong, split_system
+from serving.config import GenerationSettings
+from training.config import SyntheticConfig
+from training.dataset import FeedbackData
+from training.stats import auc_interval
+
+
+def judge_quality(judge, heldout: FeedbackData, *, confidence: float, samples: int,
+                  seed: int = 0) -> dict:
+    """How well the reward model ranks held-out votes it never saw: AUC with its interval,
+    and its accuracy on held-out pairs (where there are any)."""
+    votes = heldout.votes
+    labels = [v["label"] for v in votes]
+    out: dict = {"heldout_votes": len(votes), "heldout_pairs": len(heldout.pairs)}
+    if len(set(labels)) == 2:
+        scores = judge.score([v["prompt"] + v["completion"] for v in votes])
+        iv = auc_interval(scores, labels, confidence=confidence, samples=samples, seed=seed)
+        out["auc"] = iv.to_dict()
+    if heldout.pairs:
+        n = len(heldout.pairs)
+        scores = judge.score([p["prompt"] + p["chosen"] for p in heldout.pairs]
+                             + [p["prompt"] + p["rejected"] for p in heldout.pairs])
+        out["pair_accuracy"] = sum(c > r for c, r in zip(scores[:n], scores[n:])) / n
+    out["trusted"] = bool(out.get("auc") and out["auc"]["low"] > 0.5)
+    return out
+
+
+def training_prompts(train: FeedbackData, limit: int) -> list[list[dict]]:
+    """The distinct prompts of the training votes, at most `limit`, spread over the data."""
+    seen, prompts = set(), []
+    for v in train.votes:
+        key = repr(v["prompt"])
+        if key not in seen:
+            seen.add(key)
+            prompts.append(v["prompt"])
+    step = max(1, len(prompts) // max(limit, 1))
+    return prompts[::step][:limit]
+
+
+def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
+                    deadline: float, log=lambda line: None) -> tuple[list[dict], dict]:
+    """(pairs for DPO, what was done): `cfg.samples_per_prompt` replies to each training prompt
+    from `engine`, scored by `judge`; best vs worst where they differ by `cfg.margin` s.d."""
+    start = time.monotonic()
+    prompts = training_prompts(train, cfg.max_prompts)
+    settings = GenerationSettings(temperature=cfg.temperature, top_p=0.95,
+                                  max_new_tokens=cfg.max_new_tokens)
+    handles, too_long = [], 0
+    for prompt in list(prompts):
+        system, turns = split_system(prompt)
+        s = replace(settings, system_prompt=system)
+        try:
+            engine.check(turns, s)
+        except PromptTooLong:  # no room for a reply in the context window: not sampled
+            prompts.remove(prompt)
+            too_long += 1
+            continue
+        handles.append([engine.submit(turns, s) for _ in range(cfg.samples_per_prompt)])
+    for group in handles:
+        for reply in group:
+            left = deadline - time.monotonic()
+            if left <= 0 or not _wait(reply, left):
+                break
+    for group in handles:  # past the deadline: what is unfinished is dropped
+        for reply in group:
+            if not reply.done:
+                reply.cancel()
+    done = [(p, [r.text for r in g]) for p, g in zip(prompts, handles)
+            if all(r.done and r.finish_reason in ("stop", "length") for r in g)]
+    generated_s = time.monotonic() - start
+    flat = [(p, t) for p, texts in done for t in texts if t.strip()]
+    scores = judge.score([p + [{"role": "assistant", "content": t}] for p, t in flat]) \
+        if flat else []
+    sd = pstdev(scores) if len(scores) > 1 else 0.0
+    by_prompt: dict[str, list[tuple[float, str, list[dict]]]] = {}
+    for (p, t), s in zip(flat, scores):
+        by_prompt.setdefault(repr(p), []).append((s, t, p))
+    pairs, gaps = [], []
+    for group in by_prompt.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda x: x[0])
+        (low, worst, prompt), (high, best, _) = group[0], group[-1]
+        gap = (high - low) / sd if sd > 0 else 0.0
+        gaps.append(gap)
+        if gap >= cfg.margin and best.strip() != worst.strip():
+            pairs.append({"prompt": prompt,
+                          "chosen": [{"role": "assistant", "content": best}],
+                          "rejected": [{"role": "assistant", "content": worst}],
+                          "source": "synthetic", "reward_gap_sd": round(gap, 3)})
+    report = {"prompts": len(prompts), "prompts_too_long": too_long,
+              "prompts_finished": len(done),
+              "replies": len(flat), "pairs": len(pairs),
+              "pairs_below_margin": len(gaps) - len(pairs), "margin_sd": cfg.margin,
+              "generate_and_score_s": round(time.monotonic() - start, 1),
+              "generate_s": round(generated_s, 1)}
+    log(f"synthetic pairs: {len(pairs)} of {len(gaps)} prompts past the {cfg.margin} s.d. "
+        f"margin ({len(flat)} replies in {report['generate_and_score_s']:.0f}s)")
+    return pairs, report
+
+
+def _wait(reply, timeout: float) -> bool:
+    try:
+        reply.wait(timeout)
+        return True
+    except TimeoutError:
+        return False
