@@ -126,7 +126,9 @@ def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
             "message": report.get("message"), "timings_s": report.get("timings_s"),
             "peak_mb": report.get("peak_mb"),
             "gate": _gate_summary(report.get("gate")), "tuning": report.get("tuning"),
-            "data": report.get("data")}
+            "data": report.get("data"),
+            # the judge's held-out AUC and the synthetic pairs made from it
+            "reward_model": report.get("reward_model"), "synthetic": report.get("synthetic")}
 
 
 def _gate_summary(gate: dict | None) -> dict | None:
@@ -277,19 +279,24 @@ def _pct(v: float | None) -> str:
 
 def print_table(results: dict) -> None:
     print(f"\n{'user':<11} {'approval by round':<24} {'round':>9} {'time':>6} {'reward':>6} "
-          f"{'tune':>11} {'gate':>5} {'peak MB':>8} {'RM acc':>6} {'retention':>9}")
+          f"{'RM AUC':>6} {'synth':>9} {'tune':>11} {'gate':>5} {'peak MB':>8} "
+          f"{'retention':>9}")
     for name, row in results["users"].items():
         approvals = " -> ".join(f"{a:.0%}" for a in row["approval"])
         for i, rnd in enumerate(row["rounds"] or [None]):
             t = rnd["training"] if rnd else {}
             gate, times = t.get("gate") or {}, t.get("timings_s") or {}
             tuning = t.get("tuning") or {}
+            judge = (t.get("reward_model") or {}).get("judge") or {}
+            synth = t.get("synthetic") or {}
+            auc = (judge.get("auc") or {}).get("estimate")
             print(f"{name if i == 0 else '':<11} {approvals if i == 0 else '':<24} "
                   f"{t.get('decision') or '-':>9} {t.get('seconds', 0):>5.0f}s "
                   f"{times.get('reward_model', 0):>5.0f}s "
+                  f"{auc if auc is None else round(auc, 2)!s:>6} "
+                  f"{synth.get('pairs', 0):>3}/{times.get('synthetic', 0):>3.0f}s "
                   f"{times.get('tuning', 0):>4.0f}s/{tuning.get('steps', 0):>2} st "
                   f"{times.get('gate', 0):>4.0f}s {t.get('peak_rss_mb', 0):>8} "
-                  f"{_pct(gate.get('reward_model_accuracy')):>6} "
                   f"{_pct(gate.get('c_retention')):>9}")
 
 

@@ -60,7 +60,7 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
 
         # The longest replies the page allows, so a story has room to run.
         page.get_by_text("Generation settings").click()
-        tokens = page.get_by_label("Max new tokens")
+        tokens = page.get_by_label("Max new tokens", exact=True)
         tokens.fill("2048")
         tokens.press("Enter")
 
