@@ -23,6 +23,7 @@ from serving.config import GenerationSettings, InvalidSettings
 from streamlit_app.replies import BUSY, InFlight, PendingReply
 
 KEEP = object()  # `vote`: leave this part of the vote as it is
+VOTE_WAITS = "Your vote is kept here and will be saved when the database answers. "
 
 
 class ChatError(Exception):
@@ -200,7 +201,7 @@ class ChatSession:
             except FeedbackError as invalid:
                 raise ChatError(str(invalid)) from invalid
             self.unsaved[message_id] = new
-            return f"Your vote is kept here and will be saved when the database answers. {exc}"
+            return VOTE_WAITS + str(exc)
         except InvalidInput as exc:  # this change is refused; a vote waiting stays
             raise ChatError(str(exc)) from exc
         except FeedbackError as exc:  # the reply is gone: nothing to keep for it
@@ -218,8 +219,7 @@ class ChatSession:
                                    value=value, reasons=list(reasons), comment=comment)
                 del self.unsaved[message_id]
             except StoreUnavailable as exc:
-                return ("Your vote is kept here and will be saved when the database answers. "
-                        f"{exc}")
+                return VOTE_WAITS + str(exc)
             except FeedbackError as exc:
                 del self.unsaved[message_id]
                 notice = str(exc)

@@ -66,17 +66,17 @@ def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
     prompts = training_prompts(train, cfg.max_prompts)
     settings = GenerationSettings(temperature=cfg.temperature, top_p=0.95,
                                   max_new_tokens=cfg.max_new_tokens)
-    handles, too_long = [], 0
-    for prompt in list(prompts):
+    sampled, handles, too_long = [], [], 0
+    for prompt in prompts:
         system, turns = split_system(prompt)
         s = replace(settings, system_prompt=system)
-        try:
-            engine.check(turns, s)
+        try:  # the same prompt each time: the first submit refuses before anything is queued
+            group = [engine.submit(turns, s) for _ in range(cfg.samples_per_prompt)]
         except PromptTooLong:  # no room for a reply in the context window: not sampled
-            prompts.remove(prompt)
             too_long += 1
             continue
-        handles.append([engine.submit(turns, s) for _ in range(cfg.samples_per_prompt)])
+        sampled.append(prompt)
+        handles.append(group)
     for group in handles:
         for reply in group:
             left = deadline - time.monotonic()
@@ -86,7 +86,7 @@ def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
         for reply in group:
             if not reply.done:
                 reply.cancel()
-    done = [(p, [r.text for r in g]) for p, g in zip(prompts, handles)
+    done = [(p, [r.text for r in g]) for p, g in zip(sampled, handles)
             if all(r.done and r.finish_reason in ("stop", "length") for r in g)]
     generated_s = time.monotonic() - start
     flat = [(p, t) for p, texts in done for t in texts if t.strip()]
@@ -109,7 +109,7 @@ def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
                           "chosen": [{"role": "assistant", "content": best}],
                           "rejected": [{"role": "assistant", "content": worst}],
                           "source": "synthetic", "reward_gap_sd": round(gap, 3)})
-    report = {"prompts": len(prompts), "prompts_too_long": too_long,
+    report = {"prompts": len(sampled), "prompts_too_long": too_long,
               "prompts_finished": len(done),
               "replies": len(flat), "pairs": len(pairs),
               "pairs_below_margin": len(gaps) - len(pairs), "margin_sd": cfg.margin,
