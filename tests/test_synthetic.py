@@ -75,3 +75,32 @@ def test_only_a_judge_that_ranks_held_out_votes_above_chance_is_trusted():
     assert not bad["trusted"] and bad["auc"]["high"] < 0.5
     one_label = FeedbackData(votes=[v for v in heldout.votes if v["label"]])
     assert not judge_quality(LengthJudge(), one_label, confidence=0.95, samples=500)["trusted"]
+
+
+def test_the_reward_model_stops_training_in_time_to_score_the_heldout(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from serving.registry import VersionDir
+    from training.config import RewardModelConfig
+    from training.reward import train_reward_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    pairs = [{"chosen": v["prompt"] + [{"role": "assistant", "content": "Yes."}],
+              "rejected": v["prompt"] + [{"role": "assistant", "content": "Well, um, maybe."}]}
+             for v in TRAIN.votes] * 4  # 24 pairs: 12 steps of 2
+    cfg = RewardModelConfig(batch_size=2, max_length=64)
+    out = VersionDir(tmp_path / "v")
+    # Scoring 8 conversations is timed first; 240,000 more cannot fit in 60 s, so training
+    # stops at its first step, and the judge it returns is the trained one.
+    many = [p["chosen"] for p in pairs] * 10_000
+    judge, summary = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
+                                        time.monotonic() + 60, to_score=many)
+    assert summary["scoring_reserve_s"] > 60 and summary["stopped_by_deadline"]
+    assert summary["steps"] == 1 and (out.reward / "adapter_config.json").exists()
+    scores = judge.score([p["chosen"] for p in pairs[:2]] + [p["rejected"] for p in pairs[:2]])
+    assert len(scores) == 4 and all(isinstance(s, float) for s in scores)
+    # Nothing to score afterwards: the same deadline lets every step run.
+    _, summary = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
+                                    time.monotonic() + 60)
+    assert summary["scoring_reserve_s"] == 0 and summary["steps"] == 12
+    assert not summary["stopped_by_deadline"]

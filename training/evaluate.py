@@ -33,6 +33,7 @@ import torch
 
 from serving.chat import split_system
 from serving.config import GenerationSettings
+from serving.hardware import autocast
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
@@ -48,7 +49,7 @@ def load_regression_set(path: Path = REGRESSION_SET) -> list[dict]:
 @torch.inference_mode()
 def mean_logps(loaded: LoadedModel, rows: list[dict], batch_size: int = 8) -> list[float]:
     """Mean log-probability of each row's reply given its prompt (chat template applied),
-    in right-padded batches."""
+    in right-padded batches, in bfloat16 where the machine has it natively."""
     tok, model = loaded.tokenizer, loaded.model
     encoded = []
     for r in rows:
@@ -63,7 +64,8 @@ def mean_logps(loaded: LoadedModel, rows: list[dict], batch_size: int = 8) -> li
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk])
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        with autocast(model):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None])[..., 0]
         for row, (row_ids, p_len) in enumerate(chunk):
             reply = logp[row, p_len - 1:len(row_ids) - 1]

@@ -1,57 +1,29 @@
 """The reward model: the learned judge of what users like, trained with TRL's `RewardTrainer`.
 
 A sequence-classification head (one score) on the base model's backbone, LoRA-tuned on
-preference pairs (Bradley-Terry loss). The gate uses it to compare two models' replies.
+preference pairs (Bradley-Terry loss). The round checks it on held-out votes, samples synthetic
+pairs with it, and the gate uses it to compare two models' replies.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
 import torch
 from datasets import Dataset
 
+from serving.hardware import autocast
 from serving.registry import VersionDir
 from training.config import RewardModelConfig, TuneConfig
 from training.tune import Deadline, common_args, lora_config
 
 
-def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardModelConfig,
-                       out: VersionDir, deadline: float) -> dict:
-    """Train on `pairs` (conversational `chosen`/`rejected`) from the checkpoint at `source`."""
-    from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
-
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
-                                                               dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
-                           max_steps=cfg.max_steps, max_length=cfg.max_length,
-                           lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
-    args = RewardConfig(**common_args(tune_like, out.trainer,
-                                      max(1, min(cfg.batch_size, len(pairs)))))
-    stop = Deadline(deadline)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                            processing_class=tokenizer,
-                            peft_config=lora_config(tune_like, task_type="SEQ_CLS"),
-                            callbacks=[stop])
-    result = trainer.train()
-    trainer.model.save_pretrained(out.reward)
-    return {"pairs": len(pairs), "steps": trainer.state.global_step,
-            "train_loss": result.training_loss, "stopped_by_deadline": stop.hit}
-
-
 class RewardModel:
-    """Scores conversations (the last message being the reply) with a trained reward model."""
+    """Scores conversations (the last message being the reply) with a sequence-classification
+    model, in bfloat16 where the machine has it natively."""
 
-    def __init__(self, source: str, adapter: Path, tokenizer, max_length: int = 512) -> None:
-        from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification
-
-        base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
-                                                                  dtype=torch.float32)
-        base.config.pad_token_id = tokenizer.pad_token_id
-        self.model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    def __init__(self, model, tokenizer, max_length: int = 512) -> None:
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
 
@@ -63,5 +35,47 @@ class RewardModel:
                      for c in conversations[i:i + batch_size]]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                  max_length=self.max_length, add_special_tokens=False)
-            out += self.model(**enc).logits[:, 0].float().tolist()
+            with autocast(self.model):
+                out += self.model(**enc).logits[:, 0].float().tolist()
         return out
+
+
+def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardModelConfig,
+                       out: VersionDir, deadline: float,
+                       to_score: list[list[dict]] = ()) -> tuple[RewardModel, dict]:
+    """Train on `pairs` (conversational `chosen`/`rejected`) from the checkpoint at `source`;
+    saves the adapter into `out.reward` and returns the trained judge and a summary.
+
+    `deadline` bounds training and the scoring of `to_score` that follows (the held-out check):
+    before training, scoring a few of them times the model, and training stops early enough to
+    score them all by the deadline."""
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    reserve_s = 0.0
+    if to_score:
+        probe = list(to_score[:8])
+        t = time.monotonic()
+        RewardModel(model, tokenizer, cfg.max_length).score(probe)
+        # 1.5x: the probe's conversations may be shorter than the rest
+        reserve_s = 1.5 * (time.monotonic() - t) * len(to_score) / len(probe)
+    model.train()
+    tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
+                           max_steps=cfg.max_steps, max_length=cfg.max_length,
+                           lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
+    args = RewardConfig(**common_args(tune_like, out.trainer,
+                                      max(1, min(cfg.batch_size, len(pairs)))))
+    stop = Deadline(deadline - reserve_s)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                            processing_class=tokenizer,
+                            peft_config=lora_config(tune_like, task_type="SEQ_CLS"),
+                            callbacks=[stop])
+    result = trainer.train()
+    trainer.model.save_pretrained(out.reward)
+    judge = RewardModel(trainer.model.merge_and_unload(), tokenizer, cfg.max_length)
+    return judge, {"pairs": len(pairs), "steps": trainer.state.global_step,
+                   "train_loss": result.training_loss, "stopped_by_deadline": stop.hit,
+                   "scoring_reserve_s": round(reserve_s, 1)}

@@ -28,8 +28,8 @@ from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, loa
 from training.evaluate import gate
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
-from training.reward import RewardModel, train_reward_model
-from training.synthetic import judge_quality, synthetic_pairs
+from training.reward import train_reward_model
+from training.synthetic import judge_quality, judged_conversations, synthetic_pairs
 from training.tune import tune
 
 # Exit codes of `python -m training run` (also in its --help).
@@ -129,9 +129,9 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     trainee = registry.load(current_name, fp32)
     # The reward model may not starve the tuning: it gets its share of the training time left.
     reward_deadline = t + cfg.reward_share * max(0.0, train_deadline - t)
-    report["reward_model"] = train_reward_model(base_source, trainee.tokenizer, pairs,
-                                                cfg.reward, staging, reward_deadline)
-    judge = RewardModel(base_source, staging.reward, trainee.tokenizer, cfg.reward.max_length)
+    judge, report["reward_model"] = train_reward_model(
+        base_source, trainee.tokenizer, pairs, cfg.reward, staging, reward_deadline,
+        to_score=judged_conversations(heldout))
     quality = judge_quality(judge, heldout, confidence=cfg.gate.confidence,
                             samples=cfg.gate.bootstrap_samples, seed=cfg.gate.seed)
     report["reward_model"]["judge"] = quality

@@ -26,21 +26,33 @@ from training.dataset import FeedbackData
 from training.stats import auc_interval
 
 
+def judged_conversations(heldout: FeedbackData) -> list[list[dict]]:
+    """What `judge_quality` scores: each held-out vote's conversation, then each held-out pair's
+    chosen and rejected ones."""
+    return ([v["prompt"] + v["completion"] for v in heldout.votes]
+            + [p["prompt"] + p["chosen"] for p in heldout.pairs]
+            + [p["prompt"] + p["rejected"] for p in heldout.pairs])
+
+
 def judge_quality(judge, heldout: FeedbackData, *, confidence: float, samples: int,
                   seed: int = 0) -> dict:
     """How well the reward model ranks held-out votes it never saw: AUC with its interval,
     and its accuracy on held-out pairs (where there are any)."""
-    votes = heldout.votes
+    votes, n = heldout.votes, len(heldout.pairs)
     labels = [v["label"] for v in votes]
-    out: dict = {"heldout_votes": len(votes), "heldout_pairs": len(heldout.pairs)}
-    if len(set(labels)) == 2:
-        scores = judge.score([v["prompt"] + v["completion"] for v in votes])
-        iv = auc_interval(scores, labels, confidence=confidence, samples=samples, seed=seed)
+    out: dict = {"heldout_votes": len(votes), "heldout_pairs": n}
+    both = len(set(labels)) == 2
+    if not both and not n:
+        out["trusted"] = False
+        return out
+    scores = judge.score(judged_conversations(heldout) if both else
+                         judged_conversations(FeedbackData(pairs=heldout.pairs)))
+    if both:
+        iv = auc_interval(scores[:len(votes)], labels, confidence=confidence, samples=samples,
+                          seed=seed)
         out["auc"] = iv.to_dict()
-    if heldout.pairs:
-        n = len(heldout.pairs)
-        scores = judge.score([p["prompt"] + p["chosen"] for p in heldout.pairs]
-                             + [p["prompt"] + p["rejected"] for p in heldout.pairs])
+        scores = scores[len(votes):]
+    if n:
         out["pair_accuracy"] = sum(c > r for c, r in zip(scores[:n], scores[n:])) / n
     out["trusted"] = bool(out.get("auc") and out["auc"]["low"] > 0.5)
     return out
