@@ -1,6 +1,6 @@
 """Does the loop learn? Simulated users vote; the real pipeline trains; approval before and after.
 
-    python -m bench.loop [--users concise,example,structured,no_filler] [--rounds 1]
+    python -m bench.loop [--users concise,example,structured,no_filler,bold,tips] [--rounds 1]
         [--train-prompts 75] [--replies-per-prompt 4] [--test-prompts 62] [--out DIR]
 
 For each simulated user (`bench/users.py`), in a data directory of its own (so each user's model

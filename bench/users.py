@@ -15,6 +15,8 @@ FILLER = re.compile(r"^\s*(sure|great question|certainly|of course|absolutely|i'
                     r"i would be happy|hello|hi\b|what a|good question|thanks for)", re.I)
 EXAMPLE = re.compile(r"\b(for example|for instance|e\.g\.|such as|imagine)\b", re.I)
 LIST_LINE = re.compile(r"^\s*([-*•]|\d+[.)])\s+\S", re.M)
+BOLD = re.compile(r"\*\*[^*\n]+\*\*")
+TIP = re.compile(r"\b(tip|remember|keep in mind|note that|make sure)\b", re.I)
 
 
 def words(text: str) -> int:
@@ -57,6 +59,21 @@ def no_filler() -> SimUser:
     return SimUser("no_filler", 'dislikes filler openings ("Sure!", "Great question")', judge)
 
 
+def bold_terms() -> SimUser:
+    def judge(reply: str):
+        ok = bool(BOLD.search(reply))
+        return ok, (["clear"] if ok else ["bad style"])
+    return SimUser("bold", "likes key terms in **bold** (Markdown)", judge, 0.25)
+
+
+def practical_tip() -> SimUser:
+    def judge(reply: str):
+        ok = bool(TIP.search(reply))
+        return ok, (["thorough"] if ok else ["not helpful"])
+    return SimUser("tips", 'likes a practical tip or reminder ("tip", "remember", "keep in mind", '
+                           '"note that", "make sure")', judge)
+
+
 def percentile(values: list[int], q: float) -> int:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -65,7 +82,8 @@ def percentile(values: list[int], q: float) -> int:
 def make_users(names: list[str], base_reply_lengths: list[int]) -> list[SimUser]:
     """The users named, the concise one calibrated at the 35th percentile of base lengths."""
     factories = {"concise": lambda: concise(max(1, percentile(base_reply_lengths, 0.35))),
-                 "example": with_example, "structured": structured, "no_filler": no_filler}
+                 "example": with_example, "structured": structured, "no_filler": no_filler,
+                 "bold": bold_terms, "tips": practical_tip}
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise ValueError(f"unknown users {unknown}; choose from {sorted(factories)}")
