@@ -56,7 +56,8 @@ class VersionDir:
         reward/             the round's reward model, a LoRA adapter over the base
         model.<quant>.gguf  the merged weights as llama.cpp serves them (Q8_0 by default)
         config.json         the round's configuration
-        meta.json           name, parent, base, data counts, created_at (written at register)
+        meta.json           name, parent (the model it was tuned from), replaces (the version
+                            serving then), base, data counts, created_at (written at register)
         metrics.json        the gate's verdict, tuning and reward-model summaries
         trainer/            TRL's scratch output while training, removed before registering
     """

@@ -222,6 +222,36 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
     assert training_cli("rollback", "no-such-version").returncode == 1
 
 
+def test_a_round_continues_from_the_serving_version_or_starts_over_from_the_base(tiny_model,
+                                                                                   tmp_path):
+    import torch
+
+    from serving.config import ServingConfig
+    fill(24)
+    assert training_cli("run", config=LENIENT, tmp_path=tmp_path).returncode == 0
+    first = Registry().current_name()
+    fill(8, user="bob")
+    again = training_cli("run", config=LENIENT, tmp_path=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    second = Registry().get(Registry().current_name())
+    assert second.meta["parent"] == second.meta["replaces"] == first
+    fill(8, user="carol")
+    anew = training_cli("run", config={**LENIENT, "tune": {**FAST["tune"], "start": "base"}},
+                        tmp_path=tmp_path)
+    assert anew.returncode == 0, anew.stdout[-3000:] + anew.stderr[-3000:]
+    reg = Registry()
+    third = reg.get(reg.current_name())
+    assert third.meta["parent"] == tiny_model.name and third.meta["replaces"] == second.name
+    # Its adapter sits on the base: base + adapter gives the version's own weights.
+    fp32 = ServingConfig(dtype="float32")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        direct = reg.load(third.name, fp32).model(ids).logits
+        chained = reg._load_adapter(third, fp32).model(ids).logits
+    assert torch.allclose(direct, chained, atol=1e-4)
+    assert "tuning " + tiny_model.name in anew.stdout
+
+
 def test_a_candidate_trained_on_inverted_labels_is_rejected(tiny_model, tmp_path):
     fill_split(30, invert_training=True)
     strict = {**FAST, "gate": FAST["gate"]}

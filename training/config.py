@@ -48,6 +48,10 @@ class TuneConfig:
     method: str = setting("auto", "kto (votes), dpo (pairs) or auto: DPO when the feedback "
                                   "gives at least min_dpo_pairs pairs, KTO otherwise",
                           choices=("auto", "kto", "dpo"))
+    start: str = setting("current", "the model a round tunes: current (the serving version, "
+                                    "on all feedback so far) or base (the base model again, on "
+                                    "all feedback so far, so rounds do not stack adapters)",
+                         choices=("current", "base"))
     min_dpo_pairs: int = setting(32, "fewest training pairs for auto to choose DPO", low=1)
     full_finetune: bool = setting(False, "train every weight instead of a LoRA adapter")
     lora_r: int = setting(16, "LoRA rank", low=1)

@@ -126,7 +126,8 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     t = time.monotonic()
     pairs = reward_pairs(train, cfg.data)
     log(f"training the reward model on {len(pairs)} pairs")
-    trainee = registry.load(current_name, fp32)
+    start_name = base_name if cfg.tune.start == "base" else current_name
+    trainee = registry.load(start_name, fp32)
     # The reward model may not starve the tuning: it gets its share of the training time left.
     reward_deadline = t + cfg.reward_share * max(0.0, train_deadline - t)
     judge, report["reward_model"] = train_reward_model(
@@ -160,7 +161,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     timed("synthetic", t)
 
     t = time.monotonic()
-    log(f"tuning {current_name} ({cfg.tune.method}, "
+    log(f"tuning {start_name} ({cfg.tune.method}, "
         f"{'full' if cfg.tune.full_finetune else 'LoRA'})")
     summary, _ = tune(trainee.model, trainee.tokenizer, train, cfg.tune, staging,
                       train_deadline)
@@ -169,7 +170,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     timed("tuning", t)
 
     registry.register(round_id, staging, {
-        "parent": current_name, "base": base_name, "kind": summary["kind"],
+        "parent": start_name, "replaces": current_name, "base": base_name, "kind": summary["kind"],
         "method": summary["method"], "data_counts": report["data"], "round": round_id})
     log(f"registered version {round_id}")
     if backend_setting() in ("auto", "llama.cpp"):
