@@ -80,7 +80,7 @@ def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str
     """Store the replies and the user's votes (and picks) through the page's own `ChatSession`."""
     from streamlit_app.chat_session import ChatSession
 
-    counts = {"votes": 0, "liked": 0, "picks": 0}
+    counts = {"votes": 0, "liked": 0, "picks": 0, "with_reason": 0}
     chat = ChatSession(ChatSession.sign_in(f"sim-{user.name}"))
     for i, (prompt, options) in enumerate(zip(prompts, texts)):
         parent_id = chat.start_conversation(prompt["messages"])
@@ -95,6 +95,7 @@ def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str
             chat.vote(message_id, value=1 if liked else -1, reasons=reasons)
             counts["votes"] += 1
             counts["liked"] += liked
+            counts["with_reason"] += bool(reasons)
             shown.append((liked, message_id))
         # Some users regenerate and pick the reply they like when the replies differ.
         if (i % 100) < user.regenerate_share * 100 and len({lk for lk, _ in shown}) == 2:

@@ -222,7 +222,8 @@ def iter_vote_rows(*, session: Session) -> Iterator[dict[str, Any]]:
                "label": vote.value == 1,
                "vote_id": vote.id, "message_id": msg.id, "user_id": vote.user_id,
                "conversation_id": msg.conversation_id, "voted_at": vote.updated_at.isoformat(),
-               "model_version": msg.model_version, "reasons": list(vote.reasons)}
+               "model_version": msg.model_version, "reasons": list(vote.reasons),
+               "comment": vote.comment or ""}
 
 
 def iter_pair_rows(*, session: Session) -> Iterator[dict[str, Any]]:

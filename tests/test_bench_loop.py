@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from bench import reasons
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -22,7 +23,11 @@ def test_prompt_set_and_users():
     concise, example, structured, filler = make_users(
         ["concise", "example", "structured", "no_filler"], list(range(1, 101)))
     assert concise.judge("one two three") == (True, ["clear"])
-    assert concise.judge("word " * 200)[0] is False
+    # a reason only when the case is clear-cut
+    assert concise.judge("word " * 200) == (False, ["too verbose"])
+    assert concise.judge("word " * 40) == (False, [])
+    assert example.judge("For example, tea. For instance, coffee.") == (True, ["thorough"])
+    assert example.judge("Tea.") == (False, []) and example.judge("tea " * 120)[1]
     assert example.judge("Use less salt, for example in soups.")[0]
     assert structured.judge("Steps:\n1. Boil water\n2. Add tea")[0]
     assert not filler.judge("Sure! Here you go.")[0] and filler.judge("Tea needs 3 minutes.")[0]
@@ -66,3 +71,15 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     again = json.loads((out / "loop.json").read_text())["users"]["concise"]
     assert again["versions"] == [row["versions"][0]] and again["rounds"] == []
     assert not (out / "concise" / "data" / "reports").exists()
+
+
+def test_reasons_bench_trains_both_judges_on_the_same_votes(tiny_model, tmp_path):
+    out = tmp_path / "reasons"
+    result = reasons.main(["--users", "concise", "--prompts", "16", "--replies-per-prompt", "2",
+                           "--max-new-tokens", "12", "--max-steps", "2", "--out", str(out)])
+    row = json.loads((out / "reasons.json").read_text())["users"]["concise"]
+    assert row == result["users"]["concise"] and row["votes"]["votes"] == 32
+    plain, margin = row["runs"]["0.0"], row["runs"]["1.0"]
+    assert plain["steps"] == margin["steps"] == 2 and plain["pairs"] == margin["pairs"]
+    assert plain["pairs_with_margin"] == 0
+    assert -1 <= row["auc_difference"]["low"] <= row["auc_difference"]["high"] <= 1

@@ -87,6 +87,28 @@ def test_dataset_rules_split_and_weights(tiny_model):
     assert all({r["label"] for r in b} == {True, False} for b in batches)
 
 
+def test_what_users_said_sets_each_pairs_strength_and_the_reward_margin(tiny_model):
+    from training.dataset import reward_pairs
+    fill(3)  # bare thumbs: a liked and a disliked reply to each of 3 prompts
+    with db.transaction(write=True) as s:  # prompt 1: both votes say why; prompt 2: one does
+        store.set_vote(session=s, user_id=1, message_id=2, value=1, reasons=["clear"])
+        store.set_vote(session=s, user_id=1, message_id=3, value=-1, comment="rambles")
+        store.set_vote(session=s, user_id=1, message_id=6, value=-1, reasons=["too verbose"])
+        conv = store.create_conversation(session=s, user_id=1)
+        q = store.add_user_message(session=s, user_id=1, conversation_id=conv.id,
+                                   content="Pick one?")
+        a, b = (store.add_reply(session=s, user_id=1, parent_id=q.id, content=text,
+                                model_version="m", generation_settings={}) for text in "AB")
+        store.prefer_reply(session=s, user_id=1, message_id=b.id)
+    data = load_feedback()
+    strength = {p["prompt"][-1]["content"]: p["strength"] for p in data.pairs}
+    assert strength == {"Question 0: is this fine?": 1.0, "Question 1: is this fine?": 0.5,
+                        "Question 2: is this fine?": 0.0, "Pick one?": 1.0}
+    margins = sorted(r["margin"] for r in reward_pairs(data, DataConfig(), 2.0))
+    assert margins == [0.0] * 4 + [1.0, 2.0, 2.0]  # 3 top-ups across prompts: no margin
+    assert all("margin" not in r for r in reward_pairs(data, DataConfig(), 0.0))
+
+
 def test_conflicting_votes_follow_the_majority_then_the_latest(tiny_model):
     for user, liked in [("a", True), ("b", True), ("c", False)]:
         fill(1, user=user, liked_good=liked)

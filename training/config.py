@@ -41,6 +41,10 @@ class RewardModelConfig:
     lora_r: int = setting(16, "LoRA rank", low=1)
     max_steps: int = setting(-1, "stop after this many steps (-1: epochs decide)",
                              low=1, special=(-1,))
+    reason_margin: float = setting(1.0, "margin a pair's chosen reply must win by, times the "
+                                        "pair's strength (1: a pick or an edit; for two votes, "
+                                        "the share that gave a reason or a comment); 0: every "
+                                        "pair alike", low=0.0)
 
 
 @dataclass

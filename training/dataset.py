@@ -8,6 +8,11 @@ Rules, applied in this order:
   the ids of every vote behind it.
 - Pairs come from regenerate picks and edits, and from a liked and a disliked reply to the same
   prompt (at most `max_pairs_per_prompt` per prompt); duplicates dropped, identical texts skipped.
+- What users said: a vote with a reason chip or a comment is a stated preference. Each pair
+  carries its `strength` in [0, 1]: 1 for a regenerate pick or an edit (the user compared the two
+  replies), the share of its two votes that state a reason or comment for a pair of votes, 0 for
+  the reward model's top-up pairs across prompts. The reward model asks stronger pairs to be
+  told apart by a wider margin (`reward.reason_margin`).
 - The held-out split is by conversation, from a salted hash of its id: deterministic, and no
   conversation is on both sides.
 """
@@ -59,6 +64,8 @@ def _merge_votes(rows: list[dict]) -> list[dict]:
         label = ups > downs if ups != downs else latest["label"]
         merged.append({"prompt": latest["prompt"], "completion": latest["completion"],
                        "label": bool(label), "conversation_id": latest["conversation_id"],
+                       "said": any(r.get("reasons") or r.get("comment", "").strip()
+                                   for r in group if r["label"] == label),
                        "message_id": latest["message_id"],
                        "vote_ids": sorted(r["vote_id"] for r in group)})
     return sorted(merged, key=lambda r: r["vote_ids"][0])
@@ -67,7 +74,7 @@ def _merge_votes(rows: list[dict]) -> list[dict]:
 def _pairs(votes: list[dict], prefs: list[dict], cfg: DataConfig) -> list[dict]:
     out, seen = [], set()
 
-    def add(prompt, chosen, rejected, source, conversation_id, link):
+    def add(prompt, chosen, rejected, source, conversation_id, strength, link):
         if chosen.strip() == rejected.strip():
             return
         key = _key(prompt, chosen + "\x00" + rejected)
@@ -76,11 +83,12 @@ def _pairs(votes: list[dict], prefs: list[dict], cfg: DataConfig) -> list[dict]:
         seen.add(key)
         out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
                     "rejected": [{"role": "assistant", "content": rejected}],
-                    "source": source, "conversation_id": conversation_id, **link})
+                    "source": source, "conversation_id": conversation_id,
+                    "strength": strength, **link})
 
     for p in prefs:
         add(p["prompt"], p["chosen"][0]["content"], p["rejected"][0]["content"], p["source"],
-            p["conversation_id"], {"preference_id": p["preference_id"]})
+            p["conversation_id"], 1.0, {"preference_id": p["preference_id"]})
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for v in votes:
         by_prompt[json.dumps(v["prompt"], sort_keys=True)].append(v)
@@ -94,6 +102,7 @@ def _pairs(votes: list[dict], prefs: list[dict], cfg: DataConfig) -> list[dict]:
                     break
                 add(good["prompt"], good["completion"][0]["content"],
                     bad["completion"][0]["content"], "votes", good["conversation_id"],
+                    (good["said"] + bad["said"]) / 2,
                     {"vote_ids": good["vote_ids"] + bad["vote_ids"]})
                 made += 1
     return out
@@ -153,16 +162,21 @@ def interleave(rows: list[dict]) -> list[dict]:
     return [r for _, _, r in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
-def reward_pairs(data: FeedbackData, cfg: DataConfig) -> list[dict]:
+def reward_pairs(data: FeedbackData, cfg: DataConfig, reason_margin: float = 0.0) -> list[dict]:
     """Pairs for the reward model: the preference pairs, topped up when they are few with
     liked-vs-disliked replies to different prompts, as whole conversations (TRL's implicit-prompt
-    form), so the judge can be trained whenever both labels exist."""
-    rows = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}
-            for p in data.pairs]
+    form), so the judge can be trained whenever both labels exist. With `reason_margin` > 0 each
+    row has a `margin` (TRL's RewardTrainer: the chosen must outscore the rejected by it) of
+    `reason_margin` x the pair's strength."""
+    rows = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"],
+             "margin": reason_margin * p.get("strength", 0.0)} for p in data.pairs]
     liked = [v for v in data.votes if v["label"]]
     disliked = [v for v in data.votes if not v["label"]]
     for i in range(max(len(liked), len(disliked)) if len(rows) < len(data.votes) else 0):
         good, bad = liked[i % len(liked)], disliked[i % len(disliked)]
         rows.append({"chosen": good["prompt"] + good["completion"],
-                     "rejected": bad["prompt"] + bad["completion"]})
+                     "rejected": bad["prompt"] + bad["completion"], "margin": 0.0})
+    if reason_margin <= 0:  # the plain Bradley-Terry loss
+        for row in rows:
+            del row["margin"]
     return rows

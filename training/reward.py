@@ -77,5 +77,6 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     trainer.model.save_pretrained(out.reward)
     judge = RewardModel(trainer.model.merge_and_unload(), tokenizer, cfg.max_length)
     return judge, {"pairs": len(pairs), "steps": trainer.state.global_step,
+                   "pairs_with_margin": sum(p.get("margin", 0) > 0 for p in pairs),
                    "train_loss": result.training_loss, "stopped_by_deadline": stop.hit,
                    "scoring_reserve_s": round(reserve_s, 1)}

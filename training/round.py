@@ -124,7 +124,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     staging.config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     t = time.monotonic()
-    pairs = reward_pairs(train, cfg.data)
+    pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
     log(f"training the reward model on {len(pairs)} pairs")
     start_name = base_name if cfg.tune.start == "base" else current_name
     trainee = registry.load(start_name, fp32)
@@ -245,7 +245,9 @@ def markdown(r: dict) -> str:
         mix = " + ".join(f"{w} x {n}" for n, w in zip(t.get("loss_type", []),
                                                       t.get("loss_weights") or []))
         lines += ["## Training", "",
-                  f"- reward model: {r['reward_model']['pairs']} pairs, "
+                  f"- reward model: {r['reward_model']['pairs']} pairs "
+                  f"({r['reward_model'].get('pairs_with_margin', 0)} with a margin from what "
+                  "users said), "
                   f"{r['reward_model']['steps']} steps, loss {r['reward_model']['train_loss']:.4f}"
                   + _judge_line(r["reward_model"].get("judge")),
                   _synthetic_line(r.get("synthetic")),
