@@ -2,6 +2,7 @@
 
     python -m bench.loop [--users concise,example,structured,no_filler,bold,tips] [--rounds 1]
         [--train-prompts 75] [--replies-per-prompt 4] [--test-prompts 62] [--out DIR]
+    python -m bench.loop --report [--out DIR]   # the table and plot again, from loop.json
 
 For each simulated user (`bench/users.py`), in a data directory of its own (so each user's model
 learns only from that user):
@@ -165,7 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--round-config", type=json.loads, default=None,
                         help="JSON overrides of RoundConfig for the rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loop")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table and redraw the plot from loop.json")
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads((args.out / "loop.json").read_text())
+        plot(results, args.out / "loop.png")
+        print_table(results)
+        return results
 
     from bench.users import make_users, words
     from serving.config import GenerationSettings
@@ -261,13 +269,17 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, row in results["users"].items():
-        ax.plot(range(len(row["approval"])), [100 * a for a in row["approval"]], marker="o",
-                label=name)
+        x = range(len(row["approval"]))
+        y = [100 * a for a in row["approval"]]
+        ivs = row.get("approval_interval") or [[a, a] for a in row["approval"]]
+        err = [[a - 100 * lo for a, (lo, _) in zip(y, ivs)],
+               [100 * hi - a for a, (_, hi) in zip(y, ivs)]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
     ax.set_xticks(range(max(len(r["approval"]) for r in results["users"].values())))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out approval (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Approval per round, per simulated user")
+    ax.set_title("Approval per round, per simulated user (95% intervals)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")  # the top is where a pleased user sits
     fig.tight_layout()
@@ -279,11 +291,19 @@ def _pct(v: float | None) -> str:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'user':<11} {'approval by round':<24} {'round':>9} {'time':>6} {'reward':>6} "
-          f"{'RM AUC':>6} {'synth':>9} {'tune':>11} {'gate':>5} {'peak MB':>8} "
-          f"{'retention':>9}")
+    """One line per user and round: approval before -> after with 95% intervals, the round's
+    decision and minutes, each stage's seconds, the judge's held-out AUC and pair accuracy, the
+    synthetic pairs, the tuning steps, peak memory and regression retention."""
+    print(f"\n{'user':<11} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
+          f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'synth':>9} {'tune':>11} "
+          f"{'gate':>5} {'peak MB':>8} {'retain':>6}")
     for name, row in results["users"].items():
-        approvals = " -> ".join(f"{a:.0%}" for a in row["approval"])
+        ivs = row.get("approval_interval") or [[None, None]] * len(row["approval"])
+
+        def shown(i):
+            lo, hi = ivs[i]
+            band = f" [{lo:.0%},{hi:.0%}]" if lo is not None else ""
+            return f"{row['approval'][i]:.0%}{band}"
         for i, rnd in enumerate(row["rounds"] or [None]):
             t = rnd["training"] if rnd else {}
             gate, times = t.get("gate") or {}, t.get("timings_s") or {}
@@ -291,14 +311,16 @@ def print_table(results: dict) -> None:
             judge = (t.get("reward_model") or {}).get("judge") or {}
             synth = t.get("synthetic") or {}
             auc = (judge.get("auc") or {}).get("estimate")
-            print(f"{name if i == 0 else '':<11} {approvals if i == 0 else '':<24} "
-                  f"{t.get('decision') or '-':>9} {t.get('seconds', 0):>5.0f}s "
-                  f"{times.get('reward_model', 0):>5.0f}s "
-                  f"{auc if auc is None else round(auc, 2)!s:>6} "
+            moved = f"{shown(i)} -> {shown(i + 1)}" if rnd else shown(0)
+            print(f"{name if i == 0 else '':<11} {i + 1 if rnd else 0:>3} {moved:<34} "
+                  f"{t.get('decision') or '-':>9} {t.get('seconds', 0) / 60:>5.1f} "
+                  f"{times.get('reward_model', 0):>5.0f} "
+                  f"{'-' if auc is None else f'{auc:.2f}':>5} "
+                  f"{_pct(judge.get('pair_accuracy')):>7} "
                   f"{synth.get('pairs', 0):>3}/{times.get('synthetic', 0):>3.0f}s "
                   f"{times.get('tuning', 0):>4.0f}s/{tuning.get('steps', 0):>2} st "
                   f"{times.get('gate', 0):>4.0f}s {t.get('peak_rss_mb', 0):>8} "
-                  f"{_pct(gate.get('c_retention')):>9}")
+                  f"{_pct(gate.get('c_retention')):>6}")
 
 
 if __name__ == "__main__":

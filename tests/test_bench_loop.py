@@ -71,6 +71,10 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     again = json.loads((out / "loop.json").read_text())["users"]["concise"]
     assert again["versions"] == [row["versions"][0]] and again["rounds"] == []
     assert not (out / "concise" / "data" / "reports").exists()
+    # the table and the plot again from loop.json, running nothing
+    (out / "loop.png").unlink()
+    assert main(["--report", "--out", str(out)])["users"]["concise"] == again
+    assert (out / "loop.png").stat().st_size > 0
 
 
 def test_reasons_bench_trains_both_judges_on_the_same_votes(tiny_model, tmp_path):
