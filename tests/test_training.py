@@ -109,6 +109,23 @@ def test_what_users_said_sets_each_pairs_strength_and_the_reward_margin(tiny_mod
     assert all("margin" not in r for r in reward_pairs(data, DataConfig(), 0.0))
 
 
+def test_length_grouped_batches_keep_every_row_and_cut_the_padding():
+    import random
+
+    from training.dataset import length_grouped
+    rng = random.Random(1)
+    rows = [{"id": i, "n": rng.randint(1, 1000)} for i in range(150)]  # 37 batches of 4 + 2
+
+    def padding(order):  # padded slots when each batch is padded to its longest row
+        return sum(4 * max(r["n"] for r in order[i:i + 4]) - sum(r["n"] for r in order[i:i + 4])
+                   for i in range(0, len(order), 4))
+    grouped = length_grouped(rows, 4, seed=0, length=lambda r: r["n"])
+    assert sorted(r["id"] for r in grouped) == list(range(150))
+    assert padding(grouped) < padding(rows) / 4
+    assert length_grouped(rows, 4, seed=0, length=lambda r: r["n"]) == grouped  # seeded
+    assert grouped != sorted(grouped, key=lambda r: -r["n"])  # batch order is shuffled
+
+
 def test_conflicting_votes_follow_the_majority_then_the_latest(tiny_model):
     for user, liked in [("a", True), ("b", True), ("c", False)]:
         fill(1, user=user, liked_good=liked)

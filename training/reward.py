@@ -15,6 +15,7 @@ from datasets import Dataset
 from serving.hardware import autocast
 from serving.registry import VersionDir
 from training.config import RewardModelConfig, TuneConfig
+from training.dataset import chars, length_grouped
 from training.tune import Deadline, common_args, lora_config
 
 
@@ -66,10 +67,12 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
                            max_steps=cfg.max_steps, max_length=cfg.max_length,
                            lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
-    args = RewardConfig(**common_args(tune_like, out.trainer,
-                                      max(1, min(cfg.batch_size, len(pairs)))))
+    batch = max(1, min(cfg.batch_size, len(pairs)))
+    args = RewardConfig(**common_args(tune_like, out.trainer, batch))
+    ordered = length_grouped(pairs, batch, tune_like.seed,
+                             length=lambda p: max(chars(p["chosen"]), chars(p["rejected"])))
     stop = Deadline(deadline - reserve_s)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ordered),
                             processing_class=tokenizer,
                             peft_config=lora_config(tune_like, task_type="SEQ_CLS"),
                             callbacks=[stop])

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from serving.registry import VersionDir
 from training.config import TuneConfig
-from training.dataset import FeedbackData, interleave, kto_weights
+from training.dataset import FeedbackData, chars, interleave, kto_weights, length_grouped
 
 
 class Deadline(TrainerCallback):
@@ -56,6 +56,9 @@ def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
                 gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=1,
                 save_strategy="no", report_to=[], max_length=cfg.max_length,
                 remove_unused_columns=True, dataloader_num_workers=0,
+                # the rows come in the order made here: length-grouped batches (DPO, reward
+                # model) or both labels in every batch (KTO)
+                train_sampling_strategy="sequential",
                 disable_tqdm=False, use_cpu=not torch.cuda.is_available())
 
 
@@ -88,8 +91,10 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
         losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} \
             if cfg.sft_weight > 0 else {}
         args = DPOConfig(**common_args(cfg, out.trainer, batch), beta=cfg.beta, **losses)
+        pairs = length_grouped(train.pairs, batch, cfg.seed, length=lambda p: chars(
+            p["prompt"]) + max(chars(p["chosen"]), chars(p["rejected"])))
         data = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"],
-                                   "rejected": p["rejected"]} for p in train.pairs])
+                                   "rejected": p["rejected"]} for p in pairs])
         trainer = DPOTrainer(model=model, args=args, train_dataset=data,
                              processing_class=tokenizer, peft_config=peft, callbacks=[stop])
         extra = {"rows": len(train.pairs), "loss_type": list(args.loss_type),
