@@ -203,6 +203,19 @@ def fill_split(n: int, *, invert_training: bool = False) -> None:
     fill(n, liked_good=lambda cid: not (invert_training and not is_heldout(cid, cfg)))
 
 
+def assert_merged_equals_parent_plus_adapter(reg: Registry, version) -> None:
+    """The version's merged weights give the same logits as its parent with its adapter."""
+    import torch
+
+    from serving.config import ServingConfig
+    fp32 = ServingConfig(dtype="float32")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        direct = reg.load(version.name, fp32).model(ids).logits
+        chained = reg._load_adapter(version, fp32).model(ids).logits
+    assert torch.allclose(direct, chained, atol=1e-4)
+
+
 def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
     fill(24)
     done = training_cli("run", config=LENIENT, tmp_path=tmp_path)
@@ -217,16 +230,8 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
         lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
         assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values()), part
     # Every backend loads the version directly (its merged weights), equal to parent + adapter.
-    import torch
-
-    from serving.config import ServingConfig
     assert version.dir.model.is_dir() and not version.dir.trainer.exists()
-    fp32 = ServingConfig(dtype="float32")
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        direct = reg.load(version.name, fp32).model(ids).logits
-        chained = reg._load_adapter(version, fp32).model(ids).logits
-    assert torch.allclose(direct, chained, atol=1e-4)
+    assert_merged_equals_parent_plus_adapter(reg, version)
     assert json.loads(version.dir.config.read_text())["tune"]["max_steps"] == 4
     report = json.loads(next((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
                         .read_text())
@@ -263,9 +268,6 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
 
 def test_a_round_continues_from_the_serving_version_or_starts_over_from_the_base(tiny_model,
                                                                                    tmp_path):
-    import torch
-
-    from serving.config import ServingConfig
     fill(24)
     assert training_cli("run", config=LENIENT, tmp_path=tmp_path).returncode == 0
     first = Registry().current_name()
@@ -282,12 +284,7 @@ def test_a_round_continues_from_the_serving_version_or_starts_over_from_the_base
     third = reg.get(reg.current_name())
     assert third.meta["parent"] == tiny_model.name and third.meta["replaces"] == second.name
     # Its adapter sits on the base: base + adapter gives the version's own weights.
-    fp32 = ServingConfig(dtype="float32")
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        direct = reg.load(third.name, fp32).model(ids).logits
-        chained = reg._load_adapter(third, fp32).model(ids).logits
-    assert torch.allclose(direct, chained, atol=1e-4)
+    assert_merged_equals_parent_plus_adapter(reg, third)
     assert "tuning " + tiny_model.name in anew.stdout
 
 
