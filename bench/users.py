@@ -3,8 +3,9 @@
 A user sees a reply and returns (liked, reasons), using the page's own reason chips. As people
 do, a user states a reason only when the case is clear-cut (far over a length limit, a long
 reply without anything it wants, what it wants there twice) and gives a bare thumb otherwise.
-Some users also regenerate and pick the reply they like best. The concise user's word limit is calibrated
-on the base model's own replies, so that the base model pleases it about a third of the time.
+Some users also regenerate and pick the reply they like best. The concise user's word limit is
+calibrated on the base model's own replies, so that the base model pleases it about a third of
+the time.
 """
 
 from __future__ import annotations
