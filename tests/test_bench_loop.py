@@ -1,4 +1,4 @@
-"""A small run of the learning-loop benchmark, so it cannot silently break: one user, one round,
+"""A small run of the learning-loop benchmark, so it cannot silently break: one user, two rounds,
 a few prompts, the tiny model, the real store, serving and `python -m training run`."""
 
 from __future__ import annotations
@@ -35,15 +35,19 @@ def test_prompt_set_and_users():
 
 def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     out = tmp_path / "loop"
-    main(["--users", "concise", "--rounds", "1", "--train-prompts", "12",
+    main(["--users", "concise", "--rounds", "2", "--train-prompts", "12",
           "--replies-per-prompt", "2", "--test-prompts", "4", "--test-samples", "1",
           "--max-new-tokens", "12", "--max-minutes", "10",
           "--round-config", json.dumps(FAST_ROUND), "--out", str(out)])
     result = json.loads((out / "loop.json").read_text())
     row = result["users"]["concise"]
-    assert len(row["approval"]) == 2 and all(0 <= a <= 1 for a in row["approval"])
-    rnd = row["rounds"][0]
-    assert rnd["votes"]["votes"] == 24
+    assert len(row["approval"]) == 3 and all(0 <= a <= 1 for a in row["approval"])
+    assert len(row["approval_interval"]) == len(row["versions"]) == 3
+    rnd, second = row["rounds"]
+    assert rnd["votes"]["votes"] == second["votes"]["votes"] == 24
+    if second["training"]["exit_code"] != 3:  # the second round reads both rounds' votes
+        # (identical replies to one prompt merge into one row)
+        assert 24 < second["training"]["data"]["all"]["votes"] <= 48
     assert rnd["training"]["exit_code"] in (0, 3, 5) and rnd["training"]["peak_rss_mb"] > 0
     stages = rnd["training"]["peak_mb"]  # each stage's own peak memory, beside its time
     assert set(stages) == set(rnd["training"]["timings_s"]) - {"total"}
@@ -54,7 +58,7 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         assert "pairs" in rnd["training"]["synthetic"]
     assert all(mb > 0 for mb in stages.values())
     assert rnd["training"]["peak_rss_mb"] >= max(stages.values()) - 1
-    assert len(row["eval_peak_mb"]) == 2 and rnd["generate_peak_mb"] > 0
+    assert len(row["eval_peak_mb"]) == 3 and rnd["generate_peak_mb"] > 0
     assert (out / "loop.png").stat().st_size > 0
     assert row["args"]["train_prompts"] == "12"
 
