@@ -146,7 +146,6 @@ def _gate_summary(gate: dict | None) -> dict | None:
             "b_interval": c["b_reward_model"].get("interval"),
             "c_accuracy_difference": reg.get("accuracy_difference"),
             "c_fluency": reg.get("fluency"),
-            "reward_model_accuracy": c["b_reward_model"].get("heldout_pair_accuracy"),
             "c_retention": reg.get("retention"),
             "c_correct": [reg.get("current", {}).get("correct"),
                           reg.get("candidate", {}).get("correct")],

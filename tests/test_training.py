@@ -399,6 +399,23 @@ def test_no_gate_check_decides_on_a_difference_inside_its_noise():
     assert wins.low < 0.5 < wins.high and wins.estimate == pytest.approx(0.625)
 
 
+def test_training_stops_before_a_step_that_would_end_past_its_deadline(monkeypatch):
+    from transformers import TrainerControl
+    from training.tune import Deadline
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    stop = Deadline(130.0)
+    control = TrainerControl()
+    stop.on_train_begin(None, None, control)
+    for step_s in (8.0, 10.0):  # ends at 108 and 118: the next 10 s step still fits
+        clock[0] += step_s
+        stop.on_step_end(None, None, control)
+        assert not control.should_training_stop
+    clock[0] += 4.0  # 122 + the slowest recent step (10 s) would end at 132, past 130
+    stop.on_step_end(None, None, control)
+    assert control.should_training_stop and stop.hit and clock[0] < 130.0
+
+
 def test_the_clock_bounds_the_round_and_never_discards_a_judged_candidate(tiny_model, tmp_path):
     fill_split(30)
     config = {**FAST, "max_minutes": 0.05}  # 3 s: training and gate both get less than needed

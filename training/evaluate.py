@@ -180,17 +180,9 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         cur_s, cand_s = scores[:len(prompts)], scores[len(prompts):]
         wins = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)], **stats)
         verdict = _verdict(wins, cfg.min_reward_win_rate)
-        pair_accuracy = None
-        if heldout.pairs:  # how well the judge itself agrees with held-out user choices
-            pair_scores = reward_model.score([p["prompt"] + p["chosen"] for p in heldout.pairs]
-                                             + [p["prompt"] + p["rejected"]
-                                                for p in heldout.pairs])
-            n = len(heldout.pairs)
-            pair_accuracy = sum(c > r for c, r in zip(pair_scores[:n], pair_scores[n:])) / n
         checks["b_reward_model"] = {
             "win_rate": wins.estimate, "interval": wins.to_dict(), "prompts": len(prompts),
             "prompts_available": len(available),
-            "heldout_pair_accuracy": pair_accuracy,
             "mean_reward_current": sum(cur_s) / len(cur_s),
             "mean_reward_candidate": sum(cand_s) / len(cand_s), "verdict": verdict,
             "why": f"reward model prefers the candidate on {wins.estimate:.0%} of "
@@ -209,14 +201,15 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     else:
         models = [base] + ([] if current is base else [current]) + [candidate]
         lps: list[list[float]] = [[] for _ in models]
-        scored, chunk = 0, 16
-        while scored < len(votes):
-            if scored >= cfg.min_heldout_votes and time.monotonic() >= deadline:
+        scored, chunk, slowest = 0, 16, 0.0
+        while scored < len(votes):  # a chunk starts only if it can end by the deadline
+            if scored >= cfg.min_heldout_votes and time.monotonic() + slowest >= deadline:
                 break
-            rows = votes[scored:scored + chunk]
+            began, rows = time.monotonic(), votes[scored:scored + chunk]
             for lp, model in zip(lps, models):
                 lp += mean_logps(model, rows)
             scored += len(rows)
+            slowest = max(slowest, time.monotonic() - began)
         labels = [v["label"] for v in votes[:scored]]
         base_lp, cand_lp = lps[0], lps[-1]
         cur_lp = base_lp if current is base else lps[1]
