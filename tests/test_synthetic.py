@@ -16,7 +16,7 @@ from serving.config import ServingConfig
 from serving.registry import Registry
 from training.config import SyntheticConfig
 from training.dataset import FeedbackData
-from training.synthetic import judge_quality, synthetic_pairs
+from training.synthetic import check_sample, judge_quality, judged_conversations, synthetic_pairs
 
 
 class LengthJudge:
@@ -75,6 +75,21 @@ def test_only_a_judge_that_ranks_held_out_votes_above_chance_is_trusted():
     assert not bad["trusted"] and bad["auc"]["high"] < 0.5
     one_label = FeedbackData(votes=[v for v in heldout.votes if v["label"]])
     assert not judge_quality(LengthJudge(), one_label, confidence=0.95, samples=500)["trusted"]
+
+
+def test_the_judges_check_scores_a_bounded_sample_of_both_labels_and_pairs():
+    votes = [vote(f"q{i}", "x" * i, i % 5 == 0) for i in range(400)]  # 20% liked
+    pairs = [{"prompt": [{"role": "user", "content": f"p{i}"}],
+              "chosen": [{"role": "assistant", "content": "a"}],
+              "rejected": [{"role": "assistant", "content": "b"}]} for i in range(60)]
+    checked = check_sample(FeedbackData(votes=votes, pairs=pairs), 96, seed=0)
+    assert len(judged_conversations(checked)) == 96  # 72 votes + 12 pairs, not 520
+    liked = sum(v["label"] for v in checked.votes)
+    assert len(checked.votes) == 72 and 12 <= liked <= 16  # both labels, in proportion
+    assert len({v["prompt"][-1]["content"] for v in checked.votes}) == 72  # no repeats
+    # a small held-out set is checked whole
+    small = FeedbackData(votes=votes[:10], pairs=pairs[:3])
+    assert len(judged_conversations(check_sample(small, 96, seed=0))) == 16
 
 
 def test_the_reward_model_stops_training_in_time_to_score_the_heldout(tiny_model, tmp_path):

@@ -45,6 +45,10 @@ class RewardModelConfig:
                                         "pair's strength (1: a pick or an edit; for two votes, "
                                         "the share that gave a reason or a comment); 0: every "
                                         "pair alike", low=0.0)
+    check_conversations: int = setting(96, "most held-out conversations the judge's check "
+                                            "scores (votes of both labels spread evenly, then "
+                                            "pairs); its time comes out of the reward model's "
+                                            "share, so it must not grow with the store", low=8)
 
 
 @dataclass

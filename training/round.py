@@ -29,7 +29,8 @@ from training.evaluate import gate
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
 from training.reward import train_reward_model
-from training.synthetic import judge_quality, judged_conversations, synthetic_pairs
+from training.synthetic import (check_sample, judge_quality, judged_conversations,
+                                synthetic_pairs)
 from training.tune import tune
 
 # Exit codes of `python -m training run` (also in its --help).
@@ -130,11 +131,13 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     trainee = registry.load(start_name, fp32)
     # The reward model may not starve the tuning: it gets its share of the training time left.
     reward_deadline = t + cfg.reward_share * max(0.0, train_deadline - t)
+    checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
     judge, report["reward_model"] = train_reward_model(
         base_source, trainee.tokenizer, pairs, cfg.reward, staging, reward_deadline,
-        to_score=judged_conversations(heldout))
-    quality = judge_quality(judge, heldout, confidence=cfg.gate.confidence,
+        to_score=judged_conversations(checked))
+    quality = judge_quality(judge, checked, confidence=cfg.gate.confidence,
                             samples=cfg.gate.bootstrap_samples, seed=cfg.gate.seed)
+    quality["heldout_available"] = {"votes": len(heldout.votes), "pairs": len(heldout.pairs)}
     report["reward_model"]["judge"] = quality
     timed("reward_model", t)
 
@@ -275,7 +278,8 @@ def _judge_line(q: dict | None) -> str:
     if not q:
         return ""
     auc = q.get("auc")
-    line = (f"; on held-out votes AUC {auc['estimate']:.2f} [{auc['low']:.2f}, {auc['high']:.2f}]"
+    line = (f"; on {q['heldout_votes']} held-out votes AUC {auc['estimate']:.2f} "
+            f"[{auc['low']:.2f}, {auc['high']:.2f}]"
             if auc else "; no held-out votes of both labels to check it on")
     if q.get("pair_accuracy") is not None:
         line += f", held-out pair accuracy {q['pair_accuracy']:.0%} of {q['heldout_pairs']}"

@@ -23,6 +23,7 @@ from serving.chat import PromptTooLong, split_system
 from serving.config import GenerationSettings
 from training.config import SyntheticConfig
 from training.dataset import FeedbackData
+from training.evaluate import alternating
 from training.stats import auc_interval
 
 
@@ -32,6 +33,14 @@ def judged_conversations(heldout: FeedbackData) -> list[list[dict]]:
     return ([v["prompt"] + v["completion"] for v in heldout.votes]
             + [p["prompt"] + p["chosen"] for p in heldout.pairs]
             + [p["prompt"] + p["rejected"] for p in heldout.pairs])
+
+
+def check_sample(heldout: FeedbackData, limit: int, seed: int) -> FeedbackData:
+    """What the judge's check scores, at most `limit` conversations whatever the store holds:
+    up to three quarters held-out votes (both labels spread evenly), the rest held-out pairs
+    (two conversations each)."""
+    votes = alternating(heldout.votes, seed)[:max(0, limit * 3 // 4)]
+    return FeedbackData(votes=votes, pairs=heldout.pairs[:max(0, (limit - len(votes)) // 2)])
 
 
 def judge_quality(judge, heldout: FeedbackData, *, confidence: float, samples: int,
