@@ -114,6 +114,10 @@ def test_the_reward_model_stops_training_in_time_to_score_the_heldout(tiny_model
     assert summary["steps"] == 1 and (out.reward / "adapter_config.json").exists()
     scores = judge.score([p["chosen"] for p in pairs[:2]] + [p["rejected"] for p in pairs[:2]])
     assert len(scores) == 4 and all(isinstance(s, float) for s in scores)
+    # Batched by length, returned in the caller's order: each conversation keeps its score.
+    mixed = [pairs[0]["chosen"], pairs[0]["rejected"], pairs[1]["chosen"]] * 3
+    alone = [judge.score([c])[0] for c in mixed[:3]]
+    assert judge.score(mixed, batch_size=2) == pytest.approx(alone * 3, abs=1e-2)
     # Nothing to score afterwards: the same deadline lets every step run.
     _, summary = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
                                     time.monotonic() + 60)

@@ -30,14 +30,19 @@ class RewardModel:
 
     @torch.inference_mode()
     def score(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
-        out = []
-        for i in range(0, len(conversations), batch_size):
-            texts = [self.tokenizer.apply_chat_template(c, tokenize=False)
-                     for c in conversations[i:i + batch_size]]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=False)
+        """One score per conversation, in their order; batched by length (less padding)."""
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = [0.0] * len(texts)
+        for i in range(0, len(order), batch_size):
+            batch = order[i:i + batch_size]
+            enc = self.tokenizer([texts[j] for j in batch], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.max_length,
+                                 add_special_tokens=False)
             with autocast(self.model):
-                out += self.model(**enc).logits[:, 0].float().tolist()
+                scores = self.model(**enc).logits[:, 0].float().tolist()
+            for j, s in zip(batch, scores):
+                out[j] = s
         return out
 
 
