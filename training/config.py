@@ -41,10 +41,11 @@ class RewardModelConfig:
     lora_r: int = setting(16, "LoRA rank", low=1)
     max_steps: int = setting(-1, "stop after this many steps (-1: epochs decide)",
                              low=1, special=(-1,))
-    reason_margin: float = setting(1.0, "margin a pair's chosen reply must win by, times the "
+    reason_margin: float = setting(0.0, "margin a pair's chosen reply must win by, times the "
                                         "pair's strength (1: a pick or an edit; for two votes, "
-                                        "the share that gave a reason or a comment); 0: every "
-                                        "pair alike", low=0.0)
+                                        "the share that gave a reason or a comment); 0 (the "
+                                        "default: 1.0 did not rank held-out votes better in "
+                                        "bench/reasons.py): every pair alike", low=0.0)
     check_conversations: int = setting(96, "most held-out conversations the judge's check "
                                             "scores (votes of both labels spread evenly, then "
                                             "pairs); its time comes out of the reward model's "
