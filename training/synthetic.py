@@ -39,8 +39,8 @@ def check_sample(heldout: FeedbackData, limit: int, seed: int) -> FeedbackData:
     """What the judge's check scores, at most `limit` conversations whatever the store holds:
     up to three quarters held-out votes (both labels spread evenly), the rest held-out pairs
     (two conversations each)."""
-    votes = alternating(heldout.votes, seed)[:max(0, limit * 3 // 4)]
-    return FeedbackData(votes=votes, pairs=heldout.pairs[:max(0, (limit - len(votes)) // 2)])
+    votes = alternating(heldout.votes, seed)[:limit * 3 // 4]
+    return FeedbackData(votes=votes, pairs=heldout.pairs[:(limit - len(votes)) // 2])
 
 
 def judge_quality(judge, heldout: FeedbackData, *, confidence: float, samples: int,
