@@ -76,8 +76,12 @@ def test_chat_stream_and_vote_in_a_real_browser(server, tmp_path):
             box.fill(story)
             box.press("Enter")
             streaming = messages.nth(3 + 2 * attempt)
-            expect(streaming.get_by_test_id("stMarkdown")).to_contain_text(" ", timeout=60_000)
-            seen_while_streaming = streaming.get_by_test_id("stMarkdown").first.inner_text()
+            # The reply's own text: an st.markdown element (its caption is one too, but holds
+            # a caption container, not a markdown one).
+            reply_text = streaming.get_by_test_id("stMarkdown").filter(
+                has=page.get_by_test_id("stMarkdownContainer")).first
+            expect(reply_text).to_contain_text(" ", timeout=60_000)
+            seen_while_streaming = reply_text.inner_text()
             # Vote on the first reply by keyboard: a mouse click can land beside a button that
             # moves as the reply grows; the vote, once the page shows it, is what counts.
             thumb = messages.nth(1).get_by_label(label)
