@@ -43,17 +43,19 @@ def load_prompts() -> tuple[list[dict], list[dict]]:
 _cache: dict = {}
 
 
-def replies(prompts: list[dict], n: int, settings) -> tuple[list[list], str]:
-    """`n` replies to each prompt from the current version, batched through the engine.
-    Every user starts from the same base version: its replies are generated once and shared."""
+def replies(prompts: list[dict], n: int, settings,
+            version: str | None = None) -> tuple[list[list], str]:
+    """`n` replies to each prompt from `version` (default: the current one), batched through
+    the engine. Every user starts from the same base version: its replies are generated once
+    and shared."""
     from serving.backends import open_engine
     from serving.registry import Registry
 
     registry = Registry()
-    key = (registry.current_name(), tuple(p["id"] for p in prompts), n)
+    key = (version or registry.current_name(), tuple(p["id"] for p in prompts), n)
     if key in _cache:
         return _cache[key]
-    engine = open_engine(registry)
+    engine = open_engine(registry, version)
     try:
         handles = [[engine.submit(p["messages"], settings) for _ in range(n)] for p in prompts]
         _cache[key] = [[h.wait() for h in hs] for hs in handles], engine.version
@@ -124,7 +126,7 @@ def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
             # the round resets its high-water mark per stage: its peak is the largest stage's
             "peak_rss_mb": round(max([usage.ru_maxrss / 1024,
                                       *(report.get("peak_mb") or {}).values()])),
-            "decision": report.get("decision"),
+            "decision": report.get("decision"), "candidate": report.get("round"),
             "message": report.get("message"), "timings_s": report.get("timings_s"),
             "peak_mb": report.get("peak_mb"),
             "gate": _gate_summary(report.get("gate")), "tuning": report.get("tuning"),
@@ -165,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--round-config", type=json.loads, default=None,
                         help="JSON overrides of RoundConfig for the rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loop")
+    parser.add_argument("--measure-rejected", action=argparse.BooleanOptionalAction,
+                        default=True, help="also measure a rejected candidate's approval on the "
+                        "test prompts (did it learn, and the gate say no?); it never serves")
     parser.add_argument("--report", action="store_true",
                         help="only print the table and redraw the plot from loop.json")
     args = parser.parse_args(argv)
@@ -227,6 +232,16 @@ def main(argv: list[str] | None = None) -> dict:
                                   "training": training,
                                   "mean_words_after": sum(words(x) for xs in after for x in xs)
                                   / sum(len(xs) for xs in after)})
+            if (args.measure_rejected and training["decision"] == "rejected"
+                    and training["candidate"]):
+                t = time.monotonic()
+                theirs, _ = replies(test, args.test_samples, settings, training["candidate"])
+                row["rounds"][-1]["rejected_candidate"] = {
+                    "version": training["candidate"], "approval": approval(user, theirs),
+                    "approval_interval": approval_interval(user, theirs),
+                    "eval_seconds": round(time.monotonic() - t, 1)}
+                print(f"{name}: round {r + 1}: the rejected candidate would have scored "
+                      f"{row['rounds'][-1]['rejected_candidate']['approval']:.0%}", flush=True)
             print(f"{name}: round {r + 1}: {counts['votes']} votes ({counts['liked']} liked, "
                   f"{counts['picks']} picks), training {training['decision']} in "
                   f"{training['seconds']:.0f}s; approval {row['approval'][-1]:.0%} ({version})",
@@ -273,12 +288,18 @@ def plot(results: dict, path: Path) -> None:
         ivs = row.get("approval_interval") or [[a, a] for a in row["approval"]]
         err = [[a - 100 * lo for a, (lo, _) in zip(y, ivs)],
                [100 * hi - a for a, (_, hi) in zip(y, ivs)]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+        line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+        tried = [(i + 1, 100 * r["rejected_candidate"]["approval"])
+                 for i, r in enumerate(row["rounds"]) if r.get("rejected_candidate")]
+        if tried:  # what a rejected candidate would have scored: hollow, not joined
+            ax.scatter(*zip(*tried), marker="o", facecolors="none",
+                       edgecolors=line.lines[0].get_color(), s=60)
     ax.set_xticks(range(max(len(r["approval"]) for r in results["users"].values())))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out approval (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Approval per round, per simulated user (95% intervals)")
+    ax.set_title("Approval per round, per simulated user (95% intervals)\n"
+                 "hollow: a rejected candidate's own approval", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")  # the top is where a pleased user sits
     fig.tight_layout()
@@ -292,7 +313,8 @@ def _pct(v: float | None) -> str:
 def print_table(results: dict) -> None:
     """One line per user and round: approval before -> after with 95% intervals, the round's
     decision and minutes, each stage's seconds, the judge's held-out AUC and pair accuracy, the
-    synthetic pairs, the tuning steps, peak memory and regression retention."""
+    synthetic pairs, the tuning steps, peak memory and regression retention. A rejected
+    candidate's own approval, where measured, follows its row."""
     print(f"\n{'user':<11} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
           f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'synth':>9} {'tune':>11} "
           f"{'gate':>5} {'peak MB':>8} {'retain':>6}")
@@ -320,6 +342,11 @@ def print_table(results: dict) -> None:
                   f"{times.get('tuning', 0):>4.0f}s/{tuning.get('steps', 0):>2} st "
                   f"{times.get('gate', 0):>4.0f}s {t.get('peak_rss_mb', 0):>8} "
                   f"{_pct(gate.get('c_retention')):>6}")
+            if rnd and rnd.get("rejected_candidate"):
+                cand = rnd["rejected_candidate"]
+                lo, hi = cand["approval_interval"]
+                print(f"{'':<11} {'':>3}   (rejected candidate: {cand['approval']:.0%} "
+                      f"[{lo:.0%},{hi:.0%}])")
 
 
 if __name__ == "__main__":

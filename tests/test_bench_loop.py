@@ -61,6 +61,14 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert len(row["eval_peak_mb"]) == 3 and rnd["generate_peak_mb"] > 0
     assert (out / "loop.png").stat().st_size > 0
     assert row["args"]["train_prompts"] == "12"
+    for r in row["rounds"]:  # a rejected candidate is measured too, on the same test prompts
+        t = r["training"]
+        if t["decision"] == "rejected":
+            cand = r["rejected_candidate"]
+            assert cand["version"] == t["candidate"] and 0 <= cand["approval"] <= 1
+            assert cand["approval_interval"][0] <= cand["approval"] <= cand["approval_interval"][1]
+        else:
+            assert "rejected_candidate" not in r
 
     # users measured one run at a time land in one table: a later run keeps the earlier rows
     main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",
