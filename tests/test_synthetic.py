@@ -97,7 +97,7 @@ def test_the_reward_model_stops_training_in_time_to_score_the_heldout(tiny_model
 
     from serving.registry import VersionDir
     from training.config import RewardModelConfig
-    from training.reward import train_reward_model
+    from training.reward import RewardModel, train_reward_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     pairs = [{"chosen": v["prompt"] + [{"role": "assistant", "content": "Yes."}],
@@ -118,6 +118,12 @@ def test_the_reward_model_stops_training_in_time_to_score_the_heldout(tiny_model
     mixed = [pairs[0]["chosen"], pairs[0]["rejected"], pairs[1]["chosen"]] * 3
     alone = [judge.score([c])[0] for c in mixed[:3]]
     assert judge.score(mixed, batch_size=2) == pytest.approx(alone * 3, abs=1e-2)
+    # The reserve scales the probe's time by padded size, not by count: the check runs
+    # length-sorted batches, the probe of 8 unsorted ones pads to its longest.
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]
+    long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * 400}]
+    assert RewardModel.padded_size([short, long] * 4) == 8 * (402 + 32)
+    assert RewardModel.padded_size([short, long] * 8) == 8 * (3 + 32) + 8 * (402 + 32)
     # Nothing to score afterwards: the same deadline lets every step run.
     _, summary = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
                                     time.monotonic() + 60)
