@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
-from bench import reasons
+import sqlite3
+
+import pytest
+
+from bench import reasons, variants
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -13,6 +17,11 @@ FAST_ROUND = {"tune": {"max_steps": 2, "batch_size": 4, "bf16": False},
               "reward": {"max_steps": 2, "batch_size": 4},
               "gate": {"max_heldout_prompts": 2, "reply_max_new_tokens": 8},
               "data": {"heldout_fraction": 0.5, "min_votes": 4, "min_per_label": 1}}
+
+
+def store_votes(data) -> int:
+    with sqlite3.connect(data / "feedback.db") as db:
+        return db.execute("SELECT count(*) FROM votes").fetchone()[0]
 
 
 def test_prompt_set_and_users():
@@ -69,6 +78,29 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
             assert cand["approval_interval"][0] <= cand["approval"] <= cand["approval_interval"][1]
         else:
             assert "rejected_candidate" not in r
+
+    # two round configs trained on the same votes (a copy each: the loop's store is untouched)
+    store = out / "concise" / "data"
+    votes_before = store_votes(store)
+    found = variants.main(["--user", "concise", "--store", str(store), "--variants",
+                           json.dumps({"a": {}, "b lr": {"tune": {"learning_rate": 1e-3}}}),
+                           "--round-config", json.dumps(FAST_ROUND), "--test-prompts", "2",
+                           "--test-samples", "1", "--max-new-tokens", "8",
+                           "--out", str(tmp_path / "variants")])
+    assert found == json.loads((tmp_path / "variants" / "variants.json").read_text())
+    vrow = found["users"]["concise"]
+    assert 0 <= vrow["base"]["approval"] <= 1 and set(vrow["variants"]) == {"a", "b lr"}
+    assert vrow["variants"]["b lr"]["config"]["tune"]["learning_rate"] == 1e-3
+    assert vrow["variants"]["b lr"]["config"]["reward"] == FAST_ROUND["reward"]
+    for name, v in vrow["variants"].items():
+        copy = tmp_path / "variants" / "concise" / name.replace(" ", "-") / "data"
+        assert store_votes(copy) == votes_before
+        assert v["training"]["exit_code"] in (0, 5)  # trained and gated: promoted or rejected
+        assert 0 <= v["candidate"]["approval"] <= 1
+        assert (copy / "versions" / v["training"]["candidate"]).is_dir()
+    assert store_votes(store) == votes_before
+    with pytest.raises(SystemExit):  # a folder without votes: a clear message, nothing run
+        variants.main(["--user", "concise", "--store", str(tmp_path), "--variants", "{}"])
 
     # users measured one run at a time land in one table: a later run keeps the earlier rows
     main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",

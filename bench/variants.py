@@ -1,0 +1,135 @@
+"""Which round config learns more from the same votes? Several rounds on one store, side by side.
+
+    python -m bench.variants --user tips --store bench/results/loop/tips/data \\
+        --variants '{"default": {}, "lr 1.5e-3": {"tune": {"learning_rate": 1.5e-3}}}' \\
+        [--round-config JSON] [--max-minutes 10] [--test-prompts 62] [--test-samples 2] [--out DIR]
+
+`--store` is a data folder a `bench.loop` run left behind (its `feedback.db`: the simulated
+user's votes; its `models` link: the base checkpoint). For each variant (a name and its
+`RoundConfig` overrides, on top of `--round-config`) the votes are copied into a fresh folder
+where the base model serves, and the real `python -m training run` trains, gates and registers
+a candidate there. Then each candidate, promoted or rejected, answers the test prompts (as in
+`bench.loop`) and the user judges: approval with its 95% interval beside the base model's, and
+the round's decision, minutes, stage times, steps, judge AUC and synthetic pairs. Same votes,
+same clock: what differs is the config. `CHAT_DTYPE=float32` in the environment runs every
+stage as on a CPU without native bfloat16. Writes `variants.json` (rows of earlier runs of
+other users or variants are kept). A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+from bench.loop import (approval, approval_interval, load_prompts, replies, run_training_round,
+                        run_settings)
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
+def fresh_store(store: Path, data: Path) -> None:
+    """`data` holds a copy of `store`'s votes and a link to its models, and no versions: the
+    base model serves."""
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    with sqlite3.connect(store / "feedback.db") as src, \
+            sqlite3.connect(data / "feedback.db") as dst:
+        src.backup(dst)  # a consistent copy, write-ahead log included
+    (data / "models").symlink_to((store / "models").resolve())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--user", required=True, help="the simulated user who cast the votes")
+    parser.add_argument("--store", type=Path, required=True,
+                        help="a data folder with the votes (feedback.db) and the models link")
+    parser.add_argument("--variants", type=json.loads, required=True,
+                        help='JSON: {"name": {RoundConfig overrides}, ...}')
+    parser.add_argument("--round-config", type=json.loads, default={},
+                        help="JSON overrides every variant starts from")
+    parser.add_argument("--max-minutes", type=float, default=10.0)
+    parser.add_argument("--test-prompts", type=int, default=62)
+    parser.add_argument("--test-samples", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "variants")
+    args = parser.parse_args(argv)
+    if not (args.store / "feedback.db").is_file() or not (args.store / "models").exists():
+        parser.error(f"{args.store} holds no feedback.db and models link: give the data "
+                     "folder of a bench.loop run (bench/results/loop/USER/data)")
+    if not isinstance(args.variants, dict) or not args.variants or not all(
+            isinstance(v, dict) for v in args.variants.values()):
+        parser.error('--variants must be a JSON object of named overrides, e.g. '
+                     '{"default": {}, "lr": {"tune": {"learning_rate": 1e-3}}}')
+
+    from bench.users import make_users, words
+    from serving.config import GenerationSettings
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    _, test = load_prompts()
+    test = test[:args.test_prompts]
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=None)
+    path = args.out / "variants.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {"users": {}}
+    row = results["users"].setdefault(args.user, {"variants": {}})
+    row["args"] = run_settings({k: str(v) for k, v in vars(args).items()
+                                if k not in ("user", "store", "variants")})
+    user = None
+    for name, overrides in args.variants.items():
+        data = args.out / args.user / "".join(c if c.isalnum() else "-" for c in name) / "data"
+        fresh_store(args.store, data)
+        os.environ["CHAT_DATA_DIR"] = str(data)
+        if user is None:  # the base model's test replies, once
+            before, base = replies(test, args.test_samples, settings)
+            [user] = make_users([args.user], [words(x) for xs in before for x in xs])
+            row["base"] = {"version": base, "approval": approval(user, before),
+                           "approval_interval": approval_interval(user, before)}
+            print(f"{args.user}: base approval {row['base']['approval']:.0%}", flush=True)
+        config = merged(args.round_config, overrides)
+        training = run_training_round(config, args.max_minutes)
+        out = {"config": config, "store": str(args.store),
+               "dtype": os.environ.get("CHAT_DTYPE", "auto"), "training": training}
+        if training["candidate"] and (data / "versions" / training["candidate"]).is_dir():
+            t = time.monotonic()
+            theirs, _ = replies(test, args.test_samples, settings, training["candidate"])
+            out["candidate"] = {"approval": approval(user, theirs),
+                                "approval_interval": approval_interval(user, theirs),
+                                "eval_seconds": round(time.monotonic() - t, 1)}
+        row["variants"][name] = out
+        path.write_text(json.dumps(results, indent=2) + "\n")  # so far
+        print_row(name, out)
+    return results
+
+
+def print_row(name: str, v: dict) -> None:
+    t = v["training"]
+    times = t.get("timings_s") or {}
+    judge = (t.get("reward_model") or {}).get("judge") or {}
+    auc = (judge.get("auc") or {}).get("estimate")
+    cand = v.get("candidate")
+    shown = (f"{cand['approval']:.0%} [{cand['approval_interval'][0]:.0%},"
+             f"{cand['approval_interval'][1]:.0%}]") if cand else "-"
+    print(f"{name:<24} candidate {shown:<16} {t.get('decision') or '-':>9} "
+          f"{t.get('seconds', 0) / 60:4.1f} min  RM {times.get('reward_model', 0):.0f}s "
+          f"{(t.get('reward_model') or {}).get('steps', 0)} st AUC "
+          f"{'-' if auc is None else f'{auc:.2f}'}  synth {(t.get('synthetic') or {}).get('pairs', 0)}"
+          f"  tune {times.get('tuning', 0):.0f}s {(t.get('tuning') or {}).get('steps', 0)} st"
+          f"  gate {times.get('gate', 0):.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
