@@ -146,6 +146,7 @@ def _gate_summary(gate: dict | None) -> dict | None:
             "a_difference": c["a_heldout_ranking"].get("difference"),
             "b_win_rate": c["b_reward_model"].get("win_rate"),
             "b_interval": c["b_reward_model"].get("interval"),
+            "pooled": gate.get("pooled"),
             "c_accuracy_difference": reg.get("accuracy_difference"),
             "c_fluency": reg.get("fluency"),
             "c_retention": reg.get("retention"),

@@ -299,6 +299,7 @@ def test_a_candidate_trained_on_inverted_labels_is_rejected(tiny_model, tmp_path
     a = report["gate"]["checks"]["a_heldout_ranking"]
     assert a["candidate_auc"] < a["current_auc"] == 0.5 and not a["passed"]
     assert a["verdict"] == "worse" and a["difference"]["high"] < 0
+    assert a["difference"]["p_better"] < 0.05 and not report["gate"]["pooled"]["better"]
     assert Registry().current_name() == tiny_model.name  # still serving the old one
 
 
@@ -381,7 +382,7 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
 # ---- the gate's statistics and clock ----------------------------------------------------------
 
 def test_no_gate_check_decides_on_a_difference_inside_its_noise():
-    from training.stats import auc_difference, paired_mean, sign_test
+    from training.stats import auc_difference, paired_mean, pooled, sign_test
     rng = __import__("random").Random(1)
     # Round 2 of the concise user: AUC 0.843 vs 0.846 on 116 held-out votes is noise.
     labels = [i % 2 == 0 for i in range(116)]
@@ -395,8 +396,22 @@ def test_no_gate_check_decides_on_a_difference_inside_its_noise():
     # "3 looping replies vs 1" of 40 is no evidence; 6 vs 0 is.
     assert sign_test(3, 1) == pytest.approx(5 / 16) and sign_test(6, 0) < 0.05
     # 62% wins on 32 prompts does not show a preference; the interval says so.
-    wins = paired_mean([1] * 20 + [0] * 12, confidence=0.95, samples=1000)
+    wins = paired_mean([1] * 20 + [0] * 12, confidence=0.95, samples=1000, null=0.5)
     assert wins.low < 0.5 < wins.high and wins.estimate == pytest.approx(0.625)
+    # ...but it leans one way, and so does a held-out ranking that is not conclusive alone:
+    # pooled, the two say "better" (the example user's round 1: 31% -> 69% on the test prompts,
+    # rejected when each check had to be conclusive alone).
+    assert 0.85 < wins.p_better < 0.975
+    noise = __import__("random").Random(3)
+    leaning = [c + (0.15 if y else -0.15) + noise.gauss(0, 0.6) for c, y in zip(current, labels)]
+    lean = auc_difference(leaning, current, labels, confidence=0.95, samples=1000)
+    assert lean.low < 0 < lean.high and 0.7 < lean.p_better < 0.975
+    assert pooled([lean.p_better, wins.p_better]) > 0.9
+    assert pooled([0.5, wins.p_better]) < 0.9  # a check that leans nowhere dilutes, not adds
+    # Pooling adds evidence only where both lean the same way, and needs no ties broken.
+    assert pooled([0.9, 0.1]) == pytest.approx(0.5) and pooled([0.5]) == pytest.approx(0.5)
+    assert pooled([0.8]) == pytest.approx(0.8) and pooled([1.0, 1.0]) < 1
+    assert paired_mean([0.5] * 8, confidence=0.95, samples=200, null=0.5).p_better == 0.5
 
 
 def test_training_stops_before_a_step_that_would_end_past_its_deadline(monkeypatch):

@@ -124,8 +124,12 @@ class GateConfig:
     fluency_significance: float = setting(0.05, "(c) extra empty or looping replies fail the gate "
                                                 "when a sign test gives p below this (0: never)",
                                           low=0.0, high=1.0, high_open=True)
-    require_improvement: bool = setting(True, "(a) or (b) must call the candidate better; false: "
-                                              "not worse is enough")
+    require_improvement: bool = setting(True, "(a) or (b) must call the candidate better (alone, "
+                                              "or pooled); false: not worse is enough")
+    pooled_confidence: float = setting(0.9, "(a) and (b) pooled: the candidate counts as better "
+                                            "when their combined one-sided confidence (Stouffer) "
+                                            "reaches this, though neither alone is conclusive; "
+                                            "1: off", low=0.5, high=1.0)
     enforce: bool = setting(True, "false: run and report every check, promote whatever they say "
                                   "(experiments only)")
     reply_max_new_tokens: int = setting(96, "reply length for (b) and (c)", low=1)

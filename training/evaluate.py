@@ -14,8 +14,11 @@ no check decides on a difference inside its own noise.
     candidate's extra empty or looping replies (over (b)'s and (c)'s replies) must not be
     significant by a sign test.
 
-Verdict: (a) or (b) significantly better (with `require_improvement`), neither significantly
-worse, and (c) passed. The gate works to a deadline: (c) always runs whole, (b) answers as many
+Verdict: better on (a) or (b) (with `require_improvement`), neither significantly worse, and (c)
+passed. Better: (a) or (b) alone at the gate's confidence, or both pooled (Stouffer's z of each
+bootstrap's one-sided confidence) at `pooled_confidence`: with 16 held-out prompts and 64 votes
+neither check alone saw a candidate that raised the example user's approval 31% -> 69%, while
+both leaned its way (about 0.87 and 0.85, pooled 0.94). The gate works to a deadline: (c) always runs whole, (b) answers as many
 prompts as its share of the time allows (at least `min_heldout_prompts`), (a) scores held-out
 votes, both labels alternating, until its time is up (at least `min_heldout_votes`).
 """
@@ -37,7 +40,7 @@ from serving.hardware import autocast
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
-from training.stats import auc, auc_difference, paired_mean, sign_test
+from training.stats import auc, auc_difference, paired_mean, pooled, sign_test
 
 REGRESSION_SET = Path(__file__).resolve().parent / "regression_set.jsonl"
 
@@ -178,7 +181,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
                                      zip(prompts * 2, cur_b + cand_b)])
         cur_s, cand_s = scores[:len(prompts)], scores[len(prompts):]
-        wins = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)], **stats)
+        wins = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)], **stats,
+                           null=0.5)
         verdict = _verdict(wins, cfg.min_reward_win_rate)
         checks["b_reward_model"] = {
             "win_rate": wins.estimate, "interval": wins.to_dict(), "prompts": len(prompts),
@@ -250,9 +254,26 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                 f"{cfg.fluency_significance})")
 
     a, b = checks["a_heldout_ranking"]["verdict"], checks["b_reward_model"]["verdict"]
-    improved = "better" in (a, b) or not cfg.require_improvement
+    together = pool_rankings(checks, cfg.pooled_confidence)
+    improved = "better" in (a, b) or together["better"] or not cfg.require_improvement
     for check in checks.values():
         check["passed"] = check["verdict"] != "worse"
     passed = improved and "worse" not in (a, b) and c["verdict"] == "passed"
-    return {"checks": checks, "passed": passed, "enforced": cfg.enforce,
+    return {"checks": checks, "pooled": together, "passed": passed, "enforced": cfg.enforce,
             "improved": improved, "seconds": round(time.monotonic() - start, 1)}
+
+
+def pool_rankings(checks: dict, threshold: float) -> dict:
+    """(a) and (b) together: each one's one-sided confidence that the candidate ranks better,
+    pooled; better when the pooled confidence reaches `threshold`."""
+    sides = {"a": (checks["a_heldout_ranking"].get("difference") or {}).get("p_better"),
+             "b": (checks["b_reward_model"].get("interval") or {}).get("p_better")}
+    ran = {k: p for k, p in sides.items() if p is not None}
+    if not ran:
+        return {"confidence": None, "threshold": threshold, "better": False, "of": ran,
+                "why": "neither (a) nor (b) ran"}
+    p = pooled(list(ran.values()))
+    shown = ", ".join(f"({k}) {v:.2f}" for k, v in ran.items())
+    return {"confidence": p, "threshold": threshold, "better": p >= threshold, "of": ran,
+            "why": f"one-sided confidence that the candidate ranks better: {shown}; pooled "
+                   f"{p:.2f} ({'at least' if p >= threshold else 'below'} {threshold:g})"}

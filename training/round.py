@@ -212,7 +212,8 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
         failed = [f"{name}: {c['why']}" for name, c in verdict["checks"].items()
                   if not c["passed"]]
         if not verdict["improved"]:
-            failed.insert(0, "neither (a) nor (b) showed it better than the current version")
+            failed.insert(0, "neither (a) nor (b) showed it better than the current version, "
+                          f"alone or pooled ({verdict['pooled']['why']})")
         return finish("rejected", REJECTED, f"{current_name} keeps serving; the candidate "
                       f"{round_id} failed: " + "; ".join(failed))
     log(f"promoting {round_id}")
@@ -261,7 +262,9 @@ def markdown(r: dict) -> str:
     if "gate" in r:
         g = r["gate"]
         lines += ["## Gate", "", f"Shown better on (a) or (b): {'yes' if g['improved'] else 'no'}"
-                  + ("" if g.get("enforced", True) else " (gate not enforced)"), "",
+                  + ("" if g.get("enforced", True) else " (gate not enforced)")
+                  + (f"; (a) and (b) pooled: {g['pooled']['why']}" if g.get("pooled") else ""),
+                  "",
                   "| check | verdict | numbers (intervals at the gate's confidence) |",
                   "|---|---|---|"]
         for name, c in g["checks"].items():
