@@ -290,7 +290,7 @@ def plot(results: dict, path: Path) -> None:
         err = [[a - 100 * lo for a, (lo, _) in zip(y, ivs)],
                [100 * hi - a for a, (_, hi) in zip(y, ivs)]]
         line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
-        tried = [(i + 1, 100 * r["rejected_candidate"]["approval"])
+        tried = [(i + 1.06, 100 * r["rejected_candidate"]["approval"])  # beside the round
                  for i, r in enumerate(row["rounds"]) if r.get("rejected_candidate")]
         if tried:  # what a rejected candidate would have scored: hollow, not joined
             ax.scatter(*zip(*tried), marker="o", facecolors="none",
