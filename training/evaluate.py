@@ -18,7 +18,9 @@ Verdict: better on (a) or (b) (with `require_improvement`), neither significantl
 passed. Better: (a) or (b) alone at the gate's confidence, or both pooled (Stouffer's z of each
 bootstrap's one-sided confidence) at `pooled_confidence`: with 16 held-out prompts and 64 votes
 neither check alone saw a candidate that raised the example user's approval 31% -> 69%, while
-both leaned its way (about 0.87 and 0.85, pooled 0.94). The gate works to a deadline: (c) always runs whole, (b) answers as many
+both leaned its way (about 0.87 and 0.85, pooled 0.94).
+
+The gate works to a deadline: (c) always runs whole, (b) answers as many
 prompts as its share of the time allows (at least `min_heldout_prompts`), (a) scores held-out
 votes, both labels alternating, until its time is up (at least `min_heldout_votes`).
 """
@@ -182,7 +184,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                                      zip(prompts * 2, cur_b + cand_b)])
         cur_s, cand_s = scores[:len(prompts)], scores[len(prompts):]
         wins = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)], **stats,
-                           null=0.5)
+                           null=cfg.min_reward_win_rate)
         verdict = _verdict(wins, cfg.min_reward_win_rate)
         checks["b_reward_model"] = {
             "win_rate": wins.estimate, "interval": wins.to_dict(), "prompts": len(prompts),
