@@ -118,18 +118,19 @@ def main(argv: list[str] | None = None) -> dict:
 def print_row(name: str, v: dict) -> None:
     t = v["training"]
     times = t.get("timings_s") or {}
-    judge = (t.get("reward_model") or {}).get("judge") or {}
-    auc = (judge.get("auc") or {}).get("estimate")
+    rm = t.get("reward_model") or {}
+    auc = ((rm.get("judge") or {}).get("auc") or {}).get("estimate")
+    pooled = ((t.get("gate") or {}).get("pooled") or {}).get("confidence")
     cand = v.get("candidate")
     shown = (f"{cand['approval']:.0%} [{cand['approval_interval'][0]:.0%},"
              f"{cand['approval_interval'][1]:.0%}]") if cand else "-"
     print(f"{name:<24} candidate {shown:<16} {t.get('decision') or '-':>9} "
           f"{t.get('seconds', 0) / 60:4.1f} min  RM {times.get('reward_model', 0):.0f}s "
-          f"{(t.get('reward_model') or {}).get('steps', 0)} st AUC "
-          f"{'-' if auc is None else f'{auc:.2f}'}  synth {(t.get('synthetic') or {}).get('pairs', 0)}"
-          f"  tune {times.get('tuning', 0):.0f}s {(t.get('tuning') or {}).get('steps', 0)} st"
-          f"  gate {times.get('gate', 0):.0f}s", flush=True)
-
+          f"{rm.get('steps', 0)} st AUC {'-' if auc is None else f'{auc:.2f}'}  "
+          f"synth {(t.get('synthetic') or {}).get('pairs', 0)}  "
+          f"tune {times.get('tuning', 0):.0f}s {(t.get('tuning') or {}).get('steps', 0)} st  "
+          f"gate {times.get('gate', 0):.0f}s, (a)+(b) pooled "
+          f"{'-' if pooled is None else f'{pooled:.2f}'}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -174,7 +174,8 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
 
     registry.register(round_id, staging, {
         "parent": start_name, "replaces": current_name, "base": base_name,
-        "kind": summary["kind"], "method": summary["method"], "data_counts": report["data"], "round": round_id})
+        "kind": summary["kind"], "method": summary["method"], "data_counts": report["data"],
+        "round": round_id})
     log(f"registered version {round_id}")
     if backend_setting() in ("auto", "llama.cpp"):
         try:  # what llama.cpp will serve, written now so the gate judges that very file
