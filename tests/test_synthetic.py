@@ -125,7 +125,11 @@ def test_the_reward_model_stops_training_in_time_to_score_the_heldout(tiny_model
     assert RewardModel.padded_size([short, long] * 4) == 8 * (402 + 32)
     assert RewardModel.padded_size([short, long] * 8) == 8 * (3 + 32) + 8 * (402 + 32)
     # Nothing to score afterwards: the same deadline lets every step run.
-    _, summary = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
-                                    time.monotonic() + 60)
+    again, summary = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
+                                        time.monotonic() + 60)
     assert summary["scoring_reserve_s"] == 0 and summary["steps"] == 12
     assert not summary["stopped_by_deadline"]
+    # The same votes and steps train the same judge: its new score head starts from a seed.
+    twice, _ = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
+                                  time.monotonic() + 60)
+    assert twice.score(mixed[:3]) == pytest.approx(again.score(mixed[:3]), abs=1e-4)

@@ -70,9 +70,16 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     characters), not by count: a probe of 8 unsorted conversations pads to its longest, while
     the check runs length-sorted batches (by count, the reserve was 2.5-3.5x what scoring took
     in the loop benchmark, and the judge lost most of its steps to it)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
+    tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
+                           max_steps=cfg.max_steps, max_length=cfg.max_length,
+                           lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
+    # The score head is new: its initial weights come from the global RNG, which the trainer
+    # seeds only after the model exists. Unseeded, two rounds on the same votes trained judges
+    # of held-out AUC 0.92 and 0.64 (13-14 steps from a different start).
+    set_seed(tune_like.seed)
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -85,9 +92,6 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
         reserve_s = 1.25 * (time.monotonic() - t) * RewardModel.padded_size(
             to_score) / RewardModel.padded_size(probe)
     model.train()
-    tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
-                           max_steps=cfg.max_steps, max_length=cfg.max_length,
-                           lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
     batch = max(1, min(cfg.batch_size, len(pairs)))
     args = RewardConfig(**common_args(tune_like, out.trainer, batch))
     ordered = length_grouped(pairs, batch, tune_like.seed,
