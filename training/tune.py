@@ -77,8 +77,11 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
          deadline: float) -> dict:
     """Train `model` (the current version) on `train`; saves into the version folder `out`
     (the merged weights, and the LoRA adapter) and returns a summary."""
+    from transformers import set_seed
+
     method = choose_method(cfg, train)
     peft = None if cfg.full_finetune else lora_config(cfg)
+    set_seed(cfg.seed)  # the adapter's initial weights: TRL makes them before the trainer seeds
     stop = Deadline(deadline)
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
