@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{args.user}: base approval {row['base']['approval']:.0%}", flush=True)
         config = merged(args.round_config, overrides)
         training = run_training_round(config, args.max_minutes)
+        # the base's approval of this run beside each variant: a later run of the same user
+        # measures the base again (sampled replies: 30-38% for one user in three runs)
         out = {"config": config, "store": str(args.store),
-               "dtype": os.environ.get("CHAT_DTYPE", "auto"), "training": training}
+               "dtype": os.environ.get("CHAT_DTYPE", "auto"), "base": row["base"],
+               "training": training}
         if training["candidate"] and (data / "versions" / training["candidate"]).is_dir():
             t = time.monotonic()
             theirs, _ = replies(test, args.test_samples, settings, training["candidate"])

@@ -96,7 +96,7 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         copy = tmp_path / "variants" / "concise" / name.replace(" ", "-") / "data"
         assert store_votes(copy) == votes_before
         assert v["training"]["exit_code"] in (0, 5)  # trained and gated: promoted or rejected
-        assert 0 <= v["candidate"]["approval"] <= 1
+        assert 0 <= v["candidate"]["approval"] <= 1 and v["base"] == vrow["base"]
         assert (copy / "versions" / v["training"]["candidate"]).is_dir()
     assert store_votes(store) == votes_before
     with pytest.raises(SystemExit):  # a folder without votes: a clear message, nothing run
