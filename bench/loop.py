@@ -69,6 +69,11 @@ def approval(user, texts: list[list[str]]) -> float:
     return sum(user.judge(t)[0] for t in flat) / len(flat)
 
 
+def judged(user, texts: list[list[str]]) -> dict:
+    """The user's approval of `texts` and its 95% interval, as the rows store them."""
+    return {"approval": approval(user, texts), "approval_interval": approval_interval(user, texts)}
+
+
 def approval_interval(user, texts: list[list[str]]) -> list[float]:
     """95% bootstrap interval of the approval, resampling test prompts (a prompt's replies
     go together)."""
@@ -238,8 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t = time.monotonic()
                 theirs, _ = replies(test, args.test_samples, settings, training["candidate"])
                 row["rounds"][-1]["rejected_candidate"] = {
-                    "version": training["candidate"], "approval": approval(user, theirs),
-                    "approval_interval": approval_interval(user, theirs),
+                    "version": training["candidate"], **judged(user, theirs),
                     "eval_seconds": round(time.monotonic() - t, 1)}
                 print(f"{name}: round {r + 1}: the rejected candidate would have scored "
                       f"{row['rounds'][-1]['rejected_candidate']['approval']:.0%}", flush=True)

@@ -26,8 +26,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from bench.loop import (approval, approval_interval, load_prompts, replies, run_training_round,
-                        run_settings)
+from bench.loop import judged, load_prompts, replies, run_settings, run_training_round
 
 
 def merged(base: dict, over: dict) -> dict:
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         if user is None:  # the base model's test replies, once
             before, base = replies(test, args.test_samples, settings)
             [user] = make_users([args.user], [words(x) for xs in before for x in xs])
-            row["base"] = {"version": base, "approval": approval(user, before),
-                           "approval_interval": approval_interval(user, before)}
+            row["base"] = {"version": base, **judged(user, before)}
             print(f"{args.user}: base approval {row['base']['approval']:.0%}", flush=True)
         config = merged(args.round_config, overrides)
         training = run_training_round(config, args.max_minutes)
@@ -109,8 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         if training["candidate"] and (data / "versions" / training["candidate"]).is_dir():
             t = time.monotonic()
             theirs, _ = replies(test, args.test_samples, settings, training["candidate"])
-            out["candidate"] = {"approval": approval(user, theirs),
-                                "approval_interval": approval_interval(user, theirs),
+            out["candidate"] = {**judged(user, theirs),
                                 "eval_seconds": round(time.monotonic() - t, 1)}
         row["variants"][name] = out
         path.write_text(json.dumps(results, indent=2) + "\n")  # so far
@@ -134,6 +131,7 @@ def print_row(name: str, v: dict) -> None:
           f"tune {times.get('tuning', 0):.0f}s {(t.get('tuning') or {}).get('steps', 0)} st  "
           f"gate {times.get('gate', 0):.0f}s, (a)+(b) pooled "
           f"{'-' if pooled is None else f'{pooled:.2f}'}", flush=True)
+
 
 if __name__ == "__main__":
     main()
