@@ -15,7 +15,8 @@ from bench.users import make_users
 
 FAST_ROUND = {"tune": {"max_steps": 2, "batch_size": 4, "bf16": False},
               "reward": {"max_steps": 2, "batch_size": 4},
-              "gate": {"max_heldout_prompts": 2, "reply_max_new_tokens": 8},
+              "gate": {"max_heldout_prompts": 2, "reply_max_new_tokens": 8,
+                       "judged_max_new_tokens": 8},
               "data": {"heldout_fraction": 0.5, "min_votes": 4, "min_per_label": 1}}
 
 

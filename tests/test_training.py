@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from feedback import db, store
 from serving.registry import Registry
@@ -24,7 +25,8 @@ GOOD = "Yes. Short and clear."
 BAD = "Well, um, so, you know, it depends, maybe, perhaps, who can say really, well, um."
 FAST = {"tune": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "bf16": False},
         "reward": {"max_steps": 3, "batch_size": 4},
-        "gate": {"max_heldout_prompts": 4, "reply_max_new_tokens": 8},
+        "gate": {"max_heldout_prompts": 4, "reply_max_new_tokens": 8,
+                 "judged_max_new_tokens": 12},
         "data": {"heldout_fraction": 0.3, "min_votes": 4},
         "synthetic": {"samples_per_prompt": 2, "max_prompts": 4, "max_new_tokens": 16}}
 LENIENT = {**FAST, "gate": {**FAST["gate"], "enforce": False}}
@@ -245,6 +247,14 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
         assert report["synthetic"]["pairs"] == 0 and "chance" in report["synthetic"]["why"]
     assert set(report["gate"]["checks"]) == {"a_heldout_ranking", "b_reward_model",
                                              "c_regression"}
+    # (b) judged replies within its own length cap (the serving's, not (c)'s), shown in the report.
+    b = report["gate"]["checks"]["b_reward_model"]
+    assert b["max_new_tokens"] == 12 and 0 < len(b["examples"]) <= min(b["prompts"], 5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for example in b["examples"]:  # decoded text need not re-encode to the same tokens: slack
+        for side in ("current", "candidate"):
+            assert len(tokenizer(example[side], add_special_tokens=False).input_ids) <= 3 * 12
+            assert isinstance(example[f"{side}_reward"], float)
     assert "Decision: promoted" in next((Path(os.environ["CHAT_DATA_DIR"]) / "reports")
                                         .glob("r*.md")).read_text()
     status = json.loads(training_cli("status", "--json").stdout)

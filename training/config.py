@@ -135,7 +135,12 @@ class GateConfig:
                                             "1: off", low=0.5, high=1.0)
     enforce: bool = setting(True, "false: run and report every check, promote whatever they say "
                                   "(experiments only)")
-    reply_max_new_tokens: int = setting(96, "reply length for (b) and (c)", low=1)
+    reply_max_new_tokens: int = setting(96, "(c) reply length: short answers to known questions",
+                                        low=1)
+    judged_max_new_tokens: int = setting(256, "(b) reply length: the serving's cap, so the reward "
+                                              "model judges whole replies as users get them (what "
+                                              "a user wants, a tip or an example, often comes late)",
+                                         low=1)
     seed: int = setting(0, "seed of the resampling and of the order votes are scored in")
 
 

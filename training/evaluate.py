@@ -6,7 +6,8 @@ no check decides on a difference inside its own noise.
     minus the base model's (the quantity DPO and KTO raise for liked replies). The AUC of that
     reward for liked vs disliked held-out replies, candidate minus current, with a paired
     bootstrap interval. (The base model's own AUC is 0.5: its implicit reward is zero.)
-(b) Held-out prompts: both models answer greedily; the share of prompts where the reward model
+(b) Held-out prompts: both models answer greedily, whole replies as users get them (the
+    serving's length cap, `judged_max_new_tokens`); the share of prompts where the reward model
     prefers the candidate's reply (ties half), with a bootstrap interval around 50%.
 (c) What the model knew: `regression_set.jsonl` (short questions with known answers, shipped
     here) answered greedily; the per-question accuracy difference with its interval must not lie
@@ -168,7 +169,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     # (b) the reward model's verdict on held-out prompts, as many as half the time left allows.
     available = heldout_prompts(heldout)
     prompts = available
-    fit = int(max(0.0, (deadline - time.monotonic()) / 2) / max(2 * per_reply_s, 1e-6))
+    per_judged_s = per_reply_s * cfg.judged_max_new_tokens / cfg.reply_max_new_tokens
+    fit = int(max(0.0, (deadline - time.monotonic()) / 2) / max(2 * per_judged_s, 1e-6))
     n_prompts = min(len(prompts), cfg.max_heldout_prompts, max(cfg.min_heldout_prompts, fit))
     prompts = prompts[:n_prompts]
     if reward_model is None or not prompts:
@@ -176,8 +178,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                                     "why": "no reward model or no held-out prompts to judge on"}
     else:
         t = time.monotonic()
-        cur_b = answers(current_engine, prompts, cfg.reply_max_new_tokens)
-        cand_b = answers(candidate_engine, prompts, cfg.reply_max_new_tokens)
+        cur_b = answers(current_engine, prompts, cfg.judged_max_new_tokens)
+        cand_b = answers(candidate_engine, prompts, cfg.judged_max_new_tokens)
         pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                               for o, c in zip(cur_b, cand_b)]
         scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
@@ -191,6 +193,10 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             "prompts_available": len(available),
             "mean_reward_current": sum(cur_s) / len(cur_s),
             "mean_reward_candidate": sum(cand_s) / len(cand_s), "verdict": verdict,
+            "max_new_tokens": cfg.judged_max_new_tokens,
+            "examples": [{"prompt": p[-1]["content"], "current": o, "candidate": c,
+                          "current_reward": so, "candidate_reward": sc}
+                         for p, o, c, so, sc in zip(prompts, cur_b, cand_b, cur_s, cand_s)][:5],
             "why": f"reward model prefers the candidate on {wins.estimate:.0%} of "
                    f"{len(prompts)} held-out prompts ({cfg.confidence:.0%} interval "
                    f"{wins.low:.0%}-{wins.high:.0%}): {verdict}"}
