@@ -138,9 +138,9 @@ class GateConfig:
     reply_max_new_tokens: int = setting(96, "(c) reply length: short answers to known questions",
                                         low=1)
     judged_max_new_tokens: int = setting(256, "(b) reply length: the serving's cap, so the reward "
-                                              "model judges whole replies as users get them (what "
-                                              "a user wants, a tip or an example, often comes late)",
-                                         low=1)
+                                              "model judges whole replies as users get them "
+                                              "(what a user wants, a tip or an example, often "
+                                              "comes late)", low=1)
     seed: int = setting(0, "seed of the resampling and of the order votes are scored in")
 
 

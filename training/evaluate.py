@@ -8,7 +8,9 @@ no check decides on a difference inside its own noise.
     bootstrap interval. (The base model's own AUC is 0.5: its implicit reward is zero.)
 (b) Held-out prompts: both models answer greedily, whole replies as users get them (the
     serving's length cap, `judged_max_new_tokens`); the share of prompts where the reward model
-    prefers the candidate's reply (ties half), with a bootstrap interval around 50%.
+    prefers the candidate's reply (ties half), with a bootstrap interval around 50%. Only a
+    reward model its held-out check trusts (AUC interval above 0.5) judges; else (b) does not
+    run: a judge at chance could veto, or cancel (a)'s evidence, on noise.
 (c) What the model knew: `regression_set.jsonl` (short questions with known answers, shipped
     here) answered greedily; the per-question accuracy difference with its interval must not lie
     wholly below the allowed loss (1 - `min_retention` of the current accuracy), and the
@@ -17,9 +19,9 @@ no check decides on a difference inside its own noise.
 
 Verdict: better on (a) or (b) (with `require_improvement`), neither significantly worse, and (c)
 passed. Better: (a) or (b) alone at the gate's confidence, or both pooled (Stouffer's z of each
-bootstrap's one-sided confidence) at `pooled_confidence`: with 16 held-out prompts and 64 votes
-neither check alone saw a candidate that raised the example user's approval 31% -> 69%, while
-both leaned its way (about 0.87 and 0.85, pooled 0.94).
+bootstrap's one-sided confidence; both must have run) at `pooled_confidence`: with 16 held-out
+prompts and 64 votes neither check alone saw a candidate that raised the example user's approval
+31% -> 69%, while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
 The gate works to a deadline: (c) always runs whole, (b) answers as many
 prompts as its share of the time allows (at least `min_heldout_prompts`), (a) scores held-out
@@ -132,10 +134,12 @@ def _verdict(iv, null: float = 0.0) -> str:
 
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
          current_engine, candidate_engine, heldout: FeedbackData, reward_model,
-         cfg: GateConfig, deadline: float | None = None, log=lambda line: None) -> dict:
+         cfg: GateConfig, deadline: float | None = None, distrust: str | None = None,
+         log=lambda line: None) -> dict:
     """Run (c), (b), (a) within `deadline` (time.monotonic()); returns each check's numbers,
     interval and verdict, and the decision. Replies come from the engines users are served
-    by; log-probabilities from the transformers models."""
+    by; log-probabilities from the transformers models. `distrust`: why the reward model may
+    not judge (its held-out check); then (b) does not run and (a) gets its time."""
     start = time.monotonic()
     deadline = deadline if deadline is not None else float("inf")
     stats = dict(confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
@@ -168,14 +172,15 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
 
     # (b) the reward model's verdict on held-out prompts, as many as half the time left allows.
     available = heldout_prompts(heldout)
-    prompts = available
     per_judged_s = per_reply_s * cfg.judged_max_new_tokens / cfg.reply_max_new_tokens
-    fit = int(max(0.0, (deadline - time.monotonic()) / 2) / max(2 * per_judged_s, 1e-6))
-    n_prompts = min(len(prompts), cfg.max_heldout_prompts, max(cfg.min_heldout_prompts, fit))
-    prompts = prompts[:n_prompts]
-    if reward_model is None or not prompts:
-        checks["b_reward_model"] = {"verdict": "no difference", "prompts": len(prompts),
-                                    "why": "no reward model or no held-out prompts to judge on"}
+    fit = (max(0.0, deadline - time.monotonic()) / 2 / max(2 * per_judged_s, 1e-6)
+           if deadline < float("inf") else len(available))  # no deadline: all it may take
+    prompts = available[:min(cfg.max_heldout_prompts, max(cfg.min_heldout_prompts, int(fit)))]
+    if reward_model is None or distrust or not prompts:
+        checks["b_reward_model"] = {
+            "verdict": "no difference", "prompts": 0, "prompts_available": len(available),
+            "why": (f"{distrust}: it does not judge" if distrust and reward_model is not None
+                    else "no reward model or no held-out prompts to judge on")}
     else:
         t = time.monotonic()
         cur_b = answers(current_engine, prompts, cfg.judged_max_new_tokens)
@@ -273,13 +278,15 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
 
 def pool_rankings(checks: dict, threshold: float) -> dict:
     """(a) and (b) together: each one's one-sided confidence that the candidate ranks better,
-    pooled; better when the pooled confidence reaches `threshold`."""
+    pooled; better when the pooled confidence reaches `threshold`. Only both: one check alone
+    must clear its own interval (the gate's confidence), not the pooled threshold."""
     sides = {"a": (checks["a_heldout_ranking"].get("difference") or {}).get("p_better"),
              "b": (checks["b_reward_model"].get("interval") or {}).get("p_better")}
     ran = {k: p for k, p in sides.items() if p is not None}
-    if not ran:
+    if len(ran) < 2:
+        alone = f"only ({next(iter(ran))}) ran" if ran else "neither (a) nor (b) ran"
         return {"confidence": None, "threshold": threshold, "better": False, "of": ran,
-                "why": "neither (a) nor (b) ran"}
+                "why": f"{alone}: nothing to pool"}
     p = pooled(list(ran.values()))
     shown = ", ".join(f"({k}) {v:.2f}" for k, v in ran.items())
     return {"confidence": p, "threshold": threshold, "better": p >= threshold, "of": ran,
