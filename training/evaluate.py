@@ -8,9 +8,7 @@ no check decides on a difference inside its own noise.
     bootstrap interval. (The base model's own AUC is 0.5: its implicit reward is zero.)
 (b) Held-out prompts: both models answer greedily, whole replies as users get them (the
     serving's length cap, `judged_max_new_tokens`); the share of prompts where the reward model
-    prefers the candidate's reply (ties half), with a bootstrap interval around 50%. Only a
-    reward model its held-out check trusts (AUC interval above 0.5) judges; else (b) does not
-    run: a judge at chance could veto, or cancel (a)'s evidence, on noise.
+    prefers the candidate's reply (ties half), with a bootstrap interval around 50%.
 (c) What the model knew: `regression_set.jsonl` (short questions with known answers, shipped
     here) answered greedily; the per-question accuracy difference with its interval must not lie
     wholly below the allowed loss (1 - `min_retention` of the current accuracy), and the
@@ -134,12 +132,10 @@ def _verdict(iv, null: float = 0.0) -> str:
 
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
          current_engine, candidate_engine, heldout: FeedbackData, reward_model,
-         cfg: GateConfig, deadline: float | None = None, distrust: str | None = None,
-         log=lambda line: None) -> dict:
+         cfg: GateConfig, deadline: float | None = None, log=lambda line: None) -> dict:
     """Run (c), (b), (a) within `deadline` (time.monotonic()); returns each check's numbers,
     interval and verdict, and the decision. Replies come from the engines users are served
-    by; log-probabilities from the transformers models. `distrust`: why the reward model may
-    not judge (its held-out check); then (b) does not run and (a) gets its time."""
+    by; log-probabilities from the transformers models."""
     start = time.monotonic()
     deadline = deadline if deadline is not None else float("inf")
     stats = dict(confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
@@ -176,11 +172,10 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     fit = (max(0.0, deadline - time.monotonic()) / 2 / max(2 * per_judged_s, 1e-6)
            if deadline < float("inf") else len(available))  # no deadline: all it may take
     prompts = available[:min(cfg.max_heldout_prompts, max(cfg.min_heldout_prompts, int(fit)))]
-    if reward_model is None or distrust or not prompts:
-        checks["b_reward_model"] = {
-            "verdict": "no difference", "prompts": 0, "prompts_available": len(available),
-            "why": (f"{distrust}: it does not judge" if distrust and reward_model is not None
-                    else "no reward model or no held-out prompts to judge on")}
+    if reward_model is None or not prompts:
+        checks["b_reward_model"] = {"verdict": "no difference", "prompts": 0,
+                                    "prompts_available": len(available),
+                                    "why": "no reward model or no held-out prompts to judge on"}
     else:
         t = time.monotonic()
         cur_b = answers(current_engine, prompts, cfg.judged_max_new_tokens)

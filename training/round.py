@@ -29,7 +29,7 @@ from training.evaluate import gate
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
 from training.reward import train_reward_model
-from training.synthetic import (check_sample, distrust, judge_quality, judged_conversations,
+from training.synthetic import (check_sample, judge_quality, judged_conversations,
                                 synthetic_pairs)
 from training.tune import tune
 
@@ -145,8 +145,11 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     report["synthetic"] = {"pairs": 0}
     if cfg.synthetic.samples_per_prompt == 0:
         report["synthetic"]["why"] = "off (synthetic.samples_per_prompt = 0)"
-    elif distrust(quality):
-        report["synthetic"]["why"] = f"{distrust(quality)}: no pairs from it"
+    elif not quality["trusted"]:
+        report["synthetic"]["why"] = (
+            "the reward model's held-out ranking is not above chance "
+            f"(AUC interval {quality.get('auc', {}).get('low', 0):.2f}-"
+            f"{quality.get('auc', {}).get('high', 0):.2f}): no pairs from it")
     else:
         share = cfg.synthetic.time_share * max(0.0, train_deadline - t)
         # all slots busy with the samples (a batch job, as `serving generate`)
@@ -191,7 +194,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
         verdict = gate(current=current, candidate=candidate, base=base,
                        current_engine=engines[0], candidate_engine=engines[1],
                        heldout=heldout, reward_model=judge, cfg=cfg.gate, deadline=end,
-                       distrust=distrust(quality), log=log)
+                       log=log)
     finally:
         for engine in engines:
             engine.close()

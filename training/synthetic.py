@@ -67,17 +67,6 @@ def judge_quality(judge, heldout: FeedbackData, *, confidence: float, samples: i
     return out
 
 
-def distrust(quality: dict) -> str | None:
-    """Why the judge may not judge (None when trusted): its held-out ranking is not above chance."""
-    if quality["trusted"]:
-        return None
-    auc = quality.get("auc") or {}
-    if not auc:
-        return "the reward model could not be checked (no held-out votes of both labels)"
-    return ("the reward model's held-out ranking is not above chance "
-            f"(AUC interval {auc['low']:.2f}-{auc['high']:.2f})")
-
-
 def training_prompts(train: FeedbackData, limit: int) -> list[list[dict]]:
     """The distinct prompts of the training votes, at most `limit`, spread over the data."""
     seen, prompts = set(), []
