@@ -357,6 +357,93 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     assert run[1]["pooled"]["confidence"] is None and "only (a)" in run[1]["pooled"]["why"]
 
 
+def test_the_gate_keeps_log_probabilities_for_later_gates(tiny_model, tmp_path):
+    """(a)'s log-probabilities are kept per version: the next gate reads the base model's and
+    the serving version's (computed when it was the candidate) instead of scoring them again,
+    with the same AUC; an unreadable cache file is an empty cache, not an error."""
+    import shutil
+
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from training.config import GateConfig
+    from training.dataset import load_feedback, split
+    from training.evaluate import gate
+
+    fill(16, liked_good=lambda cid: cid % 2 == 0)
+    _, heldout = split(load_feedback(), DataConfig(heldout_fraction=0.5))
+    reg = Registry()
+    for name in ("v2", "v3", "v4"):
+        staging = reg.staging(name)
+        shutil.copytree(tiny_model, staging.model)
+        reg.register(name, staging, {"parent": tiny_model.name, "kind": "full"})
+    fp32 = ServingConfig(dtype="float32")
+    base = reg.load(None, fp32)
+    cfg = GateConfig(reply_max_new_tokens=2)
+    cache = tmp_path / "logps"
+    engines = [open_engine(reg), open_engine(reg)]
+    try:
+        def ranked(current: str, candidate: str) -> dict:
+            return gate(current=reg.load(current, fp32), candidate=reg.load(candidate, fp32),
+                        base=base, current_engine=engines[0], candidate_engine=engines[1],
+                        heldout=heldout, reward_model=None, cfg=cfg,
+                        cache_dir=cache)["checks"]["a_heldout_ranking"]
+
+        first = ranked("v2", "v3")
+        second = ranked("v3", "v4")
+        for path in cache.glob(f"{base.version}.*.json"):
+            path.write_text("{not json")
+        third = ranked("v4", "v2")
+    finally:
+        for engine in engines:
+            engine.close()
+    votes = first["votes"]
+    assert votes == first["votes_available"] == second["votes"] > 2  # no deadline: all
+    assert first["cached"] == {base.version: 0, "v2": 0, "v3": 0}
+    assert second["cached"] == {base.version: votes, "v3": votes, "v4": 0}
+    assert second["current_auc"] == first["candidate_auc"]
+    assert third["cached"] == {base.version: 0, "v4": votes, "v2": votes}
+    assert third["candidate_auc"] == first["current_auc"]
+
+
+def test_online_tuning_trains_on_pairs_its_judge_picks_and_needs_a_judge(tiny_model):
+    """tune.method online: the model samples two replies per prompt at each step and the reward
+    model picks (its margin is reported); the adapter and merged weights are saved like any
+    version's. Without a trusted judge the round's tuning falls back to auto and says so."""
+    from transformers import AutoModelForSequenceClassification
+
+    from serving.config import ServingConfig
+    from training.config import SyntheticConfig, TuneConfig
+    from training.dataset import load_feedback, split
+    from training.reward import RewardModel
+    from training.tune import tune
+
+    fill(16, liked_good=lambda cid: cid % 2 == 0)
+    train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
+    reg = Registry()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    head = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    head.config.pad_token_id = tokenizer.pad_token_id
+    judge = RewardModel(head, tokenizer)  # untrained: this test is about the plumbing
+    cfg = TuneConfig(method="online", max_steps=2, batch_size=2, lora_r=2, lora_alpha=4,
+                     bf16=False)
+    sampling = SyntheticConfig(max_new_tokens=8, max_prompts=5)
+    out = reg.staging("online")
+    summary, trainer = tune(reg.load(None, ServingConfig(dtype="float32")).model, tokenizer,
+                            train, cfg, out, time.monotonic() + 600, judge=judge,
+                            sampling=sampling)
+    assert summary["method"] == "online" and summary["steps"] == 2
+    assert summary["rows"] == 5 and summary["max_new_tokens"] == 8
+    assert summary["mean_judged_margin"] >= 0  # chosen minus rejected, by the judge's scores
+    assert 0 <= summary["finished_replies"] <= 1
+    assert (out.adapter / "adapter_config.json").exists()
+    assert (out.model / "model.safetensors").exists()
+
+    fallback, _ = tune(reg.load(None, ServingConfig(dtype="float32")).model, tokenizer, train,
+                       cfg, reg.staging("fallback"), time.monotonic() + 600, judge=None)
+    assert fallback["method"] in ("kto", "dpo") and "no trusted reward model" in \
+        fallback["online_skipped"]
+
+
 def _kill_when(line_start: str, tmp_path: Path, config: dict) -> None:
     path = tmp_path / "round.json"
     path.write_text(json.dumps(config))

@@ -1,6 +1,6 @@
 """`python -m training run|status|rollback|schedule`: the learning loop without the browser.
 
-    python -m training run [--max-minutes N] [--config round.json] [--method kto|dpo|auto]
+    python -m training run [--max-minutes N] [--config round.json] [--method kto|dpo|online|auto]
     python -m training status [--json]
     python -m training rollback [VERSION]
     python -m training schedule --min-new-votes 50 --interval-minutes 30
@@ -12,7 +12,10 @@ import argparse
 import functools
 import json
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.monotonic()  # `run --max-minutes` counts from here: the imports take seconds
 
 from serving.setting import add_flags, check_value, given
 from training.config import ConfigError, RoundConfig, TuneConfig
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         echo = functools.partial(print, flush=True)  # lines reach a pipe as they happen
         if args.command == "run":
-            return run_round(round_config(args), log=echo).exit_code
+            return run_round(round_config(args), log=echo, started=STARTED).exit_code
         if args.command == "schedule":
             from training.schedule import run_schedule
             return run_schedule(round_config(args), min_new_votes=args.min_new_votes,

@@ -55,8 +55,12 @@ class RewardModelConfig:
 @dataclass
 class TuneConfig:
     method: str = setting("auto", "kto (votes), dpo (pairs) or auto: DPO when the feedback "
-                                  "gives at least min_dpo_pairs pairs, KTO otherwise",
-                          choices=("auto", "kto", "dpo"))
+                                  "gives at least min_dpo_pairs pairs, KTO otherwise; online: "
+                                  "TRL's online DPO, the model samples two replies per training "
+                                  "prompt at every step and the round's reward model picks "
+                                  "(instead of synthetic pairs made before tuning; needs a "
+                                  "trusted reward model, else auto)",
+                          choices=("auto", "kto", "dpo", "online"))
     start: str = setting("current", "the model a round tunes: current (the serving version, "
                                     "on all feedback so far) or base (the base model again, on "
                                     "all feedback so far, so rounds do not stack adapters)",
@@ -151,8 +155,9 @@ class RoundConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    max_minutes: float = setting(60.0, "time budget of the whole round, gate included: training "
-                                       "stops when only gate_share of it is left",
+    max_minutes: float = setting(60.0, "time budget of the whole round, gate included, from the "
+                                       "command's start (its imports too): training stops when "
+                                       "only gate_share of it is left",
                                  low=0.0, low_open=True)
     gate_share: float = setting(0.3, "share of the budget kept for the gate (its sample is capped "
                                      "to fit); a candidate that passes is promoted even if the "

@@ -23,12 +23,16 @@ prompts and 64 votes neither check alone saw a candidate that raised the example
 
 The gate works to a deadline: (c) always runs whole, (b) answers as many
 prompts as its share of the time allows (at least `min_heldout_prompts`), (a) scores held-out
-votes, both labels alternating, until its time is up (at least `min_heldout_votes`).
+votes, both labels alternating, until its time is up (at least `min_heldout_votes`); votes
+that earlier gates scored go first, their base and serving-version log-probabilities kept
+(`LogpCache`), so rounds 2 and 3 score more of them in the same time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import time
@@ -39,7 +43,7 @@ import torch
 
 from serving.chat import split_system
 from serving.config import GenerationSettings
-from serving.hardware import autocast
+from serving.hardware import autocast, resolve_dtype
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
@@ -77,6 +81,50 @@ def mean_logps(loaded: LoadedModel, rows: list[dict], batch_size: int = 8) -> li
             reply = logp[row, p_len - 1:len(row_ids) - 1]
             out.append(float(reply.mean()) if len(reply) else 0.0)
     return out
+
+
+class LogpCache:
+    """(a)'s mean log-probabilities already computed, per model version and held-out reply, in
+    `folder/<version>.<dtype>.json`. A version never changes, so its figures hold in every later
+    gate: the base model's from every round, the serving version's from the round where it was
+    the candidate. Votes held out in earlier rounds then cost one model (the candidate), not
+    three. A missing or unreadable file is an empty cache."""
+
+    def __init__(self, folder: Path | None, loaded: LoadedModel) -> None:
+        dtype = "bf16" if resolve_dtype() == "bfloat16" else "fp32"  # as `autocast` scores
+        self.loaded, self.hits = loaded, 0
+        self.path = None if folder is None else \
+            folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', loaded.version)}.{dtype}.json"
+        try:
+            self.values = json.loads(self.path.read_text()) if self.path else {}
+            assert isinstance(self.values, dict)
+        except (OSError, ValueError, AssertionError):
+            self.values = {}
+
+    @staticmethod
+    def key(row: dict) -> str:
+        text = json.dumps([row["prompt"], row["completion"]], sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def known(self, row: dict) -> bool:
+        return self.key(row) in self.values
+
+    def mean_logps(self, rows: list[dict]) -> list[float]:
+        keys = [self.key(r) for r in rows]
+        missing = [(k, r) for k, r in zip(keys, rows) if k not in self.values]
+        if missing:
+            scored = mean_logps(self.loaded, [r for _, r in missing])
+            self.values.update((k, lp) for (k, _), lp in zip(missing, scored))
+        self.hits += len(rows) - len(missing)
+        return [self.values[k] for k in keys]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.values))
+        os.replace(tmp, self.path)
 
 
 def fluency_failure(text: str) -> str | None:
@@ -132,10 +180,11 @@ def _verdict(iv, null: float = 0.0) -> str:
 
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
          current_engine, candidate_engine, heldout: FeedbackData, reward_model,
-         cfg: GateConfig, deadline: float | None = None, log=lambda line: None) -> dict:
+         cfg: GateConfig, deadline: float | None = None, log=lambda line: None,
+         cache_dir: Path | None = None) -> dict:
     """Run (c), (b), (a) within `deadline` (time.monotonic()); returns each check's numbers,
     interval and verdict, and the decision. Replies come from the engines users are served
-    by; log-probabilities from the transformers models."""
+    by; log-probabilities from the transformers models (kept in `cache_dir` for later gates)."""
     start = time.monotonic()
     deadline = deadline if deadline is not None else float("inf")
     stats = dict(confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
@@ -212,16 +261,22 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             "why": f"{len(votes)} held-out votes; need {cfg.min_heldout_votes} with both labels"}
     else:
         models = [base] + ([] if current is base else [current]) + [candidate]
+        caches = [LogpCache(cache_dir, model) for model in models]
+        # votes the earlier gates scored for all but the candidate first: they cost one model
+        ready = [all(c.known(v) for c in caches[:-1]) for v in votes]
+        votes = [v for v, r in zip(votes, ready) if r] + [v for v, r in zip(votes, ready) if not r]
         lps: list[list[float]] = [[] for _ in models]
         scored, chunk, slowest = 0, 16, 0.0
         while scored < len(votes):  # a chunk starts only if it can end by the deadline
             if scored >= cfg.min_heldout_votes and time.monotonic() + slowest >= deadline:
                 break
             began, rows = time.monotonic(), votes[scored:scored + chunk]
-            for lp, model in zip(lps, models):
-                lp += mean_logps(model, rows)
+            for lp, cache in zip(lps, caches):
+                lp += cache.mean_logps(rows)
             scored += len(rows)
             slowest = max(slowest, time.monotonic() - began)
+        for cache in caches:
+            cache.save()
         labels = [v["label"] for v in votes[:scored]]
         base_lp, cand_lp = lps[0], lps[-1]
         cur_lp = base_lp if current is base else lps[1]
@@ -237,9 +292,11 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             checks["a_heldout_ranking"] = {
                 "current_auc": cur_auc, "candidate_auc": cand_auc, "votes": scored,
                 "votes_available": len(votes), "difference": d.to_dict(), "verdict": verdict,
+                "cached": {c.loaded.version: c.hits for c in caches},
                 "why": f"AUC {cand_auc:.3f} vs {cur_auc:.3f} on {scored} votes, difference "
                        f"{d} ({cfg.confidence:.0%}): {verdict}"}
-        log(f"gate (a): {scored} of {len(votes)} votes in {time.monotonic() - t:.0f}s")
+        log(f"gate (a): {scored} of {len(votes)} votes in {time.monotonic() - t:.0f}s "
+            f"({sum(c.hits for c in caches)} log-probabilities cached)")
 
     # (c) continued: accuracy within the allowed loss, fluency not significantly worse.
     c = checks["c_regression"]

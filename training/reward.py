@@ -58,6 +58,17 @@ class RewardModel:
         return out
 
 
+def score_model(source: str, tokenizer):
+    """The base checkpoint at `source` with a one-score head (new weights, float32): what the
+    reward model trains, and what its saved adapter goes back onto."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardModelConfig,
                        out: VersionDir, deadline: float,
                        to_score: list[list[dict]] = ()) -> tuple[RewardModel, dict]:
@@ -70,7 +81,7 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     characters), not by count: a probe of 8 unsorted conversations pads to its longest, while
     the check runs length-sorted batches (by count, the reserve was 2.5-3.5x what scoring took
     in the loop benchmark, and the judge lost most of its steps to it)."""
-    from transformers import AutoModelForSequenceClassification, set_seed
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
@@ -80,9 +91,7 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     # seeds only after the model exists. Unseeded, two rounds on the same votes trained judges
     # of held-out AUC 0.92 and 0.64 (13-14 steps from a different start).
     set_seed(tune_like.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
-                                                               dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = score_model(source, tokenizer)
     reserve_s = 0.0
     if to_score:
         probe = list(to_score[:8])

@@ -57,15 +57,17 @@ def reports_dir() -> Path:
     return path
 
 
-def run_round(cfg: RoundConfig | None = None, *, log=print) -> RoundResult:
-    """Run one round under the cross-process lock (raises `RoundBusy` if one is running)."""
+def run_round(cfg: RoundConfig | None = None, *, log=print,
+              started: float | None = None) -> RoundResult:
+    """Run one round under the cross-process lock (raises `RoundBusy` if one is running).
+    `started` (time.monotonic()) is when the budget began, if before this call: the command
+    line's process start, so its imports count too."""
     cfg = cfg or RoundConfig()
     with round_lock():
-        return _run(cfg, log)
+        return _run(cfg, log, time.monotonic() if started is None else started)
 
 
-def _run(cfg: RoundConfig, echo) -> RoundResult:
-    start = time.monotonic()
+def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     budget_s = cfg.max_minutes * 60
     # Each stage's share of the clock is fixed up front: training stops early enough for the
     # gate, which caps its own sample to the time left; a finished candidate is never thrown
@@ -150,6 +152,9 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
             "the reward model's held-out ranking is not above chance "
             f"(AUC interval {quality.get('auc', {}).get('low', 0):.2f}-"
             f"{quality.get('auc', {}).get('high', 0):.2f}): no pairs from it")
+    elif cfg.tune.method == "online":
+        report["synthetic"]["why"] = ("online tuning: the model samples and the reward model "
+                                      "judges pairs at every step instead")
     else:
         share = cfg.synthetic.time_share * max(0.0, train_deadline - t)
         # all slots busy with the samples (a batch job, as `serving generate`)
@@ -167,7 +172,8 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
     log(f"tuning {start_name} ({cfg.tune.method}, "
         f"{'full' if cfg.tune.full_finetune else 'LoRA'})")
     summary, _ = tune(trainee.model, trainee.tokenizer, train, cfg.tune, staging,
-                      train_deadline)
+                      train_deadline, judge=judge if quality["trusted"] else None,
+                      sampling=cfg.synthetic)
     report["tuning"] = summary
     del trainee
     timed("tuning", t)
@@ -194,7 +200,7 @@ def _run(cfg: RoundConfig, echo) -> RoundResult:
         verdict = gate(current=current, candidate=candidate, base=base,
                        current_engine=engines[0], candidate_engine=engines[1],
                        heldout=heldout, reward_model=judge, cfg=cfg.gate, deadline=end,
-                       log=log)
+                       log=log, cache_dir=registry.data / "training" / "logps")
     finally:
         for engine in engines:
             engine.close()
@@ -259,7 +265,12 @@ def markdown(r: dict) -> str:
                   f"- tuning: {t['method'].upper()} ({t['kind']}), {t['steps']} steps, loss "
                   + (f"({mix}) " if mix else "")
                   + f"{_num(t['first_loss'])} -> {_num(t['last_loss'])}"
-                  + (" (stopped by the time budget)" if t["stopped_by_deadline"] else ""), ""]
+                  + (" (stopped by the time budget)" if t["stopped_by_deadline"] else "")
+                  + (f"; {t['rows']} prompts sampled twice a step, judged margin "
+                     f"{_num(t['mean_judged_margin'])}, replies finished "
+                     f"{_num(t['finished_replies'])}" if t["method"] == "online" else "")
+                  + (f"; online asked, not run: {t['online_skipped']}"
+                     if t.get("online_skipped") else ""), ""]
     if "gate" in r:
         g = r["gate"]
         lines += ["## Gate", "", f"Shown better on (a) or (b): {'yes' if g['improved'] else 'no'}"

@@ -1,4 +1,5 @@
-"""Preference tuning of the serving model with TRL: KTO on votes, DPO on pairs; LoRA by default.
+"""Preference tuning of the serving model with TRL: KTO on votes, DPO on pairs, or online DPO on
+the model's own samples judged by the round's reward model; LoRA by default.
 
 With LoRA the reference model is the same network with the adapter switched off, so no second
 copy of the model is held; the artifact is a few MB. Full fine-tuning (`full_finetune`) keeps a
@@ -15,7 +16,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from serving.registry import VersionDir
-from training.config import TuneConfig
+from training.config import SyntheticConfig, TuneConfig
 from training.dataset import FeedbackData, chars, interleave, kto_weights, length_grouped
 
 
@@ -43,10 +44,10 @@ class Deadline(TrainerCallback):
         return control
 
 
-def choose_method(cfg: TuneConfig, train: FeedbackData) -> str:
-    if cfg.method in ("kto", "dpo"):
+def choose_method(cfg: TuneConfig, train: FeedbackData, judge=None) -> str:
+    if cfg.method in ("kto", "dpo") or (cfg.method == "online" and judge is not None):
         return cfg.method
-    assert cfg.method == "auto", f"unknown method {cfg.method!r}"
+    assert cfg.method in ("auto", "online"), f"unknown method {cfg.method!r}"
     # Pairs (a liked and a disliked reply to one prompt, picks, edits) contrast two replies
     # directly; on 2 CPU cores DPO on them moved a simulated user's approval far more per minute
     # than KTO on the same votes (README, benchmarks). Thumbs without pairs go to KTO.
@@ -74,12 +75,14 @@ def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
 
 
 def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
-         deadline: float) -> dict:
+         deadline: float, judge=None, sampling: SyntheticConfig | None = None) -> dict:
     """Train `model` (the current version) on `train`; saves into the version folder `out`
-    (the merged weights, and the LoRA adapter) and returns a summary."""
+    (the merged weights, and the LoRA adapter) and returns a summary. `judge` (a trusted
+    `RewardModel`) and `sampling` (reply length and temperature) serve the online method; without
+    a judge it falls back to auto."""
     from transformers import set_seed
 
-    method = choose_method(cfg, train)
+    method = choose_method(cfg, train, judge)
     peft = None if cfg.full_finetune else lora_config(cfg)
     set_seed(cfg.seed)  # the adapter's initial weights: TRL makes them before the trainer seeds
     stop = Deadline(deadline)
@@ -97,6 +100,9 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
         trainer = KTOTrainer(model=model, args=args, train_dataset=data,
                              processing_class=tokenizer, peft_config=peft, callbacks=[stop])
         extra = {"desirable_weight": dw, "undesirable_weight": uw, "rows": len(rows)}
+    elif method == "online":
+        trainer, extra = online_trainer(model, tokenizer, train, cfg, out, judge,
+                                        sampling or SyntheticConfig(), peft, stop)
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -121,7 +127,43 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
     trained.save_pretrained(out.model)
     tokenizer.save_pretrained(out.model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if method == "online":  # per step: the judge's margin between the two samples, and how
+        for key, name in (("objective/scores_margin", "mean_judged_margin"),  # many finished
+                          ("val/contain_eos_token", "finished_replies")):
+            seen = [h[key] for h in trainer.state.log_history if key in h]
+            extra[name] = sum(seen) / len(seen) if seen else None
+    if method != cfg.method and cfg.method == "online":
+        extra["online_skipped"] = "no trusted reward model to judge the samples"
     return {"method": method, "kind": "lora" if peft is not None else "full",
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses
             else None, "stopped_by_deadline": stop.hit, **extra}, trainer
+
+
+def online_trainer(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
+                   judge, sampling: SyntheticConfig, peft, stop: Deadline):
+    """TRL's online DPO: at every step the model (as it is now) samples two replies to each of
+    a batch of training prompts, the reward model picks the better, and one DPO step follows.
+    The prompts and the sampling are the synthetic pairs' (`synthetic.max_prompts` distinct
+    training prompts, its temperature and length cap), so the two ways of making on-policy
+    pairs differ only in when the samples are drawn: all up front by the serving engine, or
+    step by step by the model in training (transformers' `generate`, slower on a CPU)."""
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from training.synthetic import training_prompts
+
+    prompts = training_prompts(train, sampling.max_prompts)
+
+    def reward_model(prompts, completions, **_):  # TRL calls it with both halves of a batch
+        return judge.score([p + c for p, c in zip(prompts, completions)])
+
+    batch = max(1, min(cfg.batch_size, len(prompts)))
+    args = OnlineDPOConfig(**{**common_args(cfg, out.trainer, batch),
+                              "remove_unused_columns": False},  # it needs the prompts
+                           beta=[cfg.beta], max_new_tokens=sampling.max_new_tokens,
+                           temperature=sampling.temperature)
+    trainer = OnlineDPOTrainer(model=model, reward_funcs=reward_model, args=args,
+                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                               processing_class=tokenizer, peft_config=peft, callbacks=[stop])
+    return trainer, {"rows": len(prompts), "max_new_tokens": sampling.max_new_tokens,
+                     "temperature": sampling.temperature}

@@ -1,0 +1,145 @@
+"""Would today's gate decide a store's past rounds the same? Replays each round's gate.
+
+    python -m bench.gate_replay --store bench/results/loop/structured/data [--rounds R1,R2]
+        [--out bench/results/gate_replay]
+
+For each round in the store's reports (oldest first; or those named) that registered a
+candidate: the feedback as it stood when the round began (a copy of the database without the
+conversations created later), the round's own split and gate settings, its own judge (the reward
+model saved with its candidate) and its own time (the gate's seconds in the report) go to
+`training.evaluate.gate`, comparing the versions the round compared, through the same engines.
+The rounds share one fresh log-probability folder, as a store's own rounds do, so a replay of
+rounds 1 and 2 shows what round 2's (a) gains from round 1's. Prints and writes, per round, the
+original gate's (a) votes, one-sided confidences and decision beside the replay's
+(`gate_replay.json`, keyed by the store's user; other stores' rows are kept). Needs the store's
+version folders (a `bench.loop` run keeps them). A benchmark, not a test: it reads the store and
+writes nothing there. Each round is replayed on its own: a round the replay would decide
+otherwise does not change which versions the next round compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+
+def store_as_of(db: Path, when: str, copy: Path) -> None:
+    """`copy`: the database `db` without the conversations created at or after `when`."""
+    copy.unlink(missing_ok=True)
+    with sqlite3.connect(db) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    with sqlite3.connect(copy) as con:
+        con.execute("PRAGMA foreign_keys = ON")  # votes, messages, pairs go with them
+        con.execute("DELETE FROM conversations WHERE created_at >= ?",
+                    (when.replace("T", " ").split("+")[0],))
+
+
+def load_judge(source: str, tokenizer, adapter: Path, max_length: int):
+    from peft import PeftModel
+
+    from training.reward import RewardModel, score_model
+
+    model = PeftModel.from_pretrained(score_model(source, tokenizer), adapter)
+    return RewardModel(model.merge_and_unload(), tokenizer, max_length)
+
+
+def summary(g: dict) -> dict:
+    a, b = g["checks"]["a_heldout_ranking"], g["checks"]["b_reward_model"]
+    return {"a_votes": a.get("votes"), "a_votes_available": a.get("votes_available"),
+            "a_confidence": (a.get("difference") or {}).get("p_better"),
+            "a_cached": a.get("cached"), "b_prompts": b.get("prompts"),
+            "b_confidence": (b.get("interval") or {}).get("p_better"),
+            "pooled": (g.get("pooled") or {}).get("confidence"), "passed": g["passed"],
+            "seconds": g.get("seconds")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", type=Path, required=True,
+                        help="a data folder with feedback.db, reports/ and versions/")
+    parser.add_argument("--rounds", default="", help="round ids, comma-separated (default: all)")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "gate_replay")
+    args = parser.parse_args(argv)
+    reports = sorted((args.store / "reports").glob("*.json"))
+    wanted = [r for r in args.rounds.split(",") if r]
+    rounds = [json.loads(p.read_text()) for p in reports]
+    rounds = [r for r in rounds if r.get("gate") and (not wanted or r["round"] in wanted)]
+    if not rounds:
+        parser.error(f"no round with a gate among {args.store / 'reports'}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    os.environ["CHAT_DATA_DIR"] = str(args.store)  # the versions and the base checkpoint
+
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from serving.model import resolve_base
+    from serving.registry import Registry
+    from training.config import RoundConfig
+    from training.dataset import load_feedback, split
+    from training.evaluate import gate
+
+    registry, fp32 = Registry(), ServingConfig(dtype="float32")
+    base_name, base_source = resolve_base()
+    rows = []
+    for report in rounds:
+        cfg = RoundConfig.from_dict(report["config"])
+        current_name, candidate_name = report["current_version"], report["round"]
+        # a database file per round: replacing one under an open engine corrupts it
+        db = work / f"{candidate_name}.db"
+        store_as_of(args.store / "feedback.db", report["started_at"], db)
+        _, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)
+        current = registry.load(current_name, fp32)
+        base = current if current_name == base_name else registry.load(base_name, fp32)
+        candidate = registry.load(candidate_name, fp32)
+        judge = load_judge(base_source, current.tokenizer,
+                           registry.get(candidate_name).dir.reward, cfg.reward.max_length)
+        engines = [open_engine(registry, n) for n in (current_name, candidate_name)]
+        budget = report["timings_s"]["gate"]
+        try:
+            replay = gate(current=current, candidate=candidate, base=base,
+                          current_engine=engines[0], candidate_engine=engines[1],
+                          heldout=heldout, reward_model=judge, cfg=cfg.gate,
+                          deadline=time.monotonic() + budget, log=print,
+                          cache_dir=work / "logps")
+        finally:
+            for engine in engines:
+                engine.close()
+        row = {"round": candidate_name, "current": current_name, "budget_s": budget,
+               "heldout": heldout.counts, "original": summary(report["gate"]),
+               "replay": summary(replay)}
+        rows.append(row)
+        o, r = row["original"], row["replay"]
+        print(f"{candidate_name}: (a) {o['a_votes']} -> {r['a_votes']} of "
+              f"{r['a_votes_available']} votes, confidence {_p(o['a_confidence'])} -> "
+              f"{_p(r['a_confidence'])}; (b) {_p(o['b_confidence'])} -> "
+              f"{_p(r['b_confidence'])}; pooled {_p(o['pooled'])} -> {_p(r['pooled'])}; "
+              f"{'passed' if o['passed'] else 'rejected'} -> "
+              f"{'passed' if r['passed'] else 'rejected'}", flush=True)
+        del current, base, candidate, judge
+    path = args.out / "gate_replay.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    # keyed by the user a `bench.loop` store belongs to (its folder: USER/data)
+    results[args.store.parent.name if args.store.name == "data" else args.store.name] = rows
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+if __name__ == "__main__":
+    main()
