@@ -284,7 +284,7 @@ def show_pending(pending: PendingReply) -> None:
             st.rerun()
 
 
-pending = chat().pending(cid)
+pending = view.pending
 if pending is not None:
     show_pending(pending)
 elif view.waiting_for_reply:

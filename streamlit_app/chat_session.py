@@ -38,6 +38,7 @@ class View:
     conversation_id: int | None = None  # None: a new chat (or the one asked for is gone)
     thread: list[store.Turn] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # the conversation's last generation settings
+    pending: PendingReply | None = None  # the reply being written (or saved), not yet in `thread`
 
     @property
     def title(self) -> str:
@@ -70,6 +71,9 @@ class ChatSession:
 
     # ---- reading --------------------------------------------------------------------------------
     def view(self, conversation_id: int | None) -> View:
+        # The reply in flight is looked up before the thread is read: one saved in between is
+        # then in the thread (and dropped from `pending`) or still pending, never neither.
+        pending = self.pending(conversation_id)
         with transaction() as session:
             view = View(store.list_conversations(session=session, user_id=self.user_id))
             if conversation_id in {c.id for c in view.conversations}:
@@ -79,6 +83,8 @@ class ChatSession:
                 view.settings = store.get_conversation(
                     session=session, user_id=self.user_id,
                     conversation_id=conversation_id).settings or {}
+                if pending is not None and pending.message_id not in {t.id for t in view.thread}:
+                    view.pending = pending
         return view
 
     def pending(self, conversation_id: int | None) -> PendingReply | None:

@@ -102,3 +102,33 @@ def test_the_view_is_the_users_own():
     assert len(view.thread[1].sibling_ids) == 2 and not view.waiting_for_reply
     assert bob.view(view.conversation_id).conversation_id is None  # another user's: not shown
     assert bob.view(view.conversation_id).thread == []
+
+
+def test_a_reply_being_saved_is_always_in_the_view_once(tiny_model):
+    """A view read at any moment shows the reply either in flight or in the thread, never
+    neither (a regenerated reply once vanished from the page: it was saved between the read
+    of the thread and the look-up of the reply in flight) and never both."""
+    from serving.backends import open_engine
+    from serving.config import GenerationSettings
+    from streamlit_app.replies import InFlight
+
+    engine = open_engine()
+    try:
+        chat = ChatSession(ChatSession.sign_in("ann"), engine=engine, in_flight=InFlight())
+        settings = GenerationSettings(temperature=0, max_new_tokens=16)
+        cid = chat.send(None, "Name a colour.", settings)
+        for attempt in range(20):  # each a regenerate: a new reply saved while views are read
+            if attempt:
+                parent = chat.view(cid).thread[0].id
+                chat.reply_to(cid, parent, settings, source="regenerate")
+            while True:
+                view = chat.view(cid)
+                replies = [t for t in view.thread if t.role == "assistant"]
+                stored = len(replies[0].sibling_ids) if replies else 0
+                if view.pending is not None:
+                    assert view.pending.message_id not in {t.id for t in view.thread}
+                assert stored + (view.pending is not None) == attempt + 1, (attempt, view)
+                if view.pending is None:
+                    break
+    finally:
+        engine.close()
