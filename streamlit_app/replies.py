@@ -105,17 +105,21 @@ class InFlight:
                         content=reply.text, model_version=reply.version or "unknown",
                         generation_settings=pending.record(), finish_reason=reply.finish_reason,
                         source=pending.source)
-                pending.message_id = msg.id
+                    # Set before the commit: whoever reads the thread after the commit knows
+                    # this reply is in it (`ChatSession.view` shows it once, not twice).
+                    pending.message_id = msg.id
                 pending.save_error = None
                 self._forget(pending)
                 return
             except StoreUnavailable as exc:
+                pending.message_id = None  # the commit failed: not saved after all
                 if time.monotonic() >= deadline:
                     pending.save_error = f"The reply could not be saved yet: {exc}"
                     pending.saved.set()
                     return
                 time.sleep(1.0)
             except FeedbackError as exc:  # the conversation was deleted meanwhile
+                pending.message_id = None
                 pending.save_error = f"The reply was not saved: {exc}"
                 self._forget(pending)
                 return
