@@ -333,8 +333,9 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     engines = [open_engine(reg), open_engine(reg)]
     try:
         run = [gate(current=model, candidate=model, base=model, current_engine=engines[0],
-                    candidate_engine=engines[1], heldout=heldout, reward_model=scorer, cfg=cfg)
-               for scorer in (judge, None)]
+                    candidate_engine=engines[1], heldout=heldout, reward_model=scorer, cfg=cfg,
+                    deadline=deadline)
+               for scorer, deadline in ((judge, None), (None, None), (judge, time.monotonic()))]
     finally:
         for engine in engines:
             engine.close()
@@ -355,6 +356,25 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     assert b["prompts"] == 0 and "no reward model" in b["why"]
     assert b["verdict"] == "no difference" and b["prompts_available"] > 0
     assert run[1]["pooled"]["confidence"] is None and "only (a)" in run[1]["pooled"]["why"]
+
+    b = run[2]["checks"]["b_reward_model"]  # no time left: the fewest each check may use
+    assert b["prompts"] == cfg.min_heldout_prompts < b["prompts_available"]
+
+
+def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():
+    from training.evaluate import in_time
+
+    def run(deadline_s: float) -> list[int]:
+        done, deadline = [], time.monotonic() + deadline_s
+        for rows in in_time(list(range(100)), deadline, chunk=10, at_least=15):
+            time.sleep(0.2)  # the caller's work on a chunk
+            done += rows
+        return done
+
+    # 0.9 s: four chunks of 0.2 s at most (a fifth would end at 1.0 s or later)
+    done = run(0.9)
+    assert done == list(range(len(done))) and 20 <= len(done) <= 40
+    assert run(-1) == list(range(20))  # no time at all: the chunks holding the first 15
 
 
 def test_the_gate_keeps_log_probabilities_for_later_gates(tiny_model, tmp_path):

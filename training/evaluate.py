@@ -21,10 +21,10 @@ bootstrap's one-sided confidence; both must have run) at `pooled_confidence`: wi
 prompts and 64 votes neither check alone saw a candidate that raised the example user's approval
 31% -> 69%, while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
-The gate works to a deadline: (c) always runs whole, (b) answers as many
-prompts as its share of the time allows (at least `min_heldout_prompts`), (a) scores held-out
-votes, both labels alternating, until its time is up (at least `min_heldout_votes`); votes
-that earlier gates scored go first, their base and serving-version log-probabilities kept
+The gate works to a deadline: (c) always runs whole; (b) answers and judges held-out prompts a
+chunk at a time while half the time left allows (at least `min_heldout_prompts`); (a) scores
+held-out votes, both labels alternating, until its time is up (at least `min_heldout_votes`);
+votes that earlier gates scored go first, their base and serving-version log-probabilities kept
 (`LogpCache`), so rounds 2 and 3 score more of them in the same time.
 """
 
@@ -178,6 +178,20 @@ def _verdict(iv, null: float = 0.0) -> str:
     return "better" if iv.low > null else "worse" if iv.high < null else "no difference"
 
 
+def in_time(items: list, deadline: float, *, chunk: int, at_least: int):
+    """`items` a chunk at a time, while the work on them (done by the caller between chunks)
+    can end by `deadline` (time.monotonic()), judged by the slowest chunk so far; the first
+    `at_least` items are always given."""
+    done, slowest = 0, 0.0
+    while done < len(items):
+        if done >= at_least and time.monotonic() + slowest >= deadline:
+            return
+        began = time.monotonic()
+        yield items[done:done + chunk]
+        done += chunk
+        slowest = max(slowest, time.monotonic() - began)
+
+
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
          current_engine, candidate_engine, heldout: FeedbackData, reward_model,
          cfg: GateConfig, deadline: float | None = None, log=lambda line: None,
@@ -197,7 +211,6 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     questions = [[{"role": "user", "content": it["question"]}] for it in items]
     cur_replies = answers(current_engine, questions, cfg.reply_max_new_tokens)
     cand_replies = answers(candidate_engine, questions, cfg.reply_max_new_tokens)
-    per_reply_s = (time.monotonic() - t) / (2 * len(items))
     cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
     cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
     pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
@@ -215,25 +228,34 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     log(f"gate (c): {sum(cand_ok)}/{len(items)} vs {sum(cur_ok)}/{len(items)} "
         f"in {time.monotonic() - t:.0f}s")
 
-    # (b) the reward model's verdict on held-out prompts, as many as half the time left allows.
+    # (b) the reward model's verdict on held-out prompts, as many as half the time left allows:
+    # answered and judged a chunk at a time, so the judge's scoring counts too (on a CPU without
+    # bfloat16 it took as long as the answers, and a count fitted to the answers alone ran (b)
+    # past its share and the round past its budget).
     available = heldout_prompts(heldout)
-    per_judged_s = per_reply_s * cfg.judged_max_new_tokens / cfg.reply_max_new_tokens
-    fit = (max(0.0, deadline - time.monotonic()) / 2 / max(2 * per_judged_s, 1e-6)
-           if deadline < float("inf") else len(available))  # no deadline: all it may take
-    prompts = available[:min(cfg.max_heldout_prompts, max(cfg.min_heldout_prompts, int(fit)))]
-    if reward_model is None or not prompts:
+    if reward_model is None or not available:
         checks["b_reward_model"] = {"verdict": "no difference", "prompts": 0,
                                     "prompts_available": len(available),
                                     "why": "no reward model or no held-out prompts to judge on"}
     else:
         t = time.monotonic()
-        cur_b = answers(current_engine, prompts, cfg.judged_max_new_tokens)
-        cand_b = answers(candidate_engine, prompts, cfg.judged_max_new_tokens)
+        share_end = t + max(0.0, deadline - t) / 2 if deadline < float("inf") else deadline
+        prompts, cur_b, cand_b, cur_s, cand_s = [], [], [], [], []
+        asked = available[:cfg.max_heldout_prompts]
+        for rows in in_time(asked, share_end, at_least=cfg.min_heldout_prompts,
+                            chunk=cfg.min_heldout_prompts if share_end < float("inf") else
+                            len(asked)):
+            o = answers(current_engine, rows, cfg.judged_max_new_tokens)
+            c = answers(candidate_engine, rows, cfg.judged_max_new_tokens)
+            scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
+                                         zip(rows * 2, o + c)])
+            prompts += rows
+            cur_b += o
+            cand_b += c
+            cur_s += scores[:len(rows)]
+            cand_s += scores[len(rows):]
         pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                               for o, c in zip(cur_b, cand_b)]
-        scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
-                                     zip(prompts * 2, cur_b + cand_b)])
-        cur_s, cand_s = scores[:len(prompts)], scores[len(prompts):]
         wins = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)], **stats,
                            null=cfg.min_reward_win_rate)
         verdict = _verdict(wins, cfg.min_reward_win_rate)
@@ -266,15 +288,11 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         ready = [all(c.known(v) for c in caches[:-1]) for v in votes]
         votes = [v for v, r in zip(votes, ready) if r] + [v for v, r in zip(votes, ready) if not r]
         lps: list[list[float]] = [[] for _ in models]
-        scored, chunk, slowest = 0, 16, 0.0
-        while scored < len(votes):  # a chunk starts only if it can end by the deadline
-            if scored >= cfg.min_heldout_votes and time.monotonic() + slowest >= deadline:
-                break
-            began, rows = time.monotonic(), votes[scored:scored + chunk]
+        scored = 0
+        for rows in in_time(votes, deadline, chunk=16, at_least=cfg.min_heldout_votes):
             for lp, cache in zip(lps, caches):
                 lp += cache.mean_logps(rows)
             scored += len(rows)
-            slowest = max(slowest, time.monotonic() - began)
         for cache in caches:
             cache.save()
         labels = [v["label"] for v in votes[:scored]]
