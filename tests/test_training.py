@@ -376,6 +376,16 @@ def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():
     assert done == list(range(len(done))) and 20 <= len(done) <= 40
     assert run(-1) == list(range(20))  # no time at all: the chunks holding the first 15
 
+    # Chunks of unequal cost ((a)'s kept log-probabilities first, then votes to score with
+    # three models): the estimate scales with the next chunk's cost, so after two cheap chunks
+    # (0.1 s each) a chunk three times as costly is not started 0.25 s before the deadline.
+    costs, done = [1] * 20 + [3] * 80, []
+    deadline = time.monotonic() + 0.45
+    for rows in in_time(costs, deadline, chunk=10, at_least=1, cost=sum):
+        time.sleep(0.01 * sum(rows))
+        done += rows
+    assert done == [1] * 20 and time.monotonic() < deadline
+
 
 def test_the_gate_keeps_log_probabilities_for_later_gates(tiny_model, tmp_path):
     """(a)'s log-probabilities are kept per version: the next gate reads the base model's and

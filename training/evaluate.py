@@ -178,18 +178,21 @@ def _verdict(iv, null: float = 0.0) -> str:
     return "better" if iv.low > null else "worse" if iv.high < null else "no difference"
 
 
-def in_time(items: list, deadline: float, *, chunk: int, at_least: int):
-    """`items` a chunk at a time, while the work on them (done by the caller between chunks)
-    can end by `deadline` (time.monotonic()), judged by the slowest chunk so far; the first
-    `at_least` items are always given."""
-    done, slowest = 0, 0.0
+def in_time(items: list, deadline: float, *, chunk: int, at_least: int, cost=len):
+    """`items` a chunk at a time, while the work on the next chunk (done by the caller between
+    chunks) can end by `deadline` (time.monotonic()), judged by the slowest rate so far in
+    seconds per unit of `cost(chunk)` (read before the chunk is worked on: (a)'s cached votes
+    cost one model, new ones three); the first `at_least` items are always given."""
+    done, rate = 0, 0.0
     while done < len(items):
-        if done >= at_least and time.monotonic() + slowest >= deadline:
+        rows = items[done:done + chunk]
+        units = max(cost(rows), 1)
+        if done >= at_least and time.monotonic() + rate * units >= deadline:
             return
         began = time.monotonic()
-        yield items[done:done + chunk]
-        done += chunk
-        slowest = max(slowest, time.monotonic() - began)
+        yield rows
+        done += len(rows)
+        rate = max(rate, (time.monotonic() - began) / units)
 
 
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
@@ -289,7 +292,11 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         votes = [v for v, r in zip(votes, ready) if r] + [v for v, r in zip(votes, ready) if not r]
         lps: list[list[float]] = [[] for _ in models]
         scored = 0
-        for rows in in_time(votes, deadline, chunk=16, at_least=cfg.min_heldout_votes):
+        def to_score(rows: list[dict]) -> int:  # log-probabilities not yet kept
+            return sum(not cache.known(v) for cache in caches for v in rows)
+
+        for rows in in_time(votes, deadline, chunk=16, at_least=cfg.min_heldout_votes,
+                            cost=to_score):
             for lp, cache in zip(lps, caches):
                 lp += cache.mean_logps(rows)
             scored += len(rows)
