@@ -291,10 +291,11 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         ready = [all(c.known(v) for c in caches[:-1]) for v in votes]
         votes = [v for v, r in zip(votes, ready) if r] + [v for v, r in zip(votes, ready) if not r]
         lps: list[list[float]] = [[] for _ in models]
-        scored = 0
+
         def to_score(rows: list[dict]) -> int:  # log-probabilities not yet kept
             return sum(not cache.known(v) for cache in caches for v in rows)
 
+        scored = 0
         for rows in in_time(votes, deadline, chunk=16, at_least=cfg.min_heldout_votes,
                             cost=to_score):
             for lp, cache in zip(lps, caches):
