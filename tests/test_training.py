@@ -387,6 +387,38 @@ def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():
     assert done == [1] * 20 and time.monotonic() < deadline
 
 
+def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model):
+    """(a)'s figure (the vocabulary head over the reply's positions only) equals the mean of
+    the whole model's log-softmax over exactly the reply's tokens; a reply the context window
+    cuts off entirely scores 0, not an error."""
+    import torch
+
+    from serving.config import ServingConfig
+    from training.evaluate import mean_logps
+
+    loaded = Registry().load(None, ServingConfig(dtype="float32"))
+    tok = loaded.tokenizer
+    rows = [{"prompt": [{"role": "user", "content": q}],
+             "completion": [{"role": "assistant", "content": a}]}
+            for q, a in [("Is this fine?", GOOD), ("And this one, with a longer question?", BAD),
+                         ("Hi", "x")]]
+    expected = []
+    for r in rows:
+        prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+        start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), -1)
+        expected.append(float(logp[start - 1:-1].gather(1, ids[0, start:, None]).mean()))
+    assert mean_logps(loaded, rows) == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) == 3  # rows told apart: a wrong slice would not match all three
+
+    long_prompt = [{"role": "user", "content": "word " * loaded.context_window}]
+    assert mean_logps(loaded, [{"prompt": long_prompt, "completion": rows[0]["completion"]}]) \
+        == [0.0]
+
+
 def test_the_gate_keeps_log_probabilities_for_later_gates(tiny_model, tmp_path):
     """(a)'s log-probabilities are kept per version: the next gate reads the base model's and
     the serving version's (computed when it was the candidate) instead of scoring them again,
