@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                           current_engine=engines[0], candidate_engine=engines[1],
                           heldout=heldout, reward_model=judge, cfg=cfg.gate,
                           deadline=time.monotonic() + budget, log=print,
-                          cache_dir=work / "logps")
+                          cache_dir=work / "gate_cache")
         finally:
             for engine in engines:
                 engine.close()

@@ -419,17 +419,18 @@ def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model):
         == [0.0]
 
 
-def test_the_gate_keeps_log_probabilities_for_later_gates(tiny_model, tmp_path):
-    """(a)'s log-probabilities are kept per version: the next gate reads the base model's and
-    the serving version's (computed when it was the candidate) instead of scoring them again,
-    with the same AUC; an unreadable cache file is an empty cache, not an error."""
+def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model, tmp_path):
+    """(a)'s log-probabilities and (c)'s replies are kept per version: the next gate reads the
+    base model's and the serving version's (computed when it was the candidate) instead of
+    computing them again, with the same AUC and accuracy; an unreadable cache file is an empty
+    cache, not an error."""
     import shutil
 
     from serving.backends import open_engine
     from serving.config import ServingConfig
     from training.config import GateConfig
     from training.dataset import load_feedback, split
-    from training.evaluate import gate
+    from training.evaluate import gate, load_regression_set
 
     fill(16, liked_good=lambda cid: cid % 2 == 0)
     _, heldout = split(load_feedback(), DataConfig(heldout_fraction=0.5))
@@ -444,20 +445,27 @@ def test_the_gate_keeps_log_probabilities_for_later_gates(tiny_model, tmp_path):
     cache = tmp_path / "logps"
     engines = [open_engine(reg), open_engine(reg)]
     try:
-        def ranked(current: str, candidate: str) -> dict:
+        def judged(current: str, candidate: str) -> dict:
             return gate(current=reg.load(current, fp32), candidate=reg.load(candidate, fp32),
                         base=base, current_engine=engines[0], candidate_engine=engines[1],
-                        heldout=heldout, reward_model=None, cfg=cfg,
-                        cache_dir=cache)["checks"]["a_heldout_ranking"]
+                        heldout=heldout, reward_model=None, cfg=cfg, cache_dir=cache)
 
-        first = ranked("v2", "v3")
-        second = ranked("v3", "v4")
+        gates = [judged("v2", "v3"), judged("v3", "v4")]
         for path in cache.glob(f"{base.version}.*.json"):
             path.write_text("{not json")
-        third = ranked("v4", "v2")
+        for path in cache.glob("v4.*.replies.json"):
+            path.write_text("[1, 2]")
+        gates.append(judged("v4", "v2"))
     finally:
         for engine in engines:
             engine.close()
+    questions = len(load_regression_set())
+    assert [g["replies_kept"] for g in gates] == [
+        {"v2": 0, "v3": 0}, {"v3": questions, "v4": 0}, {"v4": 0, "v2": questions}]
+    regression = [g["checks"]["c_regression"] for g in gates]
+    assert regression[1]["current"] == regression[0]["candidate"]
+    assert regression[2]["candidate"] == regression[0]["current"]
+    first, second, third = (g["checks"]["a_heldout_ranking"] for g in gates)
     votes = first["votes"]
     assert votes == first["votes_available"] == second["votes"] > 2  # no deadline: all
     assert first["cached"] == {base.version: 0, "v2": 0, "v3": 0}

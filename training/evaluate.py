@@ -83,18 +83,16 @@ def mean_logps(loaded: LoadedModel, rows: list[dict]) -> list[float]:
     return out
 
 
-class LogpCache:
-    """(a)'s mean log-probabilities already computed, per model version and held-out reply, in
-    `folder/<version>.<dtype>.json`. A version never changes, so its figures hold in every later
-    gate: the base model's from every round, the serving version's from the round where it was
-    the candidate. Votes held out in earlier rounds then cost one model (the candidate), not
-    three. A missing or unreadable file is an empty cache."""
+class Kept:
+    """Figures of one model version kept between gates, as JSON in `folder/<name>.json`: a
+    version never changes, so what was computed for it holds in every later gate (the base
+    model's from every round, the serving version's from the round where it was the
+    candidate). A missing or unreadable file is empty; `folder` None keeps nothing."""
 
-    def __init__(self, folder: Path | None, loaded: LoadedModel) -> None:
-        dtype = "bf16" if resolve_dtype() == "bfloat16" else "fp32"  # as `autocast` scores
-        self.loaded, self.hits = loaded, 0
+    def __init__(self, folder: Path | None, name: str) -> None:
+        self.hits = 0
         self.path = None if folder is None else \
-            folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', loaded.version)}.{dtype}.json"
+            folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.json"
         try:
             self.values = json.loads(self.path.read_text()) if self.path else {}
             assert isinstance(self.values, dict)
@@ -102,20 +100,15 @@ class LogpCache:
             self.values = {}
 
     @staticmethod
-    def key(row: dict) -> str:
-        text = json.dumps([row["prompt"], row["completion"]], sort_keys=True)
-        return hashlib.sha1(text.encode()).hexdigest()
+    def key(*parts) -> str:
+        return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def known(self, row: dict) -> bool:
-        return self.key(row) in self.values
-
-    def mean_logps(self, rows: list[dict]) -> list[float]:
-        keys = [self.key(r) for r in rows]
-        missing = [(k, r) for k, r in zip(keys, rows) if k not in self.values]
+    def get(self, keys: list[str], items: list, compute) -> list:
+        """The kept figure of each key; `compute(items missing)` makes the rest (kept too)."""
+        missing = [(k, item) for k, item in zip(keys, items) if k not in self.values]
         if missing:
-            scored = mean_logps(self.loaded, [r for _, r in missing])
-            self.values.update((k, lp) for (k, _), lp in zip(missing, scored))
-        self.hits += len(rows) - len(missing)
+            self.values.update(zip([k for k, _ in missing], compute([i for _, i in missing])))
+        self.hits += len(keys) - len(missing)
         return [self.values[k] for k in keys]
 
     def save(self) -> None:
@@ -125,6 +118,42 @@ class LogpCache:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.values))
         os.replace(tmp, self.path)
+
+
+class LogpCache(Kept):
+    """(a)'s mean log-probabilities, per model version and held-out reply
+    (`<version>.<dtype>.json`): votes held out in earlier rounds then cost one model (the
+    candidate), not three."""
+
+    def __init__(self, folder: Path | None, loaded: LoadedModel) -> None:
+        dtype = "bf16" if resolve_dtype() == "bfloat16" else "fp32"  # as `autocast` scores
+        super().__init__(folder, f"{loaded.version}.{dtype}")
+        self.loaded = loaded
+
+    def known(self, row: dict) -> bool:
+        return self.key(row["prompt"], row["completion"]) in self.values
+
+    def mean_logps(self, rows: list[dict]) -> list[float]:
+        return self.get([self.key(r["prompt"], r["completion"]) for r in rows], rows,
+                        lambda missing: mean_logps(self.loaded, missing))
+
+
+class ReplyCache(Kept):
+    """(b)'s and (c)'s greedy replies, per model version and engine kind
+    (`<version>.<engine>.replies.json`): the serving version answered the same regression
+    questions and most of the same held-out prompts in the gate that promoted it, so a later
+    gate generates only the candidate's replies there."""
+
+    def __init__(self, folder: Path | None, version: str, engine) -> None:
+        super().__init__(folder, f"{version}.{engine.kind}.replies")
+        self.version, self.engine = version, engine
+
+    def known(self, conversation: list[dict], max_new_tokens: int) -> bool:
+        return self.key(conversation, max_new_tokens) in self.values
+
+    def answers(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        return self.get([self.key(c, max_new_tokens) for c in conversations], conversations,
+                        lambda missing: answers(self.engine, missing, max_new_tokens))
 
 
 def fluency_failure(text: str) -> str | None:
@@ -207,13 +236,14 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     stats = dict(confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
     checks: dict[str, dict] = {}
     pairs_for_fluency: list[tuple[str | None, str | None]] = []
+    kept = [ReplyCache(cache_dir, current.version, current_engine),
+            ReplyCache(cache_dir, candidate.version, candidate_engine)]
 
     # (c) regression set: always whole, it is what the model must not forget.
     items = load_regression_set()
     t = time.monotonic()
     questions = [[{"role": "user", "content": it["question"]}] for it in items]
-    cur_replies = answers(current_engine, questions, cfg.reply_max_new_tokens)
-    cand_replies = answers(candidate_engine, questions, cfg.reply_max_new_tokens)
+    cur_replies, cand_replies = (k.answers(questions, cfg.reply_max_new_tokens) for k in kept)
     cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
     cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
     pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
@@ -245,11 +275,15 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         share_end = t + max(0.0, deadline - t) / 2 if deadline < float("inf") else deadline
         prompts, cur_b, cand_b, cur_s, cand_s = [], [], [], [], []
         asked = available[:cfg.max_heldout_prompts]
-        for rows in in_time(asked, share_end, at_least=cfg.min_heldout_prompts,
+
+        def work(rows: list) -> int:  # replies to write and to judge (the current's may be kept)
+            return 3 * len(rows) + sum(not kept[0].known(p, cfg.judged_max_new_tokens)
+                                       for p in rows)
+
+        for rows in in_time(asked, share_end, at_least=cfg.min_heldout_prompts, cost=work,
                             chunk=cfg.min_heldout_prompts if share_end < float("inf") else
                             len(asked)):
-            o = answers(current_engine, rows, cfg.judged_max_new_tokens)
-            c = answers(candidate_engine, rows, cfg.judged_max_new_tokens)
+            o, c = (k.answers(rows, cfg.judged_max_new_tokens) for k in kept)
             scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
                                          zip(rows * 2, o + c)])
             prompts += rows
@@ -276,6 +310,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                    f"{wins.low:.0%}-{wins.high:.0%}): {verdict}"}
         log(f"gate (b): win rate {wins.estimate:.0%} on {len(prompts)} prompts "
             f"in {time.monotonic() - t:.0f}s")
+    for k in kept:
+        k.save()
 
     # (a) implicit reward ranking on held-out votes, scored until the deadline.
     t = time.monotonic()
@@ -351,7 +387,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         check["passed"] = check["verdict"] != "worse"
     passed = improved and "worse" not in (a, b) and c["verdict"] == "passed"
     return {"checks": checks, "pooled": together, "passed": passed, "enforced": cfg.enforce,
-            "improved": improved, "seconds": round(time.monotonic() - start, 1)}
+            "improved": improved, "seconds": round(time.monotonic() - start, 1),
+            "replies_kept": {k.version: k.hits for k in kept}}
 
 
 def pool_rankings(checks: dict, threshold: float) -> dict:

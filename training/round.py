@@ -200,7 +200,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
         verdict = gate(current=current, candidate=candidate, base=base,
                        current_engine=engines[0], candidate_engine=engines[1],
                        heldout=heldout, reward_model=judge, cfg=cfg.gate, deadline=end,
-                       log=log, cache_dir=registry.data / "training" / "logps")
+                       log=log, cache_dir=registry.data / "training" / "gate_cache")
     finally:
         for engine in engines:
             engine.close()
