@@ -25,7 +25,9 @@ The gate works to a deadline: (c) always runs whole; (b) answers and judges held
 chunk at a time while half the time left allows (at least `min_heldout_prompts`); (a) scores
 held-out votes, both labels alternating, until its time is up (at least `min_heldout_votes`);
 votes that earlier gates scored go first, their base and serving-version log-probabilities kept
-(`LogpCache`), so rounds 2 and 3 score more of them in the same time.
+(`LogpCache`), so rounds 2 and 3 score more of them in the same time. The serving version's
+greedy replies to (c)'s questions and (b)'s prompts are kept the same way (`ReplyCache`), from
+the gate where it was the candidate.
 """
 
 from __future__ import annotations
