@@ -658,3 +658,17 @@ def test_the_clock_bounds_the_round_and_never_discards_a_judged_candidate(tiny_m
     assert gate["checks"]["c_regression"]["fluency"]["replies"] >= 40
     assert report["decision"] == ("promoted" if gate["passed"] else "rejected")
     assert (Registry().current_name() != tiny_model.name) == gate["passed"]
+
+
+def test_synthetic_pairs_are_made_only_when_the_tuning_can_reach_them():
+    """The synthetic stage is skipped when the tuning's time, at a reward-model step's cost,
+    cannot take all the users' own pairs (the made pairs would be shuffled among them and
+    mostly unseen); nothing is assumed when no step was measured or there are no pairs."""
+    from training.round import tuning_reach
+
+    assert tuning_reach(40.0, 200.0, 8, 374) == 40      # 5 steps of 8: skip
+    assert tuning_reach(40.0, 30.0, 8, 100) == 0        # not even one step
+    assert tuning_reach(2.0, 200.0, 8, 374) is None     # 100 steps of 8: every pair reached
+    assert tuning_reach(40.0, 400.0, 8, 80) is None     # exactly all of them
+    assert tuning_reach(None, 200.0, 8, 374) is None    # the reward model took no step
+    assert tuning_reach(40.0, 200.0, 8, 0) is None      # no pairs (KTO on votes)

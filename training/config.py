@@ -107,6 +107,10 @@ class SyntheticConfig:
     time_share: float = setting(0.25, "share of the training time left after the reward model "
                                       "that sampling and judging may take",
                                 low=0.0, high=1.0, low_open=True, high_open=True)
+    only_if_reached: bool = setting(True, "skip the stage when the tuning's time cannot reach "
+                                          "all the users' own pairs (a tuning step costs at "
+                                          "least a reward-model step): synthetic pairs, "
+                                          "shuffled among them, would mostly go unseen")
 
 
 @dataclass

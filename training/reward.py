@@ -116,4 +116,5 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     return judge, {"pairs": len(pairs), "steps": trainer.state.global_step,
                    "pairs_with_margin": sum(p.get("margin", 0) > 0 for p in pairs),
                    "train_loss": result.training_loss, "stopped_by_deadline": stop.hit,
+                   "step_s": stop.step_s,
                    "scoring_reserve_s": round(reserve_s, 1)}

@@ -155,6 +155,13 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     elif cfg.tune.method == "online":
         report["synthetic"]["why"] = ("online tuning: the model samples and the reward model "
                                       "judges pairs at every step instead")
+    elif cfg.synthetic.only_if_reached and (reach := tuning_reach(
+            report["reward_model"].get("step_s"), train_deadline - t, cfg.tune.batch_size,
+            len(train.pairs))) is not None:
+        report["synthetic"]["why"] = (
+            f"the tuning's time reaches at most {reach} of the users' {len(train.pairs)} pairs "
+            f"(a step costs at least a reward-model step, {report['reward_model']['step_s']:.0f}"
+            " s): synthetic pairs would mostly go unseen, so their time goes to the tuning")
     else:
         share = cfg.synthetic.time_share * max(0.0, train_deadline - t)
         # all slots busy with the samples (a batch job, as `serving generate`)
@@ -227,6 +234,17 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     why = "passed the gate" if verdict["passed"] else "gate not enforced"
     registry.set_current(round_id, why=f"round {round_id} {why}")
     return finish("promoted", PROMOTED, f"{round_id} now serves (was {current_name}; {why})")
+
+
+def tuning_reach(step_s: float | None, seconds: float, batch_size: int,
+                 pairs: int) -> int | None:
+    """At most how many of `pairs` the tuning can take in `seconds` at `step_s` a step (a lower
+    bound on its steps' cost), when that is fewer than all of them; None when all fit, or when
+    nothing is known (no step measured, no pairs)."""
+    if not step_s or not pairs:
+        return None
+    reach = int(seconds // step_s) * batch_size
+    return reach if reach < pairs else None
 
 
 def write_report(report: dict) -> Path:

@@ -29,7 +29,13 @@ class Deadline(TrainerCallback):
         self.deadline = deadline
         self.hit = False
         self._last = time.monotonic()
-        self._steps: list[float] = []
+        self.durations: list[float] = []  # every step's seconds
+
+    @property
+    def step_s(self) -> float | None:
+        """The median step's seconds (None before the first step)."""
+        ranked = sorted(self.durations)
+        return round(ranked[len(ranked) // 2], 2) if ranked else None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = time.monotonic()
@@ -37,9 +43,9 @@ class Deadline(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
-        self._steps = (self._steps + [now - self._last])[-4:]
+        self.durations.append(now - self._last)
         self._last = now
-        if now + max(self._steps) >= self.deadline:
+        if now + max(self.durations[-4:]) >= self.deadline:
             self.hit = control.should_training_stop = True
         return control
 
@@ -137,7 +143,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
     return {"method": method, "kind": "lora" if peft is not None else "full",
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses
-            else None, "stopped_by_deadline": stop.hit, **extra}, trainer
+            else None, "stopped_by_deadline": stop.hit, "step_s": stop.step_s, **extra}, trainer
 
 
 def online_trainer(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
