@@ -55,7 +55,7 @@ def summary(g: dict) -> dict:
             "a_cached": a.get("cached"), "b_prompts": b.get("prompts"),
             "b_confidence": (b.get("interval") or {}).get("p_better"),
             "pooled": (g.get("pooled") or {}).get("confidence"), "passed": g["passed"],
-            "seconds": g.get("seconds")}
+            "seconds": g.get("seconds"), "replies_kept": g.get("replies_kept")}
 
 
 def main(argv: list[str] | None = None) -> dict:
