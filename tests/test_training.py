@@ -387,15 +387,21 @@ def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():
     assert done == [1] * 20 and time.monotonic() < deadline
 
 
-def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model):
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 0.05)])
+def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model, monkeypatch, dtype,
+                                                            tolerance):
     """(a)'s figure (the vocabulary head over the reply's positions only) equals the mean of
-    the whole model's log-softmax over exactly the reply's tokens; a reply the context window
-    cuts off entirely scores 0, not an error."""
+    the whole model's log-softmax over exactly the reply's tokens, in either dtype the machine
+    may score in (each compared with the whole model under the same autocast: bfloat16's
+    rounding differs with the matrices' shapes, so it matches to its precision, not float32's);
+    a reply the context window cuts off entirely scores 0, not an error."""
     import torch
 
     from serving.config import ServingConfig
+    from serving.hardware import autocast
     from training.evaluate import mean_logps
 
+    monkeypatch.setenv("CHAT_DTYPE", dtype)  # the CPU's own choice must not decide the test
     loaded = Registry().load(None, ServingConfig(dtype="float32"))
     tok = loaded.tokenizer
     rows = [{"prompt": [{"role": "user", "content": q}],
@@ -408,12 +414,14 @@ def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model):
         full = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
         start = len(tok(prompt, add_special_tokens=False)["input_ids"])
         ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            logp = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), -1)
+        with torch.no_grad(), autocast(loaded.model):
+            logits = loaded.model(input_ids=ids).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
         expected.append(float(logp[start - 1:-1].gather(1, ids[0, start:, None]).mean()))
-    assert mean_logps(loaded, rows) == pytest.approx(expected, abs=1e-5)
-    assert len(set(expected)) == 3  # rows told apart: a wrong slice would not match all three
-
+    assert mean_logps(loaded, rows) == pytest.approx(expected, abs=tolerance)
+    # rows told apart (a wrong slice would not match all three), by more than the tolerance
+    assert min(abs(a - b) for i, a in enumerate(expected) for b in expected[i + 1:]) \
+        > 2 * tolerance
     long_prompt = [{"role": "user", "content": "word " * loaded.context_window}]
     assert mean_logps(loaded, [{"prompt": long_prompt, "completion": rows[0]["completion"]}]) \
         == [0.0]
