@@ -633,6 +633,34 @@ def test_no_gate_check_decides_on_a_difference_inside_its_noise():
     assert paired_mean([0.5] * 8, confidence=0.95, samples=200, null=0.5).p_better == 0.5
 
 
+def test_the_regression_set_is_large_enough_to_see_the_loss_retention_forbids():
+    from training.config import GateConfig
+    from training.evaluate import load_regression_set
+    from training.stats import paired_mean
+    items = load_regression_set()
+    questions = [it["question"] for it in items]
+    assert len(set(questions)) == len(questions)
+    # Replies are matched lower-cased: an answer with a capital letter could never match.
+    assert all(it["answers"] and all(a and a == a.lower() for a in it["answers"]) for it in items)
+    cfg = GateConfig()
+
+    def verdict(n: int, correct: int, lost: int) -> bool:  # True: (c) calls the loss worse
+        cur = [1] * correct + [0] * (n - correct)
+        cand = [0] * lost + cur[lost:]
+        diff = paired_mean([c - o for c, o in zip(cand, cur)], confidence=cfg.confidence,
+                           samples=cfg.bootstrap_samples, seed=cfg.seed)
+        return diff.high < -(1 - cfg.min_retention) * correct / n
+
+    # The structured user's round 3 (session 14): 28 of 40 against 33, retention 85%, passed
+    # because 40 questions cannot tell a 5-answer loss from noise. At the set's size (the base
+    # model answers about 70%) the same share lost is seen, and an unchanged candidate passes.
+    assert not verdict(40, 33, 5)
+    n = len(items)
+    correct = round(0.7 * n)
+    assert verdict(n, correct, round(0.15 * correct))
+    assert not verdict(n, correct, 0) and not verdict(n, correct, 1)
+
+
 def test_training_stops_before_a_step_that_would_end_past_its_deadline(monkeypatch):
     from transformers import TrainerControl
     from training.tune import Deadline
