@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -453,10 +454,11 @@ def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model
     cache = tmp_path / "logps"
     engines = [open_engine(reg), open_engine(reg)]
     try:
-        def judged(current: str, candidate: str) -> dict:
+        def judged(current: str, candidate: str, penalty: float = 1.1) -> dict:
             return gate(current=reg.load(current, fp32), candidate=reg.load(candidate, fp32),
                         base=base, current_engine=engines[0], candidate_engine=engines[1],
-                        heldout=heldout, reward_model=None, cfg=cfg, cache_dir=cache)
+                        heldout=heldout, reward_model=None, cache_dir=cache,
+                        cfg=replace(cfg, repetition_penalty=penalty))
 
         gates = [judged("v2", "v3"), judged("v3", "v4")]
         for path in cache.glob(f"{base.version}.*.json"):
@@ -464,12 +466,18 @@ def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model
         for path in cache.glob("v4.*.replies.json"):
             path.write_text("[1, 2]")
         gates.append(judged("v4", "v2"))
+        # replies written under another repetition penalty are other replies: not reused
+        other = [judged("v2", "v3", penalty=1.0), judged("v2", "v3", penalty=1.0)]
     finally:
         for engine in engines:
             engine.close()
     questions = len(load_regression_set())
     assert [g["replies_kept"] for g in gates] == [
         {"v2": 0, "v3": 0}, {"v3": questions, "v4": 0}, {"v4": 0, "v2": questions}]
+    assert [g["replies_kept"] for g in other] == [
+        {"v2": 0, "v3": 0}, {"v2": questions, "v3": questions}]
+    assert [g["checks"]["c_regression"]["repetition_penalty"] for g in gates + other] == \
+        [1.1] * 3 + [1.0] * 2
     regression = [g["checks"]["c_regression"] for g in gates]
     assert regression[1]["current"] == regression[0]["candidate"]
     assert regression[2]["candidate"] == regression[0]["current"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from serving.config import GenerationSettings
 from serving.setting import check_value, setting
 
 
@@ -149,6 +150,11 @@ class GateConfig:
                                               "model judges whole replies as users get them "
                                               "(what a user wants, a tip or an example, often "
                                               "comes late)", low=1)
+    repetition_penalty: float = setting(GenerationSettings().repetition_penalty,
+                                        "(b) and (c) replies are greedy with this penalty: the "
+                                        "page's (1.1), so the fluency check counts the loops "
+                                        "users would meet (1: none, a stress test)",
+                                        low=1.0, high=2.0)
     seed: int = setting(0, "seed of the resampling and of the order votes are scored in")
 
 

@@ -6,15 +6,18 @@ no check decides on a difference inside its own noise.
     minus the base model's (the quantity DPO and KTO raise for liked replies). The AUC of that
     reward for liked vs disliked held-out replies, candidate minus current, with a paired
     bootstrap interval. (The base model's own AUC is 0.5: its implicit reward is zero.)
-(b) Held-out prompts: both models answer greedily, whole replies as users get them (the
-    serving's length cap, `judged_max_new_tokens`); the share of prompts where the reward model
+(b) Held-out prompts: both models answer greedily with the page's repetition penalty
+    (`repetition_penalty`), whole replies as users get them (the serving's length cap,
+    `judged_max_new_tokens`); the share of prompts where the reward model
     prefers the candidate's reply (ties half), with a bootstrap interval around 50%.
 (c) What the model knew: `regression_set.jsonl` (120 short questions with known answers,
     shipped here; at 40 a candidate answering 28 against 33 was inside the noise) answered
-    greedily; the per-question accuracy difference with its interval must not lie
+    the same way; the per-question accuracy difference with its interval must not lie
     wholly below the allowed loss (1 - `min_retention` of the current accuracy), and the
     candidate's extra empty or looping replies (over (b)'s and (c)'s replies) must not be
-    significant by a sign test.
+    significant by a sign test. Without the penalty, greedy decoding loops far more than
+    what users are served (temperature 0.7, penalty 1.1), and the bold user's +23 candidate
+    was rejected for loops of bold-term lists the page would not show as often.
 
 Verdict: better on (a) or (b) (with `require_improvement`), neither significantly worse, and (c)
 passed. Better: (a) or (b) alone at the gate's confidence, or both pooled (Stouffer's z of each
@@ -147,16 +150,23 @@ class ReplyCache(Kept):
     questions and most of the same held-out prompts in the gate that promoted it, so a later
     gate generates only the candidate's replies there."""
 
-    def __init__(self, folder: Path | None, version: str, engine) -> None:
+    def __init__(self, folder: Path | None, version: str, engine,
+                 repetition_penalty: float = 1.0) -> None:
         super().__init__(folder, f"{version}.{engine.kind}.replies")
-        self.version, self.engine = version, engine
+        self.version, self.engine, self.penalty = version, engine, repetition_penalty
+
+    def _key(self, conversation: list[dict], max_new_tokens: int) -> str:
+        # replies kept before the penalty was a setting were written without one: same key
+        return self.key(conversation, max_new_tokens, *(
+            [] if self.penalty == 1.0 else [self.penalty]))
 
     def known(self, conversation: list[dict], max_new_tokens: int) -> bool:
-        return self.key(conversation, max_new_tokens) in self.values
+        return self._key(conversation, max_new_tokens) in self.values
 
     def answers(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-        return self.get([self.key(c, max_new_tokens) for c in conversations], conversations,
-                        lambda missing: answers(self.engine, missing, max_new_tokens))
+        return self.get([self._key(c, max_new_tokens) for c in conversations], conversations,
+                        lambda missing: answers(self.engine, missing, max_new_tokens,
+                                                self.penalty))
 
 
 def fluency_failure(text: str) -> str | None:
@@ -172,10 +182,11 @@ def fluency_failure(text: str) -> str | None:
     return None
 
 
-def answers(engine, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+def answers(engine, conversations: list[list[dict]], max_new_tokens: int,
+            repetition_penalty: float = 1.0) -> list[str]:
     """Greedy replies through the serving engine (the one users get), batched."""
     settings = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens,
-                                  repetition_penalty=1.0)
+                                  repetition_penalty=repetition_penalty)
     replies = []
     for conversation in conversations:  # each with the system prompt its replies were under
         system, turns = split_system(conversation)
@@ -239,8 +250,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     stats = dict(confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
     checks: dict[str, dict] = {}
     pairs_for_fluency: list[tuple[str | None, str | None]] = []
-    kept = [ReplyCache(cache_dir, current.version, current_engine),
-            ReplyCache(cache_dir, candidate.version, candidate_engine)]
+    kept = [ReplyCache(cache_dir, current.version, current_engine, cfg.repetition_penalty),
+            ReplyCache(cache_dir, candidate.version, candidate_engine, cfg.repetition_penalty)]
 
     # (c) regression set: always whole, it is what the model must not forget.
     items = load_regression_set()
@@ -259,6 +270,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         "candidate": {"correct": sum(cand_ok), "accuracy": sum(cand_ok) / len(items)},
         "retention": sum(cand_ok) / sum(cur_ok) if sum(cur_ok) else 1.0,
         "accuracy_difference": diff.to_dict(), "allowed_loss": allowed,
+        "repetition_penalty": cfg.repetition_penalty,
         "examples": [{"question": it["question"], "reply": r, "correct": ok}
                      for it, r, ok in zip(items, cand_replies, cand_ok)][:10]}
     log(f"gate (c): {sum(cand_ok)}/{len(items)} vs {sum(cur_ok)}/{len(items)} "
