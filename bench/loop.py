@@ -157,6 +157,7 @@ def _gate_summary(gate: dict | None) -> dict | None:
             "c_retention": reg.get("retention"),
             "c_correct": [reg.get("current", {}).get("correct"),
                           reg.get("candidate", {}).get("correct")],
+            "c_questions": reg.get("questions"),
             "why": {k: v["why"] for k, v in c.items()}}
 
 

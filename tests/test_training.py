@@ -318,7 +318,7 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     from serving.config import ServingConfig
     from training.config import GateConfig
     from training.dataset import load_feedback, split
-    from training.evaluate import gate
+    from training.evaluate import gate, load_regression_set
     from training.reward import RewardModel
 
     fill(16, liked_good=lambda cid: cid % 2 == 0)
@@ -360,6 +360,11 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
 
     b = run[2]["checks"]["b_reward_model"]  # no time left: the fewest each check may use
     assert b["prompts"] == cfg.min_heldout_prompts < b["prompts_available"]
+    c = [r["checks"]["c_regression"] for r in run]
+    assert c[0]["questions"] == c[0]["questions_available"] == len(load_regression_set())
+    assert c[2]["questions"] == cfg.min_regression_questions < c[2]["questions_available"]
+    assert c[2]["fluency"]["replies"] == cfg.min_regression_questions + b["prompts"]
+    assert f"/{cfg.min_regression_questions} vs" in c[2]["why"]
 
 
 def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():

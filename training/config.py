@@ -144,6 +144,10 @@ class GateConfig:
                                             "1: off", low=0.5, high=1.0)
     enforce: bool = setting(True, "false: run and report every check, promote whatever they say "
                                   "(experiments only)")
+    min_regression_questions: int = setting(40, "(c) regression questions asked even when the "
+                                                "gate's time is short", low=1)
+    regression_share: float = setting(0.4, "(c) share of the gate's time for the regression "
+                                           "questions beyond the fewest", low=0.0, high=1.0)
     reply_max_new_tokens: int = setting(96, "(c) reply length: short answers to known questions",
                                         low=1)
     judged_max_new_tokens: int = setting(256, "(b) reply length: the serving's cap, so the reward "

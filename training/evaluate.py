@@ -25,8 +25,10 @@ bootstrap's one-sided confidence; both must have run) at `pooled_confidence`: wi
 prompts and 64 votes neither check alone saw a candidate that raised the example user's approval
 31% -> 69%, while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
-The gate works to a deadline: (c) always runs whole; (b) answers and judges held-out prompts a
-chunk at a time while half the time left allows (at least `min_heldout_prompts`); (a) scores
+The gate works to a deadline: (c) asks at least `min_regression_questions` and more while
+`regression_share` of the time allows (all 120 once the serving version's replies are kept);
+(b) answers and judges held-out prompts a chunk at a time while half the time left allows (at
+least `min_heldout_prompts`); (a) scores
 held-out votes, both labels alternating, until its time is up (at least `min_heldout_votes`);
 votes that earlier gates scored go first, their base and serving-version log-probabilities kept
 (`LogpCache`), so rounds 2 and 3 score more of them in the same time. The serving version's
@@ -253,11 +255,26 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     kept = [ReplyCache(cache_dir, current.version, current_engine, cfg.repetition_penalty),
             ReplyCache(cache_dir, candidate.version, candidate_engine, cfg.repetition_penalty)]
 
-    # (c) regression set: always whole, it is what the model must not forget.
-    items = load_regression_set()
+    # (c) regression set, what the model must not forget: its first `min_regression_questions`
+    # always, then 20 at a time while its share of the gate's time allows. The serving
+    # version's replies are usually kept, so later gates answer all 120 with the candidate
+    # alone; the first gate answers for both models, and on a slow CPU the whole set would
+    # leave (b) and (a) little time.
+    regression = load_regression_set()
     t = time.monotonic()
-    questions = [[{"role": "user", "content": it["question"]}] for it in items]
-    cur_replies, cand_replies = (k.answers(questions, cfg.reply_max_new_tokens) for k in kept)
+    c_end = t + cfg.regression_share * max(0.0, deadline - t) \
+        if deadline < float("inf") else deadline
+    cur_replies, cand_replies = [], []
+
+    def to_answer(rows: list) -> int:  # replies to write (the current's may be kept)
+        return len(rows) + sum(not kept[0].known(q, cfg.reply_max_new_tokens) for q in rows)
+
+    for rows in in_time([[{"role": "user", "content": it["question"]}] for it in regression],
+                        c_end, chunk=20, at_least=cfg.min_regression_questions, cost=to_answer):
+        o, c = (k.answers(rows, cfg.reply_max_new_tokens) for k in kept)
+        cur_replies += o
+        cand_replies += c
+    items = regression[:len(cur_replies)]
     cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
     cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
     pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
@@ -268,13 +285,14 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     checks["c_regression"] = {
         "current": {"correct": sum(cur_ok), "accuracy": cur_acc},
         "candidate": {"correct": sum(cand_ok), "accuracy": sum(cand_ok) / len(items)},
+        "questions": len(items), "questions_available": len(regression),
         "retention": sum(cand_ok) / sum(cur_ok) if sum(cur_ok) else 1.0,
         "accuracy_difference": diff.to_dict(), "allowed_loss": allowed,
         "repetition_penalty": cfg.repetition_penalty,
         "examples": [{"question": it["question"], "reply": r, "correct": ok}
                      for it, r, ok in zip(items, cand_replies, cand_ok)][:10]}
     log(f"gate (c): {sum(cand_ok)}/{len(items)} vs {sum(cur_ok)}/{len(items)} "
-        f"in {time.monotonic() - t:.0f}s")
+        f"of {len(regression)} questions in {time.monotonic() - t:.0f}s")
 
     # (b) the reward model's verdict on held-out prompts, as many as half the time left allows:
     # answered and judged a chunk at a time, so the judge's scoring counts too (on a CPU without
