@@ -130,8 +130,9 @@ class GateConfig:
     min_reward_win_rate: float = setting(0.5, "(b) the win rate of no preference: better when the "
                                               "interval lies above it, worse when below",
                                          low=0.0, high=1.0, low_open=True, high_open=True)
-    min_retention: float = setting(0.95, "(c) worse when the interval of the accuracy difference "
-                                         "lies wholly below -(1 - this) x current accuracy",
+    min_retention: float = setting(0.95, "(c) worse when the accuracy difference's interval lies "
+                                         "below zero and the difference below -(1 - this) x "
+                                         "current accuracy",
                                    low=0.0, high=1.0)
     fluency_significance: float = setting(0.05, "(c) extra empty or looping replies fail the gate "
                                                 "when a sign test gives p below this (0: never)",

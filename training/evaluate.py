@@ -12,8 +12,9 @@ no check decides on a difference inside its own noise.
     prefers the candidate's reply (ties half), with a bootstrap interval around 50%.
 (c) What the model knew: `regression_set.jsonl` (120 short questions with known answers,
     shipped here; at 40 a candidate answering 28 against 33 was inside the noise) answered
-    the same way; the per-question accuracy difference with its interval must not lie
-    wholly below the allowed loss (1 - `min_retention` of the current accuracy), and the
+    the same way; the per-question accuracy difference may not show a loss (its interval
+    wholly below zero) whose estimate is beyond the allowed one (1 - `min_retention` of the
+    current accuracy), and the
     candidate's extra empty or looping replies (over (b)'s and (c)'s replies) must not be
     significant by a sign test. Without the penalty, greedy decoding loops far more than
     what users are served (temperature 0.7, penalty 1.1), and the bold user's +23 candidate
@@ -403,12 +404,17 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                     "candidate_failures": sum(n is not None for _, n in pairs_for_fluency),
                     "only_candidate": worse_fluency, "only_current": better_fluency,
                     "p_value": p_fluency}
-    accuracy_ok = diff.high >= -allowed
+    # Worse: a loss outside the noise (interval wholly below zero) and beyond the allowed one
+    # (its estimate). Requiring the whole interval below the allowed loss, as until session
+    # 15, passed a candidate answering 82 of 120 against 94 ([-0.183, -0.017]): a loss shown,
+    # 2.5 times the allowed one, and not provably beyond it.
+    accuracy_ok = not (diff.high < 0 and diff.estimate < -allowed)
     fluency_ok = p_fluency >= cfg.fluency_significance
     c["verdict"] = "passed" if accuracy_ok and fluency_ok else "worse"
     c["why"] = (f"accuracy {c['candidate']['correct']}/{len(items)} vs "
                 f"{c['current']['correct']}/{len(items)}, difference {diff} "
-                f"(worse only if wholly below -{allowed:.3f}); empty or looping replies "
+                f"(worse if the interval is below 0 and the difference below -{allowed:.3f}); "
+                f"empty or looping replies "
                 f"{c['fluency']['candidate_failures']} vs {c['fluency']['current_failures']} "
                 f"of {len(pairs_for_fluency)} (sign test p = {p_fluency:.2f}, worse if below "
                 f"{cfg.fluency_significance})")
