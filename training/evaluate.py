@@ -163,8 +163,9 @@ class ReplyCache(Kept):
         return self.key(conversation, max_new_tokens, *(
             [] if self.penalty == 1.0 else [self.penalty]))
 
-    def known(self, conversation: list[dict], max_new_tokens: int) -> bool:
-        return self._key(conversation, max_new_tokens) in self.values
+    def unkept(self, conversations: list[list[dict]], max_new_tokens: int) -> int:
+        """How many of `conversations` this version has no kept reply to (to be written)."""
+        return sum(self._key(c, max_new_tokens) not in self.values for c in conversations)
 
     def answers(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
         return self.get([self._key(c, max_new_tokens) for c in conversations], conversations,
@@ -241,6 +242,12 @@ def in_time(items: list, deadline: float, *, chunk: int, at_least: int, cost=len
         rate = max(rate, (time.monotonic() - began) / units)
 
 
+def share_end(start: float, deadline: float, share: float) -> float:
+    """When a stage starting at `start` must end to leave the rest of the time to `deadline`
+    (time.monotonic(); infinite: no clock) to the stages after it."""
+    return start + share * max(0.0, deadline - start) if deadline < float("inf") else deadline
+
+
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
          current_engine, candidate_engine, heldout: FeedbackData, reward_model,
          cfg: GateConfig, deadline: float | None = None, log=lambda line: None,
@@ -263,12 +270,11 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     # leave (b) and (a) little time.
     regression = load_regression_set()
     t = time.monotonic()
-    c_end = t + cfg.regression_share * max(0.0, deadline - t) \
-        if deadline < float("inf") else deadline
+    c_end = share_end(t, deadline, cfg.regression_share)
     cur_replies, cand_replies = [], []
 
     def to_answer(rows: list) -> int:  # replies to write (the current's may be kept)
-        return len(rows) + sum(not kept[0].known(q, cfg.reply_max_new_tokens) for q in rows)
+        return len(rows) + kept[0].unkept(rows, cfg.reply_max_new_tokens)
 
     for rows in in_time([[{"role": "user", "content": it["question"]}] for it in regression],
                         c_end, chunk=20, at_least=cfg.min_regression_questions, cost=to_answer):
@@ -306,16 +312,15 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                                     "why": "no reward model or no held-out prompts to judge on"}
     else:
         t = time.monotonic()
-        share_end = t + max(0.0, deadline - t) / 2 if deadline < float("inf") else deadline
+        b_end = share_end(t, deadline, 0.5)
         prompts, cur_b, cand_b, cur_s, cand_s = [], [], [], [], []
         asked = available[:cfg.max_heldout_prompts]
 
         def work(rows: list) -> int:  # replies to write and to judge (the current's may be kept)
-            return 3 * len(rows) + sum(not kept[0].known(p, cfg.judged_max_new_tokens)
-                                       for p in rows)
+            return 3 * len(rows) + kept[0].unkept(rows, cfg.judged_max_new_tokens)
 
-        for rows in in_time(asked, share_end, at_least=cfg.min_heldout_prompts, cost=work,
-                            chunk=cfg.min_heldout_prompts if share_end < float("inf") else
+        for rows in in_time(asked, b_end, at_least=cfg.min_heldout_prompts, cost=work,
+                            chunk=cfg.min_heldout_prompts if b_end < float("inf") else
                             len(asked)):
             o, c = (k.answers(rows, cfg.judged_max_new_tokens) for k in kept)
             scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in

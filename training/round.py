@@ -25,7 +25,7 @@ from serving.registry import Registry
 from training.config import RoundConfig
 from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, load_feedback,
                               reward_pairs, split)
-from training.evaluate import gate
+from training.evaluate import gate, share_end
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
 from training.reward import train_reward_model
@@ -132,7 +132,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     start_name = base_name if cfg.tune.start == "base" else current_name
     trainee = registry.load(start_name, fp32)
     # The reward model may not starve the tuning: it gets its share of the training time left.
-    reward_deadline = t + cfg.reward_share * max(0.0, train_deadline - t)
+    reward_deadline = share_end(t, train_deadline, cfg.reward_share)
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
     judge, report["reward_model"] = train_reward_model(
         base_source, trainee.tokenizer, pairs, cfg.reward, staging, reward_deadline,
@@ -163,12 +163,13 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
             f"(a step costs at least a reward-model step, {report['reward_model']['step_s']:.0f}"
             " s): synthetic pairs would mostly go unseen, so their time goes to the tuning")
     else:
-        share = cfg.synthetic.time_share * max(0.0, train_deadline - t)
+        # sampling gets 80% of the synthetic stage's share, judging the rest
+        sampling_end = share_end(t, train_deadline, 0.8 * cfg.synthetic.time_share)
         # all slots busy with the samples (a batch job, as `serving generate`)
         engine = open_engine(registry, current_name, ServingConfig(slots=16))
-        try:  # sampling gets 80% of the share, judging the rest
+        try:
             made, report["synthetic"] = synthetic_pairs(engine, judge, train, cfg.synthetic,
-                                                        t + 0.8 * share, log=log)
+                                                        sampling_end, log=log)
         finally:
             engine.close()
         train = FeedbackData(votes=train.votes, pairs=train.pairs + made)
