@@ -52,6 +52,11 @@ def fill(n: int = 16, *, user: str = "alice", good: str = GOOD, bad: str = BAD,
             store.set_vote(session=s, user_id=uid, message_id=b.id, value=-1 if liked else 1)
 
 
+def round_report(name: str) -> dict:
+    """The JSON report of the round that made version `name` (a version is named by its round)."""
+    return json.loads((Path(os.environ["CHAT_DATA_DIR"]) / "reports" / f"{name}.json").read_text())
+
+
 def training_cli(*args: str, config: dict | None = None, tmp_path: Path | None = None,
                  **popen) -> subprocess.CompletedProcess:
     extra = []
@@ -277,12 +282,16 @@ def test_a_round_continues_from_the_serving_version_or_starts_over_from_the_base
     assert training_cli("run", config=LENIENT, tmp_path=tmp_path).returncode == 0
     first = Registry().current_name()
     fill(8, user="bob")
-    again = training_cli("run", config=LENIENT, tmp_path=tmp_path)
+    # On top of a trained version the step is scaled by continue_lr_scale; from the base, never.
+    scaled = {**FAST["tune"], "continue_lr_scale": 0.25}
+    again = training_cli("run", config={**LENIENT, "tune": scaled}, tmp_path=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     second = Registry().get(Registry().current_name())
     assert second.meta["parent"] == second.meta["replaces"] == first
+    assert f"tuning {first} (auto, LoRA, lr 0.0005)" in again.stdout
+    assert round_report(second.name)["tuning"]["learning_rate"] == pytest.approx(5e-4)
     fill(8, user="carol")
-    anew = training_cli("run", config={**LENIENT, "tune": {**FAST["tune"], "start": "base"}},
+    anew = training_cli("run", config={**LENIENT, "tune": {**scaled, "start": "base"}},
                         tmp_path=tmp_path)
     assert anew.returncode == 0, anew.stdout[-3000:] + anew.stderr[-3000:]
     reg = Registry()
@@ -290,7 +299,8 @@ def test_a_round_continues_from_the_serving_version_or_starts_over_from_the_base
     assert third.meta["parent"] == tiny_model.name and third.meta["replaces"] == second.name
     # Its adapter sits on the base: base + adapter gives the version's own weights.
     assert_merged_equals_parent_plus_adapter(reg, third)
-    assert "tuning " + tiny_model.name in anew.stdout
+    assert f"tuning {tiny_model.name} (auto, LoRA, lr 0.002)" in anew.stdout
+    assert round_report(third.name)["tuning"]["learning_rate"] == pytest.approx(2e-3)
 
 
 def test_a_candidate_trained_on_inverted_labels_is_rejected(tiny_model, tmp_path):

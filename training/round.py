@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from serving.gguf_export import NotConvertible
 from serving.hardware import dtype_reason, threads
 from serving.model import resolve_base
 from serving.registry import Registry
-from training.config import RoundConfig
+from training.config import RoundConfig, TuneConfig
 from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, load_feedback,
                               reward_pairs, split)
 from training.evaluate import gate, share_end
@@ -65,6 +65,14 @@ def run_round(cfg: RoundConfig | None = None, *, log=print,
     cfg = cfg or RoundConfig()
     with round_lock():
         return _run(cfg, log, time.monotonic() if started is None else started)
+
+
+def tuning_config(cfg: TuneConfig, continuing: bool) -> TuneConfig:
+    """The tuning's settings for this round: `continue_lr_scale` applies when it tunes a
+    trained version rather than the base."""
+    if not continuing or cfg.continue_lr_scale == 1.0:
+        return cfg
+    return replace(cfg, learning_rate=cfg.learning_rate * cfg.continue_lr_scale)
 
 
 def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
@@ -177,12 +185,13 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     timed("synthetic", t)
 
     t = time.monotonic()
+    tuning = tuning_config(cfg.tune, continuing=start_name != base_name)
     log(f"tuning {start_name} ({cfg.tune.method}, "
-        f"{'full' if cfg.tune.full_finetune else 'LoRA'})")
-    summary, _ = tune(trainee.model, trainee.tokenizer, train, cfg.tune, staging,
+        f"{'full' if cfg.tune.full_finetune else 'LoRA'}, lr {tuning.learning_rate:g})")
+    summary, _ = tune(trainee.model, trainee.tokenizer, train, tuning, staging,
                       train_deadline, judge=judge if quality["trusted"] else None,
                       sampling=cfg.synthetic)
-    report["tuning"] = summary
+    report["tuning"] = {**summary, "learning_rate": tuning.learning_rate}
     del trainee
     timed("tuning", t)
 
