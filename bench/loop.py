@@ -3,6 +3,7 @@
     python -m bench.loop [--users concise,example,structured,no_filler,bold,tips] [--rounds 1]
         [--train-prompts 75] [--replies-per-prompt 4] [--test-prompts 62] [--out DIR]
     python -m bench.loop --report [--out DIR]   # the table and plot again, from loop.json
+    python -m bench.loop --users bold --compare "LABEL=DIR" ... --out DIR  # runs side by side
 
 For each simulated user (`bench/users.py`), in a data directory of its own (so each user's model
 learns only from that user):
@@ -179,8 +180,16 @@ def main(argv: list[str] | None = None) -> dict:
                         "test prompts (did it learn, and the gate say no?); it never serves")
     parser.add_argument("--report", action="store_true",
                         help="only print the table and redraw the plot from loop.json")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=FOLDER",
+                        help="one user's rows from several runs' folders (each with a "
+                             "loop.json; the user is --users), side by side under their labels: "
+                             "writes loop.json and loop.png into --out, runs nothing")
     args = parser.parse_args(argv)
-    if args.report:
+    if args.compare:
+        results = {"users": compared(parser, args.users, args.compare)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "loop.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.report or args.compare:
         results = json.loads((args.out / "loop.json").read_text())
         plot(results, args.out / "loop.png")
         print_table(results)
@@ -276,6 +285,25 @@ def earlier_users(path: Path, rerun: list[str]) -> dict:
     return kept
 
 
+def compared(parser, user: str, entries: list[str]) -> dict:
+    """`user`'s row from each `LABEL=FOLDER` run, keyed by its label (e.g. the same user under
+    three round configs). A folder without that user, or an entry without a label, is refused
+    with a message that names it."""
+    rows = {}
+    for entry in entries:
+        label, sep, folder = entry.partition("=")
+        if not sep or not label or not folder:
+            parser.error(f"--compare takes LABEL=FOLDER entries, got {entry!r}")
+        try:
+            rows[label] = json.loads((Path(folder) / "loop.json").read_text())["users"][user]
+        except (OSError, ValueError) as exc:
+            parser.error(f"--compare {entry!r}: cannot read {folder}/loop.json ({exc})")
+        except KeyError:
+            parser.error(f"--compare {entry!r}: {folder}/loop.json has no row for {user!r} "
+                         "(give one user with --users)")
+    return rows
+
+
 def run_settings(args: dict) -> dict:
     """A run's arguments that shape its figures (not which users, not where they went)."""
     return {k: v for k, v in args.items() if k not in ("users", "out")}
@@ -287,8 +315,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, row in results["users"].items():
+    fig, (ax, kept) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    users = results["users"]
+    for k, (name, row) in enumerate(users.items()):
         x = range(len(row["approval"]))
         y = [100 * a for a in row["approval"]]
         ivs = row.get("approval_interval") or [[a, a] for a in row["approval"]]
@@ -300,6 +329,16 @@ def plot(results: dict, path: Path) -> None:
         if tried:  # what a rejected candidate would have scored: hollow, not joined
             ax.scatter(*zip(*tried), marker="o", facecolors="none",
                        edgecolors=line.lines[0].get_color(), s=60)
+        shift = 0.06 * (k - (len(users) - 1) / 2)  # points of equal value stay apart
+        retained = [(i + 1 + shift, 100 * r["training"]["gate"]["c_retention"],
+                     r["training"]["decision"] == "promoted") for i, r in enumerate(row["rounds"])
+                    if (r["training"].get("gate") or {}).get("c_retention") is not None]
+        for served in (True, False):  # each round's candidate: filled served, hollow rejected
+            points = [(x, y) for x, y, s in retained if s == served]
+            if points:
+                kept.scatter(*zip(*points), marker="o", s=50,
+                             facecolors=line.lines[0].get_color() if served else "none",
+                             edgecolors=line.lines[0].get_color())
     ax.set_xticks(range(max(len(r["approval"]) for r in results["users"].values())))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out approval (%)")
@@ -308,6 +347,13 @@ def plot(results: dict, path: Path) -> None:
                  "hollow: a rejected candidate's own approval", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")  # the top is where a pleased user sits
+    kept.axhline(95, color="grey", linestyle="--", linewidth=1)  # the target
+    kept.set_xticks(range(1, max(len(r["approval"]) for r in results["users"].values())))
+    kept.set_xlabel("round")
+    kept.set_ylabel("regression retention (%)")
+    kept.set_title("Regression retention of each round's candidate\n"
+                   "filled: promoted, hollow: rejected", fontsize=10)
+    kept.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -321,7 +367,8 @@ def print_table(results: dict) -> None:
     decision and minutes, each stage's seconds, the judge's held-out AUC and pair accuracy, the
     synthetic pairs, the tuning steps, peak memory and regression retention. A rejected
     candidate's own approval, where measured, follows its row."""
-    print(f"\n{'user':<11} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
+    w = max([11, *map(len, results["users"])])
+    print(f"\n{'user':<{w}} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
           f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'synth':>9} {'tune':>11} "
           f"{'gate':>5} {'peak MB':>8} {'retain':>6}")
     for name, row in results["users"].items():
@@ -339,7 +386,7 @@ def print_table(results: dict) -> None:
             synth = t.get("synthetic") or {}
             auc = (judge.get("auc") or {}).get("estimate")
             moved = f"{shown(i)} -> {shown(i + 1)}" if rnd else shown(0)
-            print(f"{name if i == 0 else '':<11} {i + 1 if rnd else 0:>3} {moved:<34} "
+            print(f"{name if i == 0 else '':<{w}} {i + 1 if rnd else 0:>3} {moved:<34} "
                   f"{t.get('decision') or '-':>9} {t.get('seconds', 0) / 60:>5.1f} "
                   f"{times.get('reward_model', 0):>5.0f} "
                   f"{'-' if auc is None else f'{auc:.2f}':>5} "
@@ -351,7 +398,7 @@ def print_table(results: dict) -> None:
             if rnd and rnd.get("rejected_candidate"):
                 cand = rnd["rejected_candidate"]
                 lo, hi = cand["approval_interval"]
-                print(f"{'':<11} {'':>3}   (rejected candidate: {cand['approval']:.0%} "
+                print(f"{'':<{w}} {'':>3}   (rejected candidate: {cand['approval']:.0%} "
                       f"[{lo:.0%},{hi:.0%}])")
 
 

@@ -123,6 +123,16 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     (out / "loop.png").unlink()
     assert main(["--report", "--out", str(out)])["users"]["concise"] == again
     assert (out / "loop.png").stat().st_size > 0
+    # one user's rows from several runs, side by side under labels, running nothing
+    side = tmp_path / "side"
+    both = main(["--users", "concise", "--compare", f"now={out}", f"then={out}", "--out", str(side)])
+    assert both["users"] == {"now": again, "then": again}
+    assert json.loads((side / "loop.json").read_text()) == both and (side / "loop.png").is_file()
+    for user, entry in (("concise", str(out)), ("concise", f"x={tmp_path / 'nothing'}"),
+                        ("bold", f"x={out}")):  # no label; no loop.json; no row for that user
+        with pytest.raises(SystemExit):
+            main(["--users", user, "--compare", entry, "--out", str(side)])
+    assert json.loads((side / "loop.json").read_text()) == both  # a refused call wrote nothing
 
 
 def test_reasons_bench_trains_both_judges_on_the_same_votes(tiny_model, tmp_path):
