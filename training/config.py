@@ -76,10 +76,14 @@ class TuneConfig:
                                            "example users +10 and +2 points in a 10-minute "
                                            "round, 1.5e-3 +23 and +27 (bench/variants.py)",
                                    low=0.0, high=1.0, low_open=True, high_open=True)
-    continue_lr_scale: float = setting(1.0, "learning rate times this when the round tunes a "
-                                            "trained version (start current, after round 1), "
-                                            "not the base: a smaller step on top of what earlier "
-                                            "rounds learned", low=0.0, high=1.0, low_open=True)
+    continue_lr_scale: float = setting(0.333, "learning rate times this when the round tunes "
+                                              "a trained version (start current, after round "
+                                              "1), not the base. 0.333: on the bold user's "
+                                              "rounds 2-3 the full rate (from the serving "
+                                              "version or the base) lost 13-22% of the "
+                                              "regression answers; a third of it kept them all "
+                                              "and still gained +32 (bench/loop.py)",
+                                       low=0.0, high=1.0, low_open=True)
     beta: float = setting(0.1, "KTO/DPO beta: higher stays closer to the current model",
                           low=0.0, low_open=True)
     sft_weight: float = setting(1.0, "DPO: weight of an added language-modelling loss on the "
