@@ -324,12 +324,12 @@ def plot(results: dict, path: Path) -> None:
         err = [[a - 100 * lo for a, (lo, _) in zip(y, ivs)],
                [100 * hi - a for a, (_, hi) in zip(y, ivs)]]
         line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
-        tried = [(i + 1.06, 100 * r["rejected_candidate"]["approval"])  # beside the round
+        shift = 0.06 * (k - (len(users) - 1) / 2)  # points of equal value stay apart
+        tried = [(i + 1.06 + shift, 100 * r["rejected_candidate"]["approval"])  # beside it
                  for i, r in enumerate(row["rounds"]) if r.get("rejected_candidate")]
         if tried:  # what a rejected candidate would have scored: hollow, not joined
             ax.scatter(*zip(*tried), marker="o", facecolors="none",
                        edgecolors=line.lines[0].get_color(), s=60)
-        shift = 0.06 * (k - (len(users) - 1) / 2)  # points of equal value stay apart
         retained = [(i + 1 + shift, 100 * r["training"]["gate"]["c_retention"],
                      r["training"]["decision"] == "promoted") for i, r in enumerate(row["rounds"])
                     if (r["training"].get("gate") or {}).get("c_retention") is not None]

@@ -80,7 +80,7 @@ class TuneConfig:
                                               "a trained version (start current, after round "
                                               "1), not the base. 0.333: on the bold user's "
                                               "rounds 2-3 the full rate (from the serving "
-                                              "version or the base) lost 13-22% of the "
+                                              "version or the base) lost 9-22% of the "
                                               "regression answers; a third of it kept them all "
                                               "and still gained +32 (bench/loop.py)",
                                        low=0.0, high=1.0, low_open=True)
