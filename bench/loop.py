@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"users": compared(parser, args.users, args.compare)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "loop.json").write_text(json.dumps(results, indent=2) + "\n")
-    if args.report or args.compare:
+    elif args.report:
         results = json.loads((args.out / "loop.json").read_text())
+    if args.report or args.compare:
         plot(results, args.out / "loop.png")
         print_table(results)
         return results
@@ -317,6 +318,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (ax, kept) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
     users = results["users"]
+    measured = max(len(r["approval"]) for r in users.values())  # the base, then each round
     for k, (name, row) in enumerate(users.items()):
         x = range(len(row["approval"]))
         y = [100 * a for a in row["approval"]]
@@ -339,7 +341,7 @@ def plot(results: dict, path: Path) -> None:
                 kept.scatter(*zip(*points), marker="o", s=50,
                              facecolors=line.lines[0].get_color() if served else "none",
                              edgecolors=line.lines[0].get_color())
-    ax.set_xticks(range(max(len(r["approval"]) for r in results["users"].values())))
+    ax.set_xticks(range(measured))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out approval (%)")
     ax.set_ylim(0, 100)
@@ -348,7 +350,7 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")  # the top is where a pleased user sits
     kept.axhline(95, color="grey", linestyle="--", linewidth=1)  # the target
-    kept.set_xticks(range(1, max(len(r["approval"]) for r in results["users"].values())))
+    kept.set_xticks(range(1, measured))
     kept.set_xlabel("round")
     kept.set_ylabel("regression retention (%)")
     kept.set_title("Regression retention of each round's candidate\n"

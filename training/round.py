@@ -70,9 +70,8 @@ def run_round(cfg: RoundConfig | None = None, *, log=print,
 def tuning_config(cfg: TuneConfig, continuing: bool) -> TuneConfig:
     """The tuning's settings for this round: `continue_lr_scale` applies when it tunes a
     trained version rather than the base."""
-    if not continuing or cfg.continue_lr_scale == 1.0:
-        return cfg
-    return replace(cfg, learning_rate=cfg.learning_rate * cfg.continue_lr_scale)
+    return replace(cfg, learning_rate=cfg.learning_rate * cfg.continue_lr_scale) \
+        if continuing else cfg
 
 
 def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
@@ -191,7 +190,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     summary, _ = tune(trainee.model, trainee.tokenizer, train, tuning, staging,
                       train_deadline, judge=judge if quality["trusted"] else None,
                       sampling=cfg.synthetic)
-    report["tuning"] = {**summary, "learning_rate": tuning.learning_rate}
+    report["tuning"] = summary
     del trainee
     timed("tuning", t)
 

@@ -141,6 +141,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
     if method != cfg.method and cfg.method == "online":
         extra["online_skipped"] = "no trusted reward model to judge the samples"
     return {"method": method, "kind": "lora" if peft is not None else "full",
+            "learning_rate": cfg.learning_rate,
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses
             else None, "stopped_by_deadline": stop.hit, "step_s": stop.step_s, **extra}, trainer
