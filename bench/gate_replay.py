@@ -53,9 +53,29 @@ def summary(g: dict) -> dict:
     return {"a_votes": a.get("votes"), "a_votes_available": a.get("votes_available"),
             "a_confidence": (a.get("difference") or {}).get("p_better"),
             "a_cached": a.get("cached"), "b_prompts": b.get("prompts"),
-            "b_confidence": (b.get("interval") or {}).get("p_better"),
+            # (b) until session 17: the judge's win rate ("interval"); since: the approval the
+            # calibrated judge expects, candidate minus current ("difference")
+            "b_confidence": (b.get("difference") or b.get("interval") or {}).get("p_better"),
+            "b_verdict": b.get("verdict"), "b_win_rate": b.get("win_rate"),
+            "b_approval": [b.get("approval_current"), b.get("approval_candidate")],
             "pooled": (g.get("pooled") or {}).get("confidence"), "passed": g["passed"],
             "seconds": g.get("seconds"), "replies_kept": g.get("replies_kept")}
+
+
+def current_settings(config: dict) -> dict:
+    """A past round's config without the settings today's code no longer has (the replay runs
+    today's gate: a retired setting's part of it is gone), each one named."""
+    from training.config import SECTIONS
+
+    out = {}
+    for name, value in config.items():
+        if name in SECTIONS and isinstance(value, dict):
+            known = SECTIONS[name].__dataclass_fields__
+            for retired in sorted(set(value) - set(known)):
+                print(f"the round's {name}.{retired} is not a setting any more: left out")
+            value = {k: v for k, v in value.items() if k in known}
+        out[name] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,12 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
     from training.config import RoundConfig
     from training.dataset import load_feedback, split
     from training.evaluate import gate
+    from training.synthetic import check_sample, judge_quality
 
     registry, fp32 = Registry(), ServingConfig(dtype="float32")
     base_name, base_source = resolve_base()
     rows = []
     for report in rounds:
-        cfg = RoundConfig.from_dict(report["config"])
+        cfg = RoundConfig.from_dict(current_settings(report["config"]))
         current_name, candidate_name = report["current_version"], report["round"]
         # a database file per round: replacing one under an open engine corrupts it
         db = work / f"{candidate_name}.db"
@@ -102,13 +123,18 @@ def main(argv: list[str] | None = None) -> dict:
         candidate = registry.load(candidate_name, fp32)
         judge = load_judge(base_source, current.tokenizer,
                            registry.get(candidate_name).dir.reward, cfg.reward.max_length)
+        # its calibration for (b), from the held-out votes its round checked it on
+        _, calibration = judge_quality(
+            judge, check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed),
+            confidence=cfg.gate.confidence, samples=cfg.gate.bootstrap_samples,
+            seed=cfg.gate.seed)
         engines = [open_engine(registry, n) for n in (current_name, candidate_name)]
         budget = report["timings_s"]["gate"]
         try:
             replay = gate(current=current, candidate=candidate, base=base,
                           current_engine=engines[0], candidate_engine=engines[1],
-                          heldout=heldout, reward_model=judge, cfg=cfg.gate,
-                          deadline=time.monotonic() + budget, log=print,
+                          heldout=heldout, reward_model=judge, calibration=calibration,
+                          cfg=cfg.gate, deadline=time.monotonic() + budget, log=print,
                           cache_dir=work / "gate_cache")
         finally:
             for engine in engines:
@@ -120,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         o, r = row["original"], row["replay"]
         print(f"{candidate_name}: (a) {o['a_votes']} -> {r['a_votes']} of "
               f"{r['a_votes_available']} votes, confidence {_p(o['a_confidence'])} -> "
-              f"{_p(r['a_confidence'])}; (b) {_p(o['b_confidence'])} -> "
-              f"{_p(r['b_confidence'])}; pooled {_p(o['pooled'])} -> {_p(r['pooled'])}; "
+              f"{_p(r['a_confidence'])}; (b) {o['b_verdict']} {_p(o['b_confidence'])} -> "
+              f"{r['b_verdict']} {_p(r['b_confidence'])}; "
+              f"pooled {_p(o['pooled'])} -> {_p(r['pooled'])}; "
               f"{'passed' if o['passed'] else 'rejected'} -> "
               f"{'passed' if r['passed'] else 'rejected'}", flush=True)
         del current, base, candidate, judge

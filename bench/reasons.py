@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             judge, summary = train_reward_model(
                 source, tokenizer, pairs, replace(cfg, reason_margin=margin),
                 VersionDir(data / f"{user.name}-{margin}"), float("inf"))
-            quality = judge_quality(judge, heldout, confidence=0.95, samples=2000)
+            quality, _ = judge_quality(judge, heldout, confidence=0.95, samples=2000)
             scores[margin] = judge.score([v["prompt"] + v["completion"] for v in heldout.votes])
             row["runs"][str(margin)] = {**summary, "judge": quality,
                                         "seconds": round(time.monotonic() - t, 1)}

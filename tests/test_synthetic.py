@@ -68,13 +68,18 @@ def test_past_its_deadline_sampling_stops_and_keeps_nothing_half_done(engine):
 def test_only_a_judge_that_ranks_held_out_votes_above_chance_is_trusted():
     heldout = FeedbackData(votes=[vote(f"q{i}", "x" * (50 if i % 2 else 5), bool(i % 2))
                                   for i in range(20)])
-    good = judge_quality(LengthJudge(), heldout, confidence=0.95, samples=500)
+    good, calibration = judge_quality(LengthJudge(), heldout, confidence=0.95, samples=500)
     assert good["trusted"] and good["auc"]["estimate"] == 1.0
+    # the votes it was checked on calibrate it for the gate: longer (its liked) scores higher
+    assert calibration.labels == tuple(v["label"] for v in heldout.votes)
+    assert good["calibration"]["votes"] == 20 and good["calibration"]["slope"] > 0
     inverted = FeedbackData(votes=[dict(v, label=not v["label"]) for v in heldout.votes])
-    bad = judge_quality(LengthJudge(), inverted, confidence=0.95, samples=500)
+    bad, calibration = judge_quality(LengthJudge(), inverted, confidence=0.95, samples=500)
     assert not bad["trusted"] and bad["auc"]["high"] < 0.5
+    assert bad["calibration"]["slope"] < 0  # a higher score means less liked: said, not hidden
     one_label = FeedbackData(votes=[v for v in heldout.votes if v["label"]])
-    assert not judge_quality(LengthJudge(), one_label, confidence=0.95, samples=500)["trusted"]
+    quality, calibration = judge_quality(LengthJudge(), one_label, confidence=0.95, samples=500)
+    assert not quality["trusted"] and calibration is None and "calibration" not in quality
 
 
 def test_the_judges_check_scores_a_bounded_sample_of_both_labels_and_pairs():

@@ -320,8 +320,9 @@ def test_a_candidate_trained_on_inverted_labels_is_rejected(tiny_model, tmp_path
 
 def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     """(b) answers with its own cap (the serving's: whole replies), (c) with its short one; the
-    report shows (b)'s replies and scores. Without a judge (b) does not run, and (a) alone is not
-    pooled: alone it must clear its own interval."""
+    report shows (b)'s replies and scores. Without a judge, or without held-out votes to
+    calibrate it on, (b) does not run, and (a) alone is not pooled: alone it must clear its own
+    interval."""
     from transformers import AutoModelForSequenceClassification
 
     from serving.backends import open_engine
@@ -330,6 +331,7 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     from training.dataset import load_feedback, split
     from training.evaluate import gate, load_regression_set
     from training.reward import RewardModel
+    from training.synthetic import judge_quality
 
     fill(16, liked_good=lambda cid: cid % 2 == 0)
     _, heldout = split(load_feedback(), DataConfig(heldout_fraction=0.5))
@@ -339,14 +341,17 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     head = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
     head.config.pad_token_id = tokenizer.pad_token_id
     judge = RewardModel(head, model.tokenizer)  # untrained: this test is about what it sees
+    _, calibration = judge_quality(judge, heldout, confidence=0.95, samples=200)
     cfg = GateConfig(max_heldout_prompts=3, min_heldout_prompts=1, reply_max_new_tokens=2,
                      judged_max_new_tokens=24)
     engines = [open_engine(reg), open_engine(reg)]
     try:
         run = [gate(current=model, candidate=model, base=model, current_engine=engines[0],
-                    candidate_engine=engines[1], heldout=heldout, reward_model=scorer, cfg=cfg,
-                    deadline=deadline)
-               for scorer, deadline in ((judge, None), (None, None), (judge, time.monotonic()))]
+                    candidate_engine=engines[1], heldout=heldout, reward_model=scorer,
+                    calibration=cal, cfg=cfg, deadline=deadline)
+               for scorer, cal, deadline in ((judge, calibration, None), (None, None, None),
+                                             (judge, calibration, time.monotonic()),
+                                             (judge, None, None))]
     finally:
         for engine in engines:
             engine.close()
@@ -362,10 +367,14 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
         assert example["current_reward"] == pytest.approx(example["candidate_reward"], abs=1e-3)
     assert all(tokens(e["reply"]) <= 3 * 2 for e in run[0]["checks"]["c_regression"]["examples"])
     assert set(run[0]["pooled"]["of"]) == {"a", "b"}
+    # the same replies: the judge expects the same approval of both, whatever its calibration
+    assert b["approval_current"] == pytest.approx(b["approval_candidate"])
+    assert b["difference"]["low"] <= 0 <= b["difference"]["high"]
+    assert b["verdict"] == "no difference" and b["calibration_votes"] == len(heldout.votes)
 
-    b = run[1]["checks"]["b_reward_model"]
-    assert b["prompts"] == 0 and "no reward model" in b["why"]
-    assert b["verdict"] == "no difference" and b["prompts_available"] > 0
+    for b in (run[1]["checks"]["b_reward_model"], run[3]["checks"]["b_reward_model"]):
+        assert b["prompts"] == 0 and "no reward model calibrated" in b["why"]
+        assert b["verdict"] == "no difference" and b["prompts_available"] > 0
     assert run[1]["pooled"]["confidence"] is None and "only (a)" in run[1]["pooled"]["why"]
 
     b = run[2]["checks"]["b_reward_model"]  # no time left: the fewest each check may use
@@ -472,7 +481,7 @@ def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model
         def judged(current: str, candidate: str, penalty: float = 1.1) -> dict:
             return gate(current=reg.load(current, fp32), candidate=reg.load(candidate, fp32),
                         base=base, current_engine=engines[0], candidate_engine=engines[1],
-                        heldout=heldout, reward_model=None, cache_dir=cache,
+                        heldout=heldout, reward_model=None, calibration=None, cache_dir=cache,
                         cfg=replace(cfg, repetition_penalty=penalty))
 
         gates = [judged("v2", "v3"), judged("v3", "v4")]
@@ -654,6 +663,40 @@ def test_no_gate_check_decides_on_a_difference_inside_its_noise():
     assert pooled([0.9, 0.1]) == pytest.approx(0.5) and pooled([0.5]) == pytest.approx(0.5)
     assert pooled([0.8]) == pytest.approx(0.8) and pooled([1.0, 1.0]) < 1
     assert paired_mean([0.5] * 8, confidence=0.95, samples=200, null=0.5).p_better == 0.5
+
+
+def test_b_calls_a_difference_only_in_the_approval_its_judge_can_tell():
+    """(b) turns the judge's scores into the approval it expects (Platt scaling on held-out
+    votes) and compares the two versions' means. A judge that scores every candidate reply a
+    little lower, all of them far inside what users liked, wins 0% of prompts and yet expects
+    the same approval: that is no loss (structured round 2 of session 16: a 98% candidate
+    rejected at a win rate of 25%). Replies moved into what users disliked are a loss, and a
+    judge at chance can call nothing."""
+    import numpy as np
+
+    from training.stats import Calibration, approval_difference, platt
+    rng = np.random.default_rng(0)
+    labels = [i % 3 != 0 for i in range(72)]  # two thirds liked, as in a later round
+    scores = [rng.normal(2.0 if y else -2.0, 1.0) for y in labels]
+    judge = Calibration(tuple(scores), tuple(labels))
+    stats = dict(confidence=0.95, samples=1000)
+    current = rng.normal(5.0, 0.5, 24)  # liked, surely
+    quibble = current - 0.3
+    d, cur_ok, cand_ok = approval_difference(quibble, current, judge, **stats)
+    assert cur_ok > 0.95 and cand_ok > 0.95 and -0.03 < d.estimate < 0
+    assert sum(quibble > current) == 0  # as a win rate: 0% of 24, "worse"
+    worse, _, cand_ok = approval_difference(current - 7.0, current, judge, **stats)
+    assert worse.high < 0 and worse.estimate < -0.3 and cand_ok < 0.5
+    better, _, _ = approval_difference(current, current - 7.0, judge, **stats)
+    assert better.low > 0 and better.p_better == 1.0
+    chance = Calibration(tuple(scores), tuple(bool(v) for v in rng.random(72) < 0.6))
+    blind, _, _ = approval_difference(current - 7.0, current, chance, **stats)
+    assert blind.low < 0 < blind.high
+    # Platt's smoothed targets keep the fit finite on labels the scores separate completely
+    slope, intercept = platt([0, 1, 2, 3, 10, 11, 12, 13], [False] * 4 + [True] * 4)
+    assert 0 < slope < 1 and 1 / (1 + np.exp(-(13 * slope + intercept))) < 0.9
+    with pytest.raises(AssertionError, match="both labels"):
+        Calibration((1.0, 2.0), (True, True))
 
 
 def test_the_regression_set_is_large_enough_to_see_the_loss_retention_forbids():

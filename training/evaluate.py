@@ -8,8 +8,17 @@ no check decides on a difference inside its own noise.
     bootstrap interval. (The base model's own AUC is 0.5: its implicit reward is zero.)
 (b) Held-out prompts: both models answer greedily with the page's repetition penalty
     (`repetition_penalty`), whole replies as users get them (the serving's length cap,
-    `judged_max_new_tokens`); the share of prompts where the reward model
-    prefers the candidate's reply (ties half), with a bootstrap interval around 50%.
+    `judged_max_new_tokens`); the reward model scores each reply, and its scores become the
+    chance a user likes the reply, calibrated (Platt scaling, `training/stats.py`) on the
+    held-out votes its round checked it on. The approval it expects of the candidate minus the
+    current's, with a bootstrap interval that resamples the prompts and refits the calibration,
+    is better above zero and worse below it beyond `max_approval_loss`. Until session 17 (b)
+    was the share of prompts where the judge scored the candidate's reply higher: once both
+    versions gave replies their user liked, that share measured what the judge weighed beyond
+    the user's rule, the same way on every prompt: it called a candidate its user rated 98%
+    (against 89%) worse at 25% of 24 prompts, and leaned as far against another rated 98%
+    (against 81%; 25% of 16). A calibrated judge expects about the same approval
+    of two liked replies, and one at chance has a flat calibration that can call nothing.
 (c) What the model knew: `regression_set.jsonl` (120 short questions with known answers,
     shipped here; at 40 a candidate answering 28 against 33 was inside the noise) answered
     the same way; the per-question accuracy difference may not show a loss (its interval
@@ -56,7 +65,8 @@ from serving.hardware import autocast, resolve_dtype
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
-from training.stats import auc, auc_difference, paired_mean, pooled, sign_test
+from training.stats import (Calibration, approval_difference, auc, auc_difference, paired_mean,
+                            pooled, sign_test)
 
 REGRESSION_SET = Path(__file__).resolve().parent / "regression_set.jsonl"
 
@@ -250,8 +260,8 @@ def share_end(start: float, deadline: float, share: float) -> float:
 
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
          current_engine, candidate_engine, heldout: FeedbackData, reward_model,
-         cfg: GateConfig, deadline: float | None = None, log=lambda line: None,
-         cache_dir: Path | None = None) -> dict:
+         calibration: Calibration | None, cfg: GateConfig, deadline: float | None = None,
+         log=lambda line: None, cache_dir: Path | None = None) -> dict:
     """Run (c), (b), (a) within `deadline` (time.monotonic()); returns each check's numbers,
     interval and verdict, and the decision. Replies come from the engines users are served
     by; log-probabilities from the transformers models (kept in `cache_dir` for later gates)."""
@@ -306,10 +316,11 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     # bfloat16 it took as long as the answers, and a count fitted to the answers alone ran (b)
     # past its share and the round past its budget).
     available = heldout_prompts(heldout)
-    if reward_model is None or not available:
-        checks["b_reward_model"] = {"verdict": "no difference", "prompts": 0,
-                                    "prompts_available": len(available),
-                                    "why": "no reward model or no held-out prompts to judge on"}
+    if reward_model is None or calibration is None or not available:
+        checks["b_reward_model"] = {
+            "verdict": "no difference", "prompts": 0, "prompts_available": len(available),
+            "why": "no reward model calibrated on held-out votes, or no held-out prompts to "
+                   "judge on"}
     else:
         t = time.monotonic()
         b_end = share_end(t, deadline, 0.5)
@@ -332,11 +343,15 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             cand_s += scores[len(rows):]
         pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                               for o, c in zip(cur_b, cand_b)]
-        wins = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)], **stats,
-                           null=cfg.min_reward_win_rate)
-        verdict = _verdict(wins, cfg.min_reward_win_rate)
+        gain, cur_ok, cand_ok = approval_difference(cand_s, cur_s, calibration, **stats)
+        loss = cfg.max_approval_loss
+        verdict = ("better" if gain.low > 0 else
+                   "worse" if gain.high < 0 and gain.estimate < -loss else "no difference")
+        wins = sum((c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)) / len(prompts)
         checks["b_reward_model"] = {
-            "win_rate": wins.estimate, "interval": wins.to_dict(), "prompts": len(prompts),
+            "approval_current": cur_ok, "approval_candidate": cand_ok,
+            "difference": gain.to_dict(), "allowed_loss": loss, "win_rate": wins,
+            "calibration_votes": len(calibration.labels), "prompts": len(prompts),
             "prompts_available": len(available),
             "mean_reward_current": sum(cur_s) / len(cur_s),
             "mean_reward_candidate": sum(cand_s) / len(cand_s), "verdict": verdict,
@@ -344,10 +359,13 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             "examples": [{"prompt": p[-1]["content"], "current": o, "candidate": c,
                           "current_reward": so, "candidate_reward": sc}
                          for p, o, c, so, sc in zip(prompts, cur_b, cand_b, cur_s, cand_s)][:5],
-            "why": f"reward model prefers the candidate on {wins.estimate:.0%} of "
-                   f"{len(prompts)} held-out prompts ({cfg.confidence:.0%} interval "
-                   f"{wins.low:.0%}-{wins.high:.0%}): {verdict}"}
-        log(f"gate (b): win rate {wins.estimate:.0%} on {len(prompts)} prompts "
+            "why": f"the judge, calibrated on {len(calibration.labels)} held-out votes, expects "
+                   f"approval {cand_ok:.0%} for the candidate vs {cur_ok:.0%} on "
+                   f"{len(prompts)} held-out prompts: {gain.estimate:+.1%} "
+                   f"({cfg.confidence:.0%} interval {gain.low:+.1%} to {gain.high:+.1%}; worse "
+                   f"if below 0 and the difference below -{loss:.1%}): {verdict} (it "
+                   f"scores the candidate's reply higher on {wins:.0%})"}
+        log(f"gate (b): approval {cand_ok:.0%} vs {cur_ok:.0%} on {len(prompts)} prompts "
             f"in {time.monotonic() - t:.0f}s")
     for k in kept:
         k.save()
@@ -440,7 +458,7 @@ def pool_rankings(checks: dict, threshold: float) -> dict:
     pooled; better when the pooled confidence reaches `threshold`. Only both: one check alone
     must clear its own interval (the gate's confidence), not the pooled threshold."""
     sides = {"a": (checks["a_heldout_ranking"].get("difference") or {}).get("p_better"),
-             "b": (checks["b_reward_model"].get("interval") or {}).get("p_better")}
+             "b": (checks["b_reward_model"].get("difference") or {}).get("p_better")}
     ran = {k: p for k, p in sides.items() if p is not None}
     if len(ran) < 2:
         alone = f"only ({next(iter(ran))}) ran" if ran else "neither (a) nor (b) ran"

@@ -144,8 +144,8 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     judge, report["reward_model"] = train_reward_model(
         base_source, trainee.tokenizer, pairs, cfg.reward, staging, reward_deadline,
         to_score=judged_conversations(checked))
-    quality = judge_quality(judge, checked, confidence=cfg.gate.confidence,
-                            samples=cfg.gate.bootstrap_samples, seed=cfg.gate.seed)
+    quality, calibration = judge_quality(judge, checked, confidence=cfg.gate.confidence,
+                                         samples=cfg.gate.bootstrap_samples, seed=cfg.gate.seed)
     quality["heldout_available"] = {"votes": len(heldout.votes), "pairs": len(heldout.pairs)}
     report["reward_model"]["judge"] = quality
     timed("reward_model", t)
@@ -215,8 +215,9 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     try:
         verdict = gate(current=current, candidate=candidate, base=base,
                        current_engine=engines[0], candidate_engine=engines[1],
-                       heldout=heldout, reward_model=judge, cfg=cfg.gate, deadline=end,
-                       log=log, cache_dir=registry.data / "training" / "gate_cache")
+                       heldout=heldout, reward_model=judge, calibration=calibration,
+                       cfg=cfg.gate, deadline=end, log=log,
+                       cache_dir=registry.data / "training" / "gate_cache")
     finally:
         for engine in engines:
             engine.close()

@@ -24,7 +24,7 @@ from serving.config import GenerationSettings
 from training.config import SyntheticConfig
 from training.dataset import FeedbackData
 from training.evaluate import alternating
-from training.stats import auc_interval
+from training.stats import Calibration, auc_interval, platt
 
 
 def judged_conversations(heldout: FeedbackData) -> list[list[dict]]:
@@ -44,27 +44,32 @@ def check_sample(heldout: FeedbackData, limit: int, seed: int) -> FeedbackData:
 
 
 def judge_quality(judge, heldout: FeedbackData, *, confidence: float, samples: int,
-                  seed: int = 0) -> dict:
+                  seed: int = 0) -> tuple[dict, Calibration | None]:
     """How well the reward model ranks held-out votes it never saw: AUC with its interval,
-    and its accuracy on held-out pairs (where there are any)."""
+    and its accuracy on held-out pairs (where there are any); and those votes' scores and
+    labels, which calibrate its scores for the gate's (b) (None without both labels)."""
     votes, n = heldout.votes, len(heldout.pairs)
-    labels = [v["label"] for v in votes]
+    labels = [bool(v["label"]) for v in votes]
     out: dict = {"heldout_votes": len(votes), "heldout_pairs": n}
     both = len(set(labels)) == 2
+    calibration = None
     if not both and not n:
         out["trusted"] = False
-        return out
+        return out, calibration
     scores = judge.score(judged_conversations(heldout) if both else
                          judged_conversations(FeedbackData(pairs=heldout.pairs)))
     if both:
         iv = auc_interval(scores[:len(votes)], labels, confidence=confidence, samples=samples,
                           seed=seed)
         out["auc"] = iv.to_dict()
+        calibration = Calibration(tuple(scores[:len(votes)]), tuple(labels))
+        slope, intercept = platt(calibration.scores, calibration.labels)
+        out["calibration"] = {"votes": len(votes), "slope": slope, "intercept": intercept}
         scores = scores[len(votes):]
     if n:
         out["pair_accuracy"] = sum(c > r for c, r in zip(scores[:n], scores[n:])) / n
     out["trusted"] = bool(out.get("auc") and out["auc"]["low"] > 0.5)
-    return out
+    return out, calibration
 
 
 def training_prompts(train: FeedbackData, limit: int) -> list[list[dict]]:
