@@ -53,10 +53,13 @@ def summary(g: dict) -> dict:
     return {"a_votes": a.get("votes"), "a_votes_available": a.get("votes_available"),
             "a_confidence": (a.get("difference") or {}).get("p_better"),
             "a_cached": a.get("cached"), "b_prompts": b.get("prompts"),
-            # (b) until session 17: the judge's win rate ("interval"); since: the approval the
-            # calibrated judge expects, candidate minus current ("difference")
-            "b_confidence": (b.get("difference") or b.get("interval") or {}).get("p_better"),
+            # (b)'s one-sided confidence, pooled with (a)'s: since session 18 its own
+            # ("p_better"); in session 17 the calibrated approval's ("difference"); before,
+            # the judge's win rate's ("interval")
+            "b_confidence": b.get("p_better", (b.get("difference") or b.get("interval")
+                                               or {}).get("p_better")),
             "b_verdict": b.get("verdict"), "b_win_rate": b.get("win_rate"),
+            "b_direction": b.get("direction"), "b_difference": b.get("difference"),
             "b_approval": [b.get("approval_current"), b.get("approval_candidate")],
             "pooled": (g.get("pooled") or {}).get("confidence"), "passed": g["passed"],
             "seconds": g.get("seconds"), "replies_kept": g.get("replies_kept")}

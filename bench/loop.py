@@ -150,12 +150,14 @@ def _gate_summary(gate: dict | None) -> dict | None:
             "a_auc": [c["a_heldout_ranking"].get("current_auc"),
                       c["a_heldout_ranking"].get("candidate_auc")],
             "a_difference": c["a_heldout_ranking"].get("difference"),
-            # the calibrated judge's expected approval (current, candidate) and its difference;
-            # until session 17 (b) was the win rate alone, in "b_interval"
+            # (b): the judge's direction (its win rate, with its interval since session 18)
+            # and the approval it expects, calibrated (current, candidate; their difference).
+            # Until session 17 (b) was the win rate alone, in "b_interval"
             "b_approval": [c["b_reward_model"].get("approval_current"),
                            c["b_reward_model"].get("approval_candidate")],
             "b_difference": c["b_reward_model"].get("difference"),
             "b_win_rate": c["b_reward_model"].get("win_rate"),
+            "b_direction": c["b_reward_model"].get("direction"),
             "pooled": gate.get("pooled"),
             "c_accuracy_difference": reg.get("accuracy_difference"),
             "c_fluency": reg.get("fluency"),

@@ -665,33 +665,61 @@ def test_no_gate_check_decides_on_a_difference_inside_its_noise():
     assert paired_mean([0.5] * 8, confidence=0.95, samples=200, null=0.5).p_better == 0.5
 
 
-def test_b_calls_a_difference_only_in_the_approval_its_judge_can_tell():
-    """(b) turns the judge's scores into the approval it expects (Platt scaling on held-out
-    votes) and compares the two versions' means. A judge that scores every candidate reply a
-    little lower, all of them far inside what users liked, wins 0% of prompts and yet expects
-    the same approval: that is no loss (structured round 2 of session 16: a 98% candidate
-    rejected at a win rate of 25%). Replies moved into what users disliked are a loss, and a
-    judge at chance can call nothing."""
+def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_expects():
+    """(b) (`judge_verdict`): better when the judge scores the candidate's reply higher on more
+    than half the prompts beyond the noise and expects no loss of approval; worse only when it
+    prefers the current's replies beyond the noise *and* its calibrated approval (Platt scaling
+    on held-out votes) shows a loss beyond the allowed one. Each measured failure, rebuilt: a
+    judge that scores every liked reply a little lower (a 98% candidate vetoed at a win rate of
+    25%, session 16); one sure of the order but not of the size (a candidate rated 81% against
+    35% held back at +4 points [-1, +11], 13 of 16 prompts its way, session 17); a calibration
+    expecting a loss the direction does not show (a 99% candidate against 98% vetoed at -7
+    points while the judge preferred it on 41% of 32)."""
     import numpy as np
 
+    from training.evaluate import judge_verdict
     from training.stats import Calibration, approval_difference, platt
     rng = np.random.default_rng(0)
     labels = [i % 3 != 0 for i in range(72)]  # two thirds liked, as in a later round
-    scores = [rng.normal(2.0 if y else -2.0, 1.0) for y in labels]
-    judge = Calibration(tuple(scores), tuple(labels))
+    judge = Calibration(tuple(rng.normal(2.0 if y else -2.0, 1.0) for y in labels),
+                        tuple(labels))
+    halves = [i % 2 == 0 for i in range(72)]  # a judge that tells its votes apart, weakly
+    weak = Calibration(tuple(rng.normal(0.4 if y else -0.4, 1.0) for y in halves), tuple(halves))
     stats = dict(confidence=0.95, samples=1000)
+
+    def verdict(candidate, current, calibration=judge):
+        return judge_verdict(list(candidate), list(current), calibration, 0.03, **stats)
+
     current = rng.normal(5.0, 0.5, 24)  # liked, surely
-    quibble = current - 0.3
-    d, cur_ok, cand_ok = approval_difference(quibble, current, judge, **stats)
-    assert cur_ok > 0.95 and cand_ok > 0.95 and -0.03 < d.estimate < 0
-    assert sum(quibble > current) == 0  # as a win rate: 0% of 24, "worse"
-    worse, _, cand_ok = approval_difference(current - 7.0, current, judge, **stats)
-    assert worse.high < 0 and worse.estimate < -0.3 and cand_ok < 0.5
-    better, _, _ = approval_difference(current, current - 7.0, judge, **stats)
-    assert better.low > 0 and better.p_better == 1.0
-    chance = Calibration(tuple(scores), tuple(bool(v) for v in rng.random(72) < 0.6))
+    quibble = verdict(current - 0.3, current)
+    assert quibble["win_rate"] == 0 and quibble["direction"]["high"] < 0.5  # against it...
+    assert quibble["approval_current"] > 0.95 and quibble["approval_candidate"] > 0.95
+    assert -0.03 < quibble["difference"]["estimate"] < 0  # ...with no approval lost
+    assert quibble["verdict"] == "no difference"
+    lost = verdict(current - 7.0, current)  # replies moved into what users disliked
+    assert lost["verdict"] == "worse" and lost["difference"]["high"] < 0
+    assert lost["approval_candidate"] < 0.5 and lost["p_better"] < 0.05
+    assert verdict(current, current - 7.0)["verdict"] == "better"
+
+    unsure = rng.normal(0.0, 1.0, 16)  # replies the judge is unsure of
+    order = verdict(unsure + np.where(np.arange(16) < 13, 0.15, -0.5), unsure, weak)
+    assert order["win_rate"] == 13 / 16 and order["direction"]["low"] > 0.5
+    assert order["difference"]["low"] < 0 < order["difference"]["high"]  # size: inconclusive
+    assert order["verdict"] == "better" and order["p_better"] > 0.95
+
+    middling = rng.normal(0.0, 1.0, 32)
+    size = verdict(middling + np.where(np.arange(32) < 13, 0.2, -1.0), middling)
+    assert size["difference"]["high"] < 0 and size["difference"]["estimate"] < -0.03
+    assert size["direction"]["low"] < 0.5 < size["direction"]["high"]  # 41% of 32: noise
+    assert size["verdict"] == "no difference"
+    # pooled with (a) as what it showed: a loss of approval, not the direction's lean
+    assert size["p_better"] == size["difference"]["p_better"] < 0.05
+    assert "41% of 32 held-out prompts" in size["why"] and "calibrated on 72" in size["why"]
+
+    chance = Calibration(judge.scores, tuple(bool(v) for v in rng.random(72) < 0.6))
     blind, _, _ = approval_difference(current - 7.0, current, chance, **stats)
-    assert blind.low < 0 < blind.high
+    assert blind.low < 0 < blind.high  # a judge at chance has a flat calibration
+    assert verdict(current - 7.0, current, chance)["verdict"] == "no difference"
     # Platt's smoothed targets keep the fit finite on labels the scores separate completely
     slope, intercept = platt([0, 1, 2, 3, 10, 11, 12, 13], [False] * 4 + [True] * 4)
     assert 0 < slope < 1 and 1 / (1 + np.exp(-(13 * slope + intercept))) < 0.9

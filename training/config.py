@@ -135,10 +135,11 @@ class GateConfig:
                                       "better or worse only outside it",
                                 low=0.5, high=1.0, high_open=True)
     bootstrap_samples: int = setting(2000, "resamples behind each interval", low=100)
-    max_approval_loss: float = setting(0.03, "(b) worse when the interval of the approval the "
-                                             "calibrated judge expects, candidate minus "
-                                             "current, lies below zero and the difference "
-                                             "below minus this (0.03: 3 points)",
+    max_approval_loss: float = setting(0.03, "(b) worse when the judge prefers the current's "
+                                             "replies beyond the noise and the interval of "
+                                             "the approval it expects (calibrated), candidate "
+                                             "minus current, lies below zero and the "
+                                             "difference below minus this (0.03: 3 points)",
                                        low=0.0, high=1.0, high_open=True)
     min_retention: float = setting(0.95, "(c) worse when the accuracy difference's interval lies "
                                          "below zero and the difference below -(1 - this) x "

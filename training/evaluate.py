@@ -8,32 +8,33 @@ no check decides on a difference inside its own noise.
     bootstrap interval. (The base model's own AUC is 0.5: its implicit reward is zero.)
 (b) Held-out prompts: both models answer greedily with the page's repetition penalty
     (`repetition_penalty`), whole replies as users get them (the serving's length cap,
-    `judged_max_new_tokens`); the reward model scores each reply, and its scores become the
-    chance a user likes the reply, calibrated (Platt scaling, `training/stats.py`) on the
-    held-out votes its round checked it on. The approval it expects of the candidate minus the
-    current's, with a bootstrap interval that resamples the prompts and refits the calibration,
-    is better above zero and worse below it beyond `max_approval_loss`. Until session 17 (b)
-    was the share of prompts where the judge scored the candidate's reply higher: once both
-    versions gave replies their user liked, that share measured what the judge weighed beyond
-    the user's rule, the same way on every prompt: it called a candidate its user rated 98%
-    (against 89%) worse at 25% of 24 prompts, and leaned as far against another rated 98%
-    (against 81%; 25% of 16). A calibrated judge expects about the same approval
-    of two liked replies, and one at chance has a flat calibration that can call nothing.
+    `judged_max_new_tokens`), and the reward model scores each reply (`judge_verdict`). Its
+    direction: the share of prompts where it scores the candidate's reply higher. Its size:
+    the approval it expects, its scores made the chance a user likes a reply (Platt scaling,
+    `training/stats.py`, on the held-out votes its round checked it on), candidate minus
+    current, with an interval that resamples the prompts and refits the calibration. Better:
+    the direction above one half beyond the noise, no approval loss shown. Worse: the
+    direction below one half beyond the noise and an approval loss shown beyond
+    `max_approval_loss`. The direction alone (until session 17) vetoed a candidate its user
+    rated 98% against 89% on the judge's quibbles between two liked replies; the size alone
+    (session 17) held back one rated 81% against 35% that the judge preferred on 13 of 16
+    prompts, and vetoed one rated 99% against 98% on a calibration fitted to older, less
+    liked replies.
 (c) What the model knew: `regression_set.jsonl` (120 short questions with known answers,
     shipped here; at 40 a candidate answering 28 against 33 was inside the noise) answered
     the same way; the per-question accuracy difference may not show a loss (its interval
     wholly below zero) whose estimate is beyond the allowed one (1 - `min_retention` of the
-    current accuracy), and the
-    candidate's extra empty or looping replies (over (b)'s and (c)'s replies) must not be
-    significant by a sign test. Without the penalty, greedy decoding loops far more than
+    current accuracy), and the candidate's extra empty or looping replies (over (b)'s and
+    (c)'s replies) must not be significant by a sign test. Without the penalty, greedy decoding loops far more than
     what users are served (temperature 0.7, penalty 1.1), and the bold user's +23 candidate
     was rejected for loops of bold-term lists the page would not show as often.
 
 Verdict: better on (a) or (b) (with `require_improvement`), neither significantly worse, and (c)
 passed. Better: (a) or (b) alone at the gate's confidence, or both pooled (Stouffer's z of each
-bootstrap's one-sided confidence; both must have run) at `pooled_confidence`: with 16 held-out
-prompts and 64 votes neither check alone saw a candidate that raised the example user's approval
-31% -> 69%, while both leaned its way (about 0.87 and 0.85, pooled 0.94).
+bootstrap's one-sided confidence: (a)'s AUC difference, (b)'s direction; both must have run) at
+`pooled_confidence`: with 16 held-out prompts and 64 votes neither check alone saw a candidate
+that raised the example user's approval 31% -> 69%, while both leaned its way (about 0.87 and
+0.85, pooled 0.94).
 
 The gate works to a deadline: (c) asks at least `min_regression_questions` and more while
 `regression_share` of the time allows (all 120 once the serving version's replies are kept);
@@ -235,6 +236,52 @@ def _verdict(iv, null: float = 0.0) -> str:
     return "better" if iv.low > null else "worse" if iv.high < null else "no difference"
 
 
+def _loss_shown(iv, allowed: float) -> bool:
+    """A loss outside the noise (the interval wholly below zero) and beyond the allowed one (its
+    estimate): (b)'s approval and (c)'s accuracy."""
+    return iv.high < 0 and iv.estimate < -allowed
+
+
+def judge_verdict(candidate: list[float], current: list[float], calibration: Calibration,
+                  allowed_loss: float, *, confidence: float, samples: int, seed: int = 0) -> dict:
+    """(b): the judge's scores of both versions' replies to the same prompts. Its direction is
+    the share of prompts where it scores the candidate's reply higher (ties half), with a
+    bootstrap interval over the prompts; its size is the approval it expects, calibrated
+    (`approval_difference`), candidate minus current. Better: the direction above one half
+    beyond the noise, and no approval loss shown. Worse: the direction below one half beyond
+    the noise, and an approval loss shown beyond `allowed_loss`. Pooled with (a): the
+    direction's one-sided confidence, or the approval's where a loss is shown.
+
+    Each alone misjudged measured rounds. The direction alone (until session 17) vetoed a
+    candidate its user rated 98% against 89% (25% of 24 prompts): once both versions' replies
+    are liked, which scores higher is what the judge weighs beyond the user's rule, the same
+    way on every prompt. The approval alone (session 17) had no power where the judge was
+    confident of the order but not of the size: it held back a candidate rated 81% against 35%
+    (the judge preferred it on 13 of 16 prompts, expected +4 points [-1, +11]); and where the
+    calibration, fitted on older, less liked replies, put a candidate rated 99% against 98% 7
+    points lower ([-15, -0]) while the direction was inside the noise (41% of 32), it vetoed."""
+    win = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(candidate, current)],
+                      confidence=confidence, samples=samples, seed=seed, null=0.5)
+    gain, cur_ok, cand_ok = approval_difference(candidate, current, calibration,
+                                                confidence=confidence, samples=samples,
+                                                seed=seed)
+    direction, loss = _verdict(win, 0.5), _loss_shown(gain, allowed_loss)
+    verdict = ("better" if direction == "better" and not loss else
+               "worse" if direction == "worse" and loss else "no difference")
+    return {
+        "win_rate": win.estimate, "direction": win.to_dict(), "approval_current": cur_ok,
+        "approval_candidate": cand_ok, "difference": gain.to_dict(),
+        "allowed_loss": allowed_loss, "verdict": verdict,
+        "p_better": gain.p_better if loss else win.p_better,
+        "why": f"the judge scores the candidate's reply higher on {win.estimate:.0%} of "
+               f"{len(candidate)} held-out prompts ({confidence:.0%} interval {win.low:.0%} to "
+               f"{win.high:.0%}) and, calibrated on {len(calibration.labels)} held-out votes, "
+               f"expects approval {cand_ok:.0%} vs {cur_ok:.0%}: {gain.estimate:+.1%} "
+               f"({gain.low:+.1%} to {gain.high:+.1%}); better if it prefers the candidate "
+               f"beyond the noise with no approval loss shown, worse if it prefers the "
+               f"current and expects a loss beyond {allowed_loss:.1%}: {verdict}"}
+
+
 def in_time(items: list, deadline: float, *, chunk: int, at_least: int, cost=len):
     """`items` a chunk at a time, while the work on the next chunk (done by the caller between
     chunks) can end by `deadline` (time.monotonic()), judged by the slowest rate so far in
@@ -343,30 +390,19 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             cand_s += scores[len(rows):]
         pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                               for o, c in zip(cur_b, cand_b)]
-        gain, cur_ok, cand_ok = approval_difference(cand_s, cur_s, calibration, **stats)
-        loss = cfg.max_approval_loss
-        verdict = ("better" if gain.low > 0 else
-                   "worse" if gain.high < 0 and gain.estimate < -loss else "no difference")
-        wins = sum((c > o) + 0.5 * (c == o) for c, o in zip(cand_s, cur_s)) / len(prompts)
+        judged = judge_verdict(cand_s, cur_s, calibration, cfg.max_approval_loss, **stats)
         checks["b_reward_model"] = {
-            "approval_current": cur_ok, "approval_candidate": cand_ok,
-            "difference": gain.to_dict(), "allowed_loss": loss, "win_rate": wins,
-            "calibration_votes": len(calibration.labels), "prompts": len(prompts),
+            **judged, "calibration_votes": len(calibration.labels), "prompts": len(prompts),
             "prompts_available": len(available),
             "mean_reward_current": sum(cur_s) / len(cur_s),
-            "mean_reward_candidate": sum(cand_s) / len(cand_s), "verdict": verdict,
+            "mean_reward_candidate": sum(cand_s) / len(cand_s),
             "max_new_tokens": cfg.judged_max_new_tokens,
             "examples": [{"prompt": p[-1]["content"], "current": o, "candidate": c,
                           "current_reward": so, "candidate_reward": sc}
-                         for p, o, c, so, sc in zip(prompts, cur_b, cand_b, cur_s, cand_s)][:5],
-            "why": f"the judge, calibrated on {len(calibration.labels)} held-out votes, expects "
-                   f"approval {cand_ok:.0%} for the candidate vs {cur_ok:.0%} on "
-                   f"{len(prompts)} held-out prompts: {gain.estimate:+.1%} "
-                   f"({cfg.confidence:.0%} interval {gain.low:+.1%} to {gain.high:+.1%}; worse "
-                   f"if below 0 and the difference below -{loss:.1%}): {verdict} (it "
-                   f"scores the candidate's reply higher on {wins:.0%})"}
-        log(f"gate (b): approval {cand_ok:.0%} vs {cur_ok:.0%} on {len(prompts)} prompts "
-            f"in {time.monotonic() - t:.0f}s")
+                         for p, o, c, so, sc in zip(prompts, cur_b, cand_b, cur_s, cand_s)][:5]}
+        log(f"gate (b): the judge prefers the candidate on {judged['win_rate']:.0%}, expects "
+            f"approval {judged['approval_candidate']:.0%} vs {judged['approval_current']:.0%} "
+            f"on {len(prompts)} prompts in {time.monotonic() - t:.0f}s")
     for k in kept:
         k.save()
 
@@ -431,7 +467,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     # (its estimate). Requiring the whole interval below the allowed loss, as until session
     # 15, passed a candidate answering 82 of 120 against 94 ([-0.183, -0.017]): a loss shown,
     # 2.5 times the allowed one, and not provably beyond it.
-    accuracy_ok = not (diff.high < 0 and diff.estimate < -allowed)
+    accuracy_ok = not _loss_shown(diff, allowed)
     fluency_ok = p_fluency >= cfg.fluency_significance
     c["verdict"] = "passed" if accuracy_ok and fluency_ok else "worse"
     c["why"] = (f"accuracy {c['candidate']['correct']}/{len(items)} vs "
@@ -458,7 +494,7 @@ def pool_rankings(checks: dict, threshold: float) -> dict:
     pooled; better when the pooled confidence reaches `threshold`. Only both: one check alone
     must clear its own interval (the gate's confidence), not the pooled threshold."""
     sides = {"a": (checks["a_heldout_ranking"].get("difference") or {}).get("p_better"),
-             "b": (checks["b_reward_model"].get("difference") or {}).get("p_better")}
+             "b": checks["b_reward_model"].get("p_better")}
     ran = {k: p for k, p in sides.items() if p is not None}
     if len(ran) < 2:
         alone = f"only ({next(iter(ran))}) ran" if ran else "neither (a) nor (b) ran"

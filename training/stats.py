@@ -135,6 +135,10 @@ class Calibration:
             "a calibration needs scored votes of both labels"
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
 def platt(scores, labels, iterations: int = 50) -> tuple[float, float]:
     """Platt scaling: P(liked | score) = sigmoid(slope * score + intercept), fitted by Newton's
     method to Platt's smoothed targets ((liked + 1) / (liked + 2) for a liked vote, 1 /
@@ -153,7 +157,7 @@ def platt(scores, labels, iterations: int = 50) -> tuple[float, float]:
     a = np.zeros(len(x))
     b = np.log((liked[:, 0] + 1) / (disliked[:, 0] + 1))
     for _ in range(iterations):
-        p = 1 / (1 + np.exp(-(a[:, None] * z + b[:, None])))
+        p = _sigmoid(a[:, None] * z + b[:, None])
         r, w = p - target, p * (1 - p) + 1e-9
         ga, gb = (r * z).sum(1) + 1e-6 * a, r.sum(1)  # a whisker of ridge: constant scores
         haa, hab, hbb = (w * z * z).sum(1) + 1e-6, (w * z).sum(1), w.sum(1)
@@ -175,15 +179,16 @@ def approval_difference(candidate, current, calibration: Calibration, *, confide
     the labels apart has a flat, uncertain calibration and cannot call a difference. Returns
     the interval and the two estimated approvals (current, candidate).
 
-    Why not the share of prompts where the judge scores the candidate higher: once both
-    versions give replies the user likes, which one scores higher is decided by what the judge
-    happens to weigh beyond the user's rule, the same way on every prompt; it rejected a
-    candidate its user rated 98% against 89% (a win rate of 25% of 24 prompts)."""
+    The gate's (b) asks this for the size of a loss, not for the direction
+    (`training.evaluate.judge_verdict`): once both versions give replies the user likes, which
+    one scores higher is what the judge weighs beyond the user's rule, the same way on every
+    prompt (a win rate of 25% of 24 prompts against a candidate its user rated 98% vs 89%),
+    and this expects about the same approval of both."""
     cand, cur = np.asarray(candidate, float), np.asarray(current, float)
     cal_x, cal_y = np.asarray(calibration.scores, float), np.asarray(calibration.labels, bool)
 
     def approval(slope, intercept, scores):  # per row: the mean chance of a thumbs-up
-        return (1 / (1 + np.exp(-(slope[:, None] * scores + intercept[:, None])))).mean(axis=1)
+        return _sigmoid(slope[:, None] * scores + intercept[:, None]).mean(axis=1)
 
     fit = [np.array([v]) for v in platt(cal_x, cal_y)]
     cur_ok, cand_ok = float(approval(*fit, cur[None])[0]), float(approval(*fit, cand[None])[0])
