@@ -25,16 +25,17 @@ no check decides on a difference inside its own noise.
     the same way; the per-question accuracy difference may not show a loss (its interval
     wholly below zero) whose estimate is beyond the allowed one (1 - `min_retention` of the
     current accuracy), and the candidate's extra empty or looping replies (over (b)'s and
-    (c)'s replies) must not be significant by a sign test. Without the penalty, greedy decoding loops far more than
-    what users are served (temperature 0.7, penalty 1.1), and the bold user's +23 candidate
-    was rejected for loops of bold-term lists the page would not show as often.
+    (c)'s replies) must not be significant by a sign test. Without the penalty, greedy
+    decoding loops far more than what users are served (temperature 0.7, penalty 1.1), and
+    the bold user's +23 candidate was rejected for loops of bold-term lists the page would
+    not show as often.
 
 Verdict: better on (a) or (b) (with `require_improvement`), neither significantly worse, and (c)
 passed. Better: (a) or (b) alone at the gate's confidence, or both pooled (Stouffer's z of each
-bootstrap's one-sided confidence: (a)'s AUC difference, (b)'s direction; both must have run) at
-`pooled_confidence`: with 16 held-out prompts and 64 votes neither check alone saw a candidate
-that raised the example user's approval 31% -> 69%, while both leaned its way (about 0.87 and
-0.85, pooled 0.94).
+bootstrap's one-sided confidence: (a)'s AUC difference, (b)'s direction or, where it shows a
+loss, its approval; both must have run) at `pooled_confidence`: with 16 held-out prompts and 64
+votes neither check alone saw a candidate that raised the example user's approval 31% -> 69%,
+while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
 The gate works to a deadline: (c) asks at least `min_regression_questions` and more while
 `regression_share` of the time allows (all 120 once the serving version's replies are kept);
