@@ -716,10 +716,18 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     assert size["p_better"] == size["difference"]["p_better"] < 0.05
     assert "41% of 32 held-out prompts" in size["why"] and "calibrated on 72" in size["why"]
 
+    assert order["direction_counts"] and order["judge_auc"]["low"] > 0.5  # the weak judge
+
     chance = Calibration(judge.scores, tuple(bool(v) for v in rng.random(72) < 0.6))
     blind, _, _ = approval_difference(current - 7.0, current, chance, **stats)
     assert blind.low < 0 < blind.high  # a judge at chance has a flat calibration
     assert verdict(current - 7.0, current, chance)["verdict"] == "no difference"
+    # and its direction, however consistent (longer replies, say), counts for nothing
+    lean = verdict(current + 7.0, current, chance)
+    assert lean["win_rate"] == 1 and not lean["direction_counts"]
+    assert lean["judge_auc"]["low"] <= 0.5 and "counts for nothing" in lean["why"]
+    assert lean["verdict"] == "no difference" and lean["p_better"] == lean["difference"][
+        "p_better"] < 0.95
     # Platt's smoothed targets keep the fit finite on labels the scores separate completely
     slope, intercept = platt([0, 1, 2, 3, 10, 11, 12, 13], [False] * 4 + [True] * 4)
     assert 0 < slope < 1 and 1 / (1 + np.exp(-(13 * slope + intercept))) < 0.9

@@ -67,8 +67,8 @@ from serving.hardware import autocast, resolve_dtype
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
-from training.stats import (Calibration, approval_difference, auc, auc_difference, paired_mean,
-                            pooled, sign_test)
+from training.stats import (Calibration, approval_difference, auc, auc_difference, auc_interval,
+                            paired_mean, pooled, sign_test)
 
 REGRESSION_SET = Path(__file__).resolve().parent / "regression_set.jsonl"
 
@@ -250,8 +250,11 @@ def judge_verdict(candidate: list[float], current: list[float], calibration: Cal
     bootstrap interval over the prompts; its size is the approval it expects, calibrated
     (`approval_difference`), candidate minus current. Better: the direction above one half
     beyond the noise, and no approval loss shown. Worse: the direction below one half beyond
-    the noise, and an approval loss shown beyond `allowed_loss`. Pooled with (a): the
-    direction's one-sided confidence, or the approval's where a loss is shown.
+    the noise, and an approval loss shown beyond `allowed_loss`. The direction counts only for
+    a judge that tells the calibration's votes apart (its AUC interval above one half, the
+    round's trust test): a judge at chance may still prefer one version's replies on every
+    prompt, for their length, say. Pooled with (a): the direction's one-sided confidence, or
+    the approval's where a loss is shown or the judge is at chance.
 
     Each alone misjudged measured rounds. The direction alone (until session 17) vetoed a
     candidate its user rated 98% against 89% (25% of 24 prompts): once both versions' replies
@@ -263,21 +266,25 @@ def judge_verdict(candidate: list[float], current: list[float], calibration: Cal
     points lower ([-15, -0]) while the direction was inside the noise (41% of 32), it vetoed."""
     win = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(candidate, current)],
                       confidence=confidence, samples=samples, seed=seed, null=0.5)
-    gain, cur_ok, cand_ok = approval_difference(candidate, current, calibration,
-                                                confidence=confidence, samples=samples,
-                                                seed=seed)
-    direction, loss = _verdict(win, 0.5), _loss_shown(gain, allowed_loss)
+    stats = dict(confidence=confidence, samples=samples, seed=seed)
+    gain, cur_ok, cand_ok = approval_difference(candidate, current, calibration, **stats)
+    tells = auc_interval(calibration.scores, calibration.labels, **stats)
+    trusted, loss = tells.low > 0.5, _loss_shown(gain, allowed_loss)
+    direction = _verdict(win, 0.5) if trusted else "no difference"
     verdict = ("better" if direction == "better" and not loss else
                "worse" if direction == "worse" and loss else "no difference")
     return {
-        "win_rate": win.estimate, "direction": win.to_dict(), "approval_current": cur_ok,
-        "approval_candidate": cand_ok, "difference": gain.to_dict(),
-        "allowed_loss": allowed_loss, "verdict": verdict,
-        "p_better": gain.p_better if loss else win.p_better,
+        "win_rate": win.estimate, "direction": win.to_dict(), "judge_auc": tells.to_dict(),
+        "direction_counts": trusted, "approval_current": cur_ok, "approval_candidate": cand_ok,
+        "difference": gain.to_dict(), "allowed_loss": allowed_loss, "verdict": verdict,
+        "p_better": win.p_better if trusted and not loss else gain.p_better,
         "why": f"the judge scores the candidate's reply higher on {win.estimate:.0%} of "
                f"{len(candidate)} held-out prompts ({confidence:.0%} interval {win.low:.0%} to "
-               f"{win.high:.0%}) and, calibrated on {len(calibration.labels)} held-out votes, "
-               f"expects approval {cand_ok:.0%} vs {cur_ok:.0%}: {gain.estimate:+.1%} "
+               f"{win.high:.0%}"
+               + ("" if trusted else f"; it counts for nothing: the judge's AUC on "
+                  f"{len(calibration.labels)} held-out votes, {tells}, is not above chance")
+               + f") and, calibrated on {len(calibration.labels)} held-out votes, expects "
+               f"approval {cand_ok:.0%} vs {cur_ok:.0%}: {gain.estimate:+.1%} "
                f"({gain.low:+.1%} to {gain.high:+.1%}); better if it prefers the candidate "
                f"beyond the noise with no approval loss shown, worse if it prefers the "
                f"current and expects a loss beyond {allowed_loss:.1%}: {verdict}"}
