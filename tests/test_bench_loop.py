@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from bench import reasons, variants
+from bench import judge_lr, reasons, variants
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -105,6 +105,22 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert store_votes(store) == votes_before
     with pytest.raises(SystemExit):  # a folder without votes: a clear message, nothing run
         variants.main(["--user", "concise", "--store", str(tmp_path), "--variants", "{}"])
+
+    # a round's judge trained again at other learning rates, in its time, checked the same way
+    lr_out = ["--out", str(tmp_path / "judge_lr")]
+    if any(r["training"]["exit_code"] != 3 for r in row["rounds"]):
+        found = judge_lr.main(["--store", str(store), "--rates", "1e-4,1e-3", "--seconds", "60",
+                               *lr_out])
+        (key, jrow), = found.items()
+        assert key.startswith("concise r") and set(jrow["rates"]) == {"0.0001", "0.001"}
+        for run in jrow["rates"].values():
+            assert run["steps"] >= 1 and isinstance(run["judge"]["trusted"], bool)
+        assert found == json.loads((tmp_path / "judge_lr" / "judge_lr.json").read_text())
+        assert store_votes(store) == votes_before
+    for bad in (["--store", str(store), "--rates", "fast"], ["--store", str(store), "--rates", "0"],
+                ["--store", str(tmp_path)]):  # not rates; a rate of 0; no round reached a gate
+        with pytest.raises(SystemExit):
+            judge_lr.main([*bad, *lr_out])
 
     # users measured one run at a time land in one table: a later run keeps the earlier rows
     main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",
