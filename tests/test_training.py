@@ -674,7 +674,7 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     25%, session 16); one sure of the order but not of the size (a candidate rated 81% against
     35% held back at +4 points [-1, +11], 13 of 16 prompts its way, session 17); a calibration
     expecting a loss the direction does not show (a 99% candidate against 98% vetoed at -7
-    points while the judge preferred it on 41% of 32)."""
+    points while the judge preferred it on 41% of 32). A judge at chance decides nothing."""
     import numpy as np
 
     from training.evaluate import judge_verdict
@@ -706,6 +706,7 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     assert order["win_rate"] == 13 / 16 and order["direction"]["low"] > 0.5
     assert order["difference"]["low"] < 0 < order["difference"]["high"]  # size: inconclusive
     assert order["verdict"] == "better" and order["p_better"] > 0.95
+    assert order["direction_counts"] and order["judge_auc"]["low"] > 0.5  # weak, not at chance
 
     middling = rng.normal(0.0, 1.0, 32)
     size = verdict(middling + np.where(np.arange(32) < 13, 0.2, -1.0), middling)
@@ -715,8 +716,6 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     # pooled with (a) as what it showed: a loss of approval, not the direction's lean
     assert size["p_better"] == size["difference"]["p_better"] < 0.05
     assert "41% of 32 held-out prompts" in size["why"] and "calibrated on 72" in size["why"]
-
-    assert order["direction_counts"] and order["judge_auc"]["low"] > 0.5  # the weak judge
 
     chance = Calibration(judge.scores, tuple(bool(v) for v in rng.random(72) < 0.6))
     blind, _, _ = approval_difference(current - 7.0, current, chance, **stats)
