@@ -681,11 +681,12 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     from training.stats import Calibration, approval_difference, platt
     rng = np.random.default_rng(0)
     labels = [i % 3 != 0 for i in range(72)]  # two thirds liked, as in a later round
-    judge = Calibration(tuple(rng.normal(2.0 if y else -2.0, 1.0) for y in labels),
-                        tuple(labels))
-    halves = [i % 2 == 0 for i in range(72)]  # a judge that tells its votes apart, weakly
-    weak = Calibration(tuple(rng.normal(0.4 if y else -0.4, 1.0) for y in halves), tuple(halves))
     stats = dict(confidence=0.95, samples=1000)
+    judge = Calibration.of([rng.normal(2.0 if y else -2.0, 1.0) for y in labels], labels,
+                           **stats)
+    halves = [i % 2 == 0 for i in range(72)]  # a judge that tells its votes apart, weakly
+    weak = Calibration.of([rng.normal(0.4 if y else -0.4, 1.0) for y in halves], halves, **stats)
+    assert judge.trusted and weak.trusted and weak.auc.estimate < judge.auc.estimate
 
     def verdict(candidate, current, calibration=judge):
         return judge_verdict(list(candidate), list(current), calibration, 0.03, **stats)
@@ -717,7 +718,8 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     assert size["p_better"] == size["difference"]["p_better"] < 0.05
     assert "41% of 32 held-out prompts" in size["why"] and "calibrated on 72" in size["why"]
 
-    chance = Calibration(judge.scores, tuple(bool(v) for v in rng.random(72) < 0.6))
+    chance = Calibration.of(judge.scores, rng.random(72) < 0.6, **stats)
+    assert not chance.trusted
     blind, _, _ = approval_difference(current - 7.0, current, chance, **stats)
     assert blind.low < 0 < blind.high  # a judge at chance has a flat calibration
     assert verdict(current - 7.0, current, chance)["verdict"] == "no difference"
@@ -730,8 +732,8 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     # Platt's smoothed targets keep the fit finite on labels the scores separate completely
     slope, intercept = platt([0, 1, 2, 3, 10, 11, 12, 13], [False] * 4 + [True] * 4)
     assert 0 < slope < 1 and 1 / (1 + np.exp(-(13 * slope + intercept))) < 0.9
-    with pytest.raises(AssertionError, match="both labels"):
-        Calibration((1.0, 2.0), (True, True))
+    with pytest.raises(ValueError, match="both labels"):
+        Calibration.of((1.0, 2.0), (True, True), **stats)
 
 
 def test_the_regression_set_is_large_enough_to_see_the_loss_retention_forbids():

@@ -67,7 +67,7 @@ from serving.hardware import autocast, resolve_dtype
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
-from training.stats import (Calibration, approval_difference, auc, auc_difference, auc_interval,
+from training.stats import (Calibration, approval_difference, auc, auc_difference,
                             paired_mean, pooled, sign_test)
 
 REGRESSION_SET = Path(__file__).resolve().parent / "regression_set.jsonl"
@@ -268,8 +268,8 @@ def judge_verdict(candidate: list[float], current: list[float], calibration: Cal
                       confidence=confidence, samples=samples, seed=seed, null=0.5)
     stats = dict(confidence=confidence, samples=samples, seed=seed)
     gain, cur_ok, cand_ok = approval_difference(candidate, current, calibration, **stats)
-    tells = auc_interval(calibration.scores, calibration.labels, **stats)
-    trusted, loss = tells.low > 0.5, _loss_shown(gain, allowed_loss)
+    tells, trusted = calibration.auc, calibration.trusted
+    loss = _loss_shown(gain, allowed_loss)
     direction = _verdict(win, 0.5) if trusted else "no difference"
     verdict = ("better" if direction == "better" and not loss else
                "worse" if direction == "worse" and loss else "no difference")

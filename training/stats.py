@@ -126,13 +126,30 @@ def sign_test(worse: int, better: int) -> float:
 @dataclass(frozen=True)
 class Calibration:
     """A judge's scores of held-out votes it never trained on, and those votes' labels: what
-    turns its scores into the chance that a user likes a reply (`platt`)."""
+    turns its scores into the chance that a user likes a reply (`platt`); and how well the
+    scores rank those votes (`auc`, with its interval): a judge is trusted (its synthetic pairs
+    used, its direction counted by the gate's (b)) only when that interval is above chance.
+    Made by `of`, which computes the interval once for the round and its gate."""
     scores: tuple[float, ...]
     labels: tuple[bool, ...]
+    auc: Interval
 
     def __post_init__(self) -> None:
-        assert len(self.scores) == len(self.labels) and len(set(self.labels)) == 2, \
-            "a calibration needs scored votes of both labels"
+        if len(self.scores) != len(self.labels) or len(set(self.labels)) != 2:
+            raise ValueError("a calibration needs scored votes of both labels")
+
+    @classmethod
+    def of(cls, scores, labels, *, confidence: float, samples: int,
+           seed: int = 0) -> "Calibration":
+        scores, labels = tuple(float(s) for s in scores), tuple(bool(y) for y in labels)
+        if len(scores) != len(labels) or len(set(labels)) != 2:
+            raise ValueError("a calibration needs scored votes of both labels")
+        return cls(scores, labels, auc_interval(scores, labels, confidence=confidence,
+                                                samples=samples, seed=seed))
+
+    @property
+    def trusted(self) -> bool:
+        return self.auc.low > 0.5
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

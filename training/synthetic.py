@@ -24,7 +24,7 @@ from serving.config import GenerationSettings
 from training.config import SyntheticConfig
 from training.dataset import FeedbackData
 from training.evaluate import alternating
-from training.stats import Calibration, auc_interval, platt
+from training.stats import Calibration, platt
 
 
 def judged_conversations(heldout: FeedbackData) -> list[list[dict]]:
@@ -59,16 +59,15 @@ def judge_quality(judge, heldout: FeedbackData, *, confidence: float, samples: i
     scores = judge.score(judged_conversations(heldout) if both else
                          judged_conversations(FeedbackData(pairs=heldout.pairs)))
     if both:
-        iv = auc_interval(scores[:len(votes)], labels, confidence=confidence, samples=samples,
-                          seed=seed)
-        out["auc"] = iv.to_dict()
-        calibration = Calibration(tuple(scores[:len(votes)]), tuple(labels))
+        calibration = Calibration.of(scores[:len(votes)], labels, confidence=confidence,
+                                     samples=samples, seed=seed)
+        out["auc"] = calibration.auc.to_dict()
         slope, intercept = platt(calibration.scores, calibration.labels)
         out["calibration"] = {"votes": len(votes), "slope": slope, "intercept": intercept}
         scores = scores[len(votes):]
     if n:
         out["pair_accuracy"] = sum(c > r for c, r in zip(scores[:n], scores[n:])) / n
-    out["trusted"] = bool(out.get("auc") and out["auc"]["low"] > 0.5)
+    out["trusted"] = bool(calibration and calibration.trusted)
     return out, calibration
 
 
