@@ -81,6 +81,19 @@ def current_settings(config: dict) -> dict:
     return out
 
 
+def round_data(store: Path, report: dict, db: Path):
+    """A past round as it began: its config (today's settings of it, `current_settings`), and
+    its training and held-out feedback from a copy of the store's database at `db` without
+    the conversations created since (`store_as_of`)."""
+    from training.config import RoundConfig
+    from training.dataset import load_feedback, split
+
+    cfg = RoundConfig.from_dict(current_settings(report["config"]))
+    store_as_of(store / "feedback.db", report["started_at"], db)
+    train, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)
+    return cfg, train, heldout
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", type=Path, required=True,
@@ -106,8 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
     from serving.config import ServingConfig
     from serving.model import resolve_base
     from serving.registry import Registry
-    from training.config import RoundConfig
-    from training.dataset import load_feedback, split
     from training.evaluate import gate
     from training.synthetic import check_sample, judge_quality
 
@@ -115,12 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     base_name, base_source = resolve_base()
     rows = []
     for report in rounds:
-        cfg = RoundConfig.from_dict(current_settings(report["config"]))
         current_name, candidate_name = report["current_version"], report["round"]
         # a database file per round: replacing one under an open engine corrupts it
-        db = work / f"{candidate_name}.db"
-        store_as_of(args.store / "feedback.db", report["started_at"], db)
-        _, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)
+        cfg, _, heldout = round_data(args.store, report, work / f"{candidate_name}.db")
         current = registry.load(current_name, fp32)
         base = current if current_name == base_name else registry.load(base_name, fp32)
         candidate = registry.load(candidate_name, fp32)

@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.gate_replay import current_settings, store_as_of
+from bench.gate_replay import round_data
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,15 +63,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from serving.model import resolve_base
     from serving.registry import Registry, VersionDir
-    from training.config import RoundConfig
-    from training.dataset import load_feedback, reward_pairs, split
+    from training.dataset import reward_pairs
     from training.reward import train_reward_model
     from training.synthetic import check_sample, judge_quality, judged_conversations
 
-    cfg = RoundConfig.from_dict(current_settings(report["config"]))
-    db = work / "feedback.db"
-    store_as_of(args.store / "feedback.db", report["started_at"], db)
-    train, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)
+    cfg, train, heldout = round_data(args.store, report, work / "feedback.db")
     pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
     seconds = args.seconds or report["timings_s"]["reward_model"]
