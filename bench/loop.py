@@ -84,6 +84,58 @@ def approval_interval(user, texts: list[list[str]]) -> list[float]:
     return [round(iv.low, 3), round(iv.high, 3)]
 
 
+def judge_on_test(user, prompts: list[dict], current: list[list[str]],
+                  candidate: list[list[str]], version: str) -> dict | None:
+    """Does a round's judge agree with its user on the replies the gate has it compare? The
+    round checks its judge on held-out votes, which rate the replies the serving version gave
+    before the round; the gate's (b) and the synthetic pairs ask it about other replies: the
+    candidate's, and fresh ones. This scores both versions' test replies with the judge saved
+    with the candidate `version` and compares with the user's own verdicts: the AUC over
+    every reply's thumb (with its 95% interval), and per test prompt, where the user's
+    approval of the two versions differs, how often the judge's mean score leans the same way.
+    None where the round saved no judge."""
+    from bench.gate_replay import load_judge
+    from serving.model import resolve_base
+    from serving.registry import Registry
+    from training.stats import auc_interval
+
+    t = time.monotonic()
+    registry = Registry()
+    folder = registry.get(version).dir
+    report = Path(os.environ["CHAT_DATA_DIR"]) / "reports" / f"{version}.json"
+    if not folder.reward.is_dir() or not report.is_file():
+        return None
+    max_length = json.loads(report.read_text())["config"]["reward"]["max_length"]
+    judge = load_judge(resolve_base()[1], registry.tokenizer(), folder.reward, max_length)
+    flat = [(p, r) for texts in (current, candidate) for p, rs in zip(prompts, texts) for r in rs]
+    scores = judge.score([p["messages"] + [{"role": "assistant", "content": r}]
+                          for p, r in flat])
+    labels = [user.judge(r)[0] for _, r in flat]
+    half = sum(len(rs) for rs in current)
+
+    def per_prompt(values: list, texts: list[list[str]]) -> list[float]:
+        out, i = [], 0
+        for rs in texts:
+            out.append(sum(values[i:i + len(rs)]) / max(len(rs), 1))
+            i += len(rs)
+        return out
+    judge_gap = [c - o for c, o in zip(per_prompt(scores[half:], candidate),
+                                       per_prompt(scores[:half], current))]
+    user_gap = [c - o for c, o in zip(per_prompt(labels[half:], candidate),
+                                      per_prompt(labels[:half], current))]
+    differ = [(j, u) for j, u in zip(judge_gap, user_gap) if u != 0]
+    return {"replies": len(flat), "liked": sum(labels),
+            "auc": (auc_interval(scores, labels, confidence=0.95, samples=2000).to_dict()
+                    if len(set(labels)) == 2 else None),
+            "prompts": len(judge_gap),
+            "judge_prefers_candidate": sum((j > 0) + 0.5 * (j == 0) for j in judge_gap)
+            / max(len(judge_gap), 1),
+            "user_prefers": {"candidate": sum(u > 0 for u in user_gap),
+                             "current": sum(u < 0 for u in user_gap)},
+            "agrees": sum((j > 0) == (u > 0) and j != 0 for j, u in differ),
+            "of": len(differ), "seconds": round(time.monotonic() - t, 1)}
+
+
 def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str,
                  settings: dict, round_no: int) -> dict:
     """Store the replies and the user's votes (and picks) through the page's own `ChatSession`."""
@@ -184,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--measure-rejected", action=argparse.BooleanOptionalAction,
                         default=True, help="also measure a rejected candidate's approval on the "
                         "test prompts (did it learn, and the gate say no?); it never serves")
+    parser.add_argument("--judge-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="score both versions' test replies with the round's judge and "
+                        "compare with the user's verdicts (~1-2 min a round)")
     parser.add_argument("--report", action="store_true",
                         help="only print the table and redraw the plot from loop.json")
     parser.add_argument("--compare", nargs="+", metavar="LABEL=FOLDER",
@@ -235,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
                "eval_peak_mb": [eval_mb]}
         print(f"{name}: {user.describe}; round 0 approval {row['approval'][0]:.0%} ({version})",
               flush=True)
+        serving = before  # the test replies of the version the next round starts from
         for r in range(args.rounds):
             start = r * args.train_prompts % len(train_pool)
             prompts = (train_pool + train_pool)[start:start + args.train_prompts]
@@ -255,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   "training": training,
                                   "mean_words_after": sum(words(x) for xs in after for x in xs)
                                   / sum(len(xs) for xs in after)})
+            # the candidate's test replies: served now, or measured though rejected
+            candidate_texts = after if training["decision"] == "promoted" else None
             if (args.measure_rejected and training["decision"] == "rejected"
                     and training["candidate"]):
                 t = time.monotonic()
@@ -264,6 +322,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "eval_seconds": round(time.monotonic() - t, 1)}
                 print(f"{name}: round {r + 1}: the rejected candidate would have scored "
                       f"{row['rounds'][-1]['rejected_candidate']['approval']:.0%}", flush=True)
+                candidate_texts = theirs
+            if args.judge_check and candidate_texts is not None:
+                check = judge_on_test(user, test, serving, candidate_texts,
+                                      training["candidate"])
+                if check:
+                    row["rounds"][-1]["judge_on_test"] = check
+                    auc = (check["auc"] or {}).get("estimate", float("nan"))
+                    print(f"{name}: round {r + 1}: its judge on the test replies: AUC "
+                          f"{auc:.2f} by the user's thumbs; where the user's approval of the "
+                          f"two versions differs, it leans the user's way on {check['agrees']} "
+                          f"of {check['of']} prompts", flush=True)
+            serving = after
             print(f"{name}: round {r + 1}: {counts['votes']} votes ({counts['liked']} liked, "
                   f"{counts['picks']} picks), training {training['decision']} in "
                   f"{training['seconds']:.0f}s; approval {row['approval'][-1]:.0%} ({version})",
@@ -372,12 +442,14 @@ def _pct(v: float | None) -> str:
 
 def print_table(results: dict) -> None:
     """One line per user and round: approval before -> after with 95% intervals, the round's
-    decision and minutes, each stage's seconds, the judge's held-out AUC and pair accuracy, the
-    synthetic pairs, the tuning steps, peak memory and regression retention. A rejected
-    candidate's own approval, where measured, follows its row."""
+    decision and minutes, each stage's seconds, the judge's held-out AUC and pair accuracy, its
+    AUC on both versions' test replies by the user's thumbs and how often it leaned the user's
+    way where the user's approval of them differed (`judge_on_test`), the synthetic pairs, the
+    tuning steps, peak memory and regression retention. A rejected candidate's own approval,
+    where measured, follows its row."""
     w = max([11, *map(len, results["users"])])
     print(f"\n{'user':<{w}} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
-          f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'synth':>9} {'tune':>11} "
+          f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'on test':>10} {'synth':>9} {'tune':>11} "
           f"{'gate':>5} {'peak MB':>8} {'retain':>6}")
     for name, row in results["users"].items():
         ivs = row.get("approval_interval") or [[None, None]] * len(row["approval"])
@@ -393,12 +465,17 @@ def print_table(results: dict) -> None:
             judge = (t.get("reward_model") or {}).get("judge") or {}
             synth = t.get("synthetic") or {}
             auc = (judge.get("auc") or {}).get("estimate")
+            on_test = rnd.get("judge_on_test") if rnd else None
+            test_auc = ((on_test or {}).get("auc") or {}).get("estimate")
+            on_test = "-" if not on_test else (
+                f"{'-' if test_auc is None else f'{test_auc:.2f}'} "
+                f"{on_test['agrees']}/{on_test['of']}")
             moved = f"{shown(i)} -> {shown(i + 1)}" if rnd else shown(0)
             print(f"{name if i == 0 else '':<{w}} {i + 1 if rnd else 0:>3} {moved:<34} "
                   f"{t.get('decision') or '-':>9} {t.get('seconds', 0) / 60:>5.1f} "
                   f"{times.get('reward_model', 0):>5.0f} "
                   f"{'-' if auc is None else f'{auc:.2f}':>5} "
-                  f"{_pct(judge.get('pair_accuracy')):>7} "
+                  f"{_pct(judge.get('pair_accuracy')):>7} {on_test:>10} "
                   f"{synth.get('pairs', 0):>3}/{times.get('synthetic', 0):>3.0f}s "
                   f"{times.get('tuning', 0):>4.0f}s/{tuning.get('steps', 0):>2} st "
                   f"{times.get('gate', 0):>4.0f}s {t.get('peak_rss_mb', 0):>8} "

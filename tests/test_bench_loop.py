@@ -79,6 +79,16 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
             assert cand["approval_interval"][0] <= cand["approval"] <= cand["approval_interval"][1]
         else:
             assert "rejected_candidate" not in r
+        # the round's judge on both versions' test replies, against the user's own thumbs
+        if t["decision"] in ("promoted", "rejected") and t["candidate"]:
+            check = r["judge_on_test"]
+            assert check["replies"] == 2 * 4 and check["prompts"] == 4
+            assert 0 <= check["agrees"] <= check["of"] <= check["prompts"]
+            assert check["of"] == sum(check["user_prefers"].values())
+            assert 0 <= check["judge_prefers_candidate"] <= 1
+            assert check["auc"] is None or 0 <= check["auc"]["estimate"] <= 1
+        else:
+            assert "judge_on_test" not in r
 
     # two round configs trained on the same votes (a copy each: the loop's store is untouched)
     store = out / "concise" / "data"
