@@ -449,8 +449,8 @@ def print_table(results: dict) -> None:
     where measured, follows its row."""
     w = max([11, *map(len, results["users"])])
     print(f"\n{'user':<{w}} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
-          f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'on test':>10} {'synth':>9} {'tune':>11} "
-          f"{'gate':>5} {'peak MB':>8} {'retain':>6}")
+          f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'on test':>10} {'synth':>9} "
+          f"{'tune':>11} {'gate':>5} {'peak MB':>8} {'retain':>6}")
     for name, row in results["users"].items():
         ivs = row.get("approval_interval") or [[None, None]] * len(row["approval"])
 

@@ -135,15 +135,18 @@ class Calibration:
     auc: Interval
 
     def __post_init__(self) -> None:
-        if len(self.scores) != len(self.labels) or len(set(self.labels)) != 2:
+        self.check(self.scores, self.labels)
+
+    @staticmethod
+    def check(scores: tuple, labels: tuple) -> None:
+        if len(scores) != len(labels) or len(set(labels)) != 2:
             raise ValueError("a calibration needs scored votes of both labels")
 
     @classmethod
     def of(cls, scores, labels, *, confidence: float, samples: int,
            seed: int = 0) -> "Calibration":
         scores, labels = tuple(float(s) for s in scores), tuple(bool(y) for y in labels)
-        if len(scores) != len(labels) or len(set(labels)) != 2:
-            raise ValueError("a calibration needs scored votes of both labels")
+        cls.check(scores, labels)  # before the bootstrap, which needs both labels
         return cls(scores, labels, auc_interval(scores, labels, confidence=confidence,
                                                 samples=samples, seed=seed))
 
