@@ -246,12 +246,22 @@ def main(argv: list[str] | None = None) -> dict:
                              "loop.json; the user is --users), side by side under their labels: "
                              "writes loop.json and loop.png into --out, runs nothing")
     args = parser.parse_args(argv)
+    from bench.users import unknown_users
+    if args.rounds < 0:
+        parser.error(f"--rounds must be 0 (the base model only) or more, got {args.rounds}")
+    if not args.compare and not args.report and (message := unknown_users(
+            args.users.split(","))):
+        parser.error(f"--users: {message}")
     if args.compare:
         results = {"users": compared(parser, args.users, args.compare)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "loop.json").write_text(json.dumps(results, indent=2) + "\n")
     elif args.report:
-        results = json.loads((args.out / "loop.json").read_text())
+        try:
+            results = json.loads((args.out / "loop.json").read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--report: cannot read {args.out / 'loop.json'} ({exc}); give the "
+                         "--out folder of a bench.loop run")
     if args.report or args.compare:
         plot(results, args.out / "loop.png")
         print_table(results)

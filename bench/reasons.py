@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--margin", type=float, default=1.0, help="reason_margin of the 2nd run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reasons")
     args = parser.parse_args(argv)
+    from bench.users import make_users, unknown_users, words
+    if message := unknown_users(args.users.split(",")):
+        parser.error(f"--users: {message}")
 
-    from bench.users import make_users, words
     from serving.config import GenerationSettings
     from serving.model import resolve_base
     from serving.registry import Registry, VersionDir

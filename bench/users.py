@@ -91,12 +91,25 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _factories(base_reply_lengths: list[int]) -> dict:
+    return {"concise": lambda: concise(max(1, percentile(base_reply_lengths, 0.35))),
+            "example": with_example, "structured": structured, "no_filler": no_filler,
+            "bold": bold_terms, "tips": practical_tip}
+
+
+USER_NAMES = tuple(sorted(_factories([1])))
+
+
+def unknown_users(names: list[str]) -> str | None:
+    """A message naming the users that do not exist (None: all do), for a command line to
+    refuse before it spends minutes on the base model's replies."""
+    unknown = [n for n in names if n not in USER_NAMES]
+    return f"unknown users {unknown}; choose from {list(USER_NAMES)}" if unknown else None
+
+
 def make_users(names: list[str], base_reply_lengths: list[int]) -> list[SimUser]:
     """The users named, the concise one calibrated at the 35th percentile of base lengths."""
-    factories = {"concise": lambda: concise(max(1, percentile(base_reply_lengths, 0.35))),
-                 "example": with_example, "structured": structured, "no_filler": no_filler,
-                 "bold": bold_terms, "tips": practical_tip}
-    unknown = [n for n in names if n not in factories]
-    if unknown:
-        raise ValueError(f"unknown users {unknown}; choose from {sorted(factories)}")
+    if message := unknown_users(names):
+        raise ValueError(message)
+    factories = _factories(base_reply_lengths)
     return [factories[n]() for n in names]

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "variants")
     args = parser.parse_args(argv)
+    from bench.users import make_users, unknown_users, words
+    if message := unknown_users([args.user]):
+        parser.error(f"--user: {message}")
     if not (args.store / "feedback.db").is_file() or not (args.store / "models").exists():
         parser.error(f"{args.store} holds no feedback.db and models link: give the data "
                      "folder of a bench.loop run (bench/results/loop/USER/data)")
@@ -72,7 +75,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error('--variants must be a JSON object of named overrides, e.g. '
                      '{"default": {}, "lr": {"tune": {"learning_rate": 1e-3}}}')
 
-    from bench.users import make_users, words
     from serving.config import GenerationSettings
 
     args.out.mkdir(parents=True, exist_ok=True)

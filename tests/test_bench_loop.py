@@ -43,6 +43,26 @@ def test_prompt_set_and_users():
     assert not filler.judge("Sure! Here you go.")[0] and filler.judge("Tea needs 3 minutes.")[0]
 
 
+def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
+    """An unknown user, a negative round count, a --report without a run: a message naming the
+    problem at once, nothing written (before, an unknown user failed after minutes of the base
+    model's replies, and --report on an empty folder with a traceback)."""
+    out = tmp_path / "loop"
+    cases = [
+        (main, ["--users", "concise,nobody", "--out", str(out)], "unknown users ['nobody']"),
+        (main, ["--users", "concise", "--rounds", "-1", "--out", str(out)], "--rounds"),
+        (main, ["--report", "--out", str(out)], "cannot read"),
+        (variants.main, ["--user", "nobody", "--store", str(tmp_path), "--variants", "{}"],
+         "unknown users ['nobody']"),
+        (reasons.main, ["--users", "tips,nobody", "--out", str(tmp_path / "reasons")],
+         "unknown users ['nobody']")]
+    for command, argv, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            command(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written, no store deleted or made
+
+
 def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     out = tmp_path / "loop"
     main(["--users", "concise", "--rounds", "2", "--train-prompts", "12",
