@@ -318,6 +318,31 @@ def test_a_candidate_trained_on_inverted_labels_is_rejected(tiny_model, tmp_path
     assert Registry().current_name() == tiny_model.name  # still serving the old one
 
 
+def test_the_judge_loads_onto_the_base_checkpoint_and_refuses_any_other(tiny_model, tmp_path,
+                                                                        capfd):
+    """The reward model is the base checkpoint plus a new score head: the head's absence is
+    expected and not reported; a checkpoint lacking any other weight is refused by name, not
+    turned into a judge with random layers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from training.reward import score_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    capfd.readouterr()
+    model = score_model(str(tiny_model), tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id and model.score.out_features == 1
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' own handler, on stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        score_model(str(broken), tokenizer)
+
+
 def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     """(b) answers with its own cap (the serving's: whole replies), (c) with its short one; the
     report shows (b)'s replies and scores. Without a judge, or without held-out votes to

@@ -60,11 +60,27 @@ class RewardModel:
 
 def score_model(source: str, tokenizer):
     """The base checkpoint at `source` with a one-score head (new weights, float32): what the
-    reward model trains, and what its saved adapter goes back onto."""
+    reward model trains, and what its saved adapter goes back onto. The head is the only
+    weight the checkpoint may lack: transformers' load report, which names it as missing on
+    every load, is kept out of the logs, and any other missing weight (a checkpoint that is
+    not the base model's) is an error, not a randomly initialized judge."""
+    import logging
+
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
-                                                               dtype=torch.float32)
+    loader = logging.getLogger("transformers.modeling_utils")
+    level = loader.level
+    loader.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=torch.float32, output_loading_info=True)
+    finally:
+        loader.setLevel(level)
+    missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] != "score")
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} of the model's weights "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                         "not a checkpoint of the base model")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
