@@ -434,7 +434,6 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("Approval per round, per simulated user (95% intervals)\n"
                  "hollow: a rejected candidate's own approval", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")  # the top is where a pleased user sits
     kept.axhline(95, color="grey", linestyle="--", linewidth=1)  # the target
     kept.set_xticks(range(1, measured))
     kept.set_xlabel("round")
@@ -443,7 +442,10 @@ def plot(results: dict, path: Path) -> None:
                    "filled: promoted, hollow: rejected", fontsize=10)
     kept.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # under the figure: inside the axes, some corner always hid a line or a rejected candidate
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(users), 6), frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend under the figure included
 
 
 def _pct(v: float | None) -> str:
