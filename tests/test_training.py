@@ -348,14 +348,12 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     report shows (b)'s replies and scores. Without a judge, or without held-out votes to
     calibrate it on, (b) does not run, and (a) alone is not pooled: alone it must clear its own
     interval."""
-    from transformers import AutoModelForSequenceClassification
-
     from serving.backends import open_engine
     from serving.config import ServingConfig
     from training.config import GateConfig
     from training.dataset import load_feedback, split
     from training.evaluate import gate, load_regression_set
-    from training.reward import RewardModel
+    from training.reward import RewardModel, score_model
     from training.synthetic import judge_quality
 
     fill(16, liked_good=lambda cid: cid % 2 == 0)
@@ -363,9 +361,8 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     reg = Registry()
     model = reg.load(None, ServingConfig(dtype="float32"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    head = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
-    head.config.pad_token_id = tokenizer.pad_token_id
-    judge = RewardModel(head, model.tokenizer)  # untrained: this test is about what it sees
+    # untrained: this test is about what it sees
+    judge = RewardModel(score_model(str(tiny_model), tokenizer), model.tokenizer)
     _, calibration = judge_quality(judge, heldout, confidence=0.95, samples=200)
     cfg = GateConfig(max_heldout_prompts=3, min_heldout_prompts=1, reply_max_new_tokens=2,
                      judged_max_new_tokens=24)
@@ -544,21 +541,18 @@ def test_online_tuning_trains_on_pairs_its_judge_picks_and_needs_a_judge(tiny_mo
     """tune.method online: the model samples two replies per prompt at each step and the reward
     model picks (its margin is reported); the adapter and merged weights are saved like any
     version's. Without a trusted judge the round's tuning falls back to auto and says so."""
-    from transformers import AutoModelForSequenceClassification
-
     from serving.config import ServingConfig
     from training.config import SyntheticConfig, TuneConfig
     from training.dataset import load_feedback, split
-    from training.reward import RewardModel
+    from training.reward import RewardModel, score_model
     from training.tune import tune
 
     fill(16, liked_good=lambda cid: cid % 2 == 0)
     train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
     reg = Registry()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    head = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
-    head.config.pad_token_id = tokenizer.pad_token_id
-    judge = RewardModel(head, tokenizer)  # untrained: this test is about the plumbing
+    # untrained: this test is about the plumbing
+    judge = RewardModel(score_model(str(tiny_model), tokenizer), tokenizer)
     cfg = TuneConfig(method="online", max_steps=2, batch_size=2, lora_r=2, lora_alpha=4,
                      bf16=False)
     sampling = SyntheticConfig(max_new_tokens=8, max_prompts=5)
