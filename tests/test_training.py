@@ -827,10 +827,26 @@ def test_the_clock_bounds_the_round_and_never_discards_a_judged_candidate(tiny_m
 
 
 def test_synthetic_pairs_are_made_only_when_the_tuning_can_reach_them():
-    """The synthetic stage is skipped when the tuning's time, at a reward-model step's cost,
+    """The synthetic stage is skipped when the tuning's time, at its estimated step cost,
     cannot take all the users' own pairs (the made pairs would be shuffled among them and
-    mostly unseen); nothing is assumed when no step was measured or there are no pairs."""
-    from training.round import tuning_reach
+    mostly unseen); nothing is assumed when no step was measured or there are no pairs. The
+    step cost: the reward model's step times the ratio the latest DPO round in this data folder
+    measured, else times the setting."""
+    from training.round import reports_dir, tuning_reach, tuning_step_estimate
+
+    assert tuning_step_estimate(None, 3.0) == {"step_s": None,
+                                                "source": "no reward-model step measured"}
+    assert tuning_step_estimate(6.0, 3.0)["step_s"] == 18.0  # no earlier round: the setting
+    rounds = {"r20261130T010000": {"tuning": {"method": "dpo", "step_s": 20.0},
+                                   "reward_model": {"step_s": 5.0}},            # ratio 4
+              "r20261130T020000": {"tuning": {"method": "kto", "step_s": 9.0},
+                                   "reward_model": {"step_s": 6.0}},            # not DPO
+              "r20261130T030000": {"decision": "skipped"}}                      # no steps
+    for name, report in rounds.items():
+        (reports_dir() / f"{name}.json").write_text(json.dumps(report))
+    (reports_dir() / "r20261130T040000.json").write_text("{not json")
+    estimate = tuning_step_estimate(6.0, 3.0)
+    assert estimate["step_s"] == 24.0 and "r20261130T010000" in estimate["source"]
 
     assert tuning_reach(40.0, 200.0, 8, 374) == 40      # 5 steps of 8: skip
     assert tuning_reach(40.0, 30.0, 8, 100) == 0        # not even one step

@@ -121,9 +121,16 @@ class SyntheticConfig:
                                       "that sampling and judging may take",
                                 low=0.0, high=1.0, low_open=True, high_open=True)
     only_if_reached: bool = setting(True, "skip the stage when the tuning's time cannot reach "
-                                          "all the users' own pairs (a tuning step costs at "
-                                          "least a reward-model step): synthetic pairs, "
+                                          "all the users' own pairs in the time sampling "
+                                          "leaves it (its steps' cost estimated from the "
+                                          "reward model's): synthetic pairs, "
                                           "shuffled among them, would mostly go unseen")
+    tuning_step_ratio: float = setting(3.0, "a DPO step's cost in reward-model steps, for "
+                                            "only_if_reached until a round in this data folder "
+                                            "has measured both (then that round's ratio). 3: "
+                                            "2.6-3.6 over 18 rounds of bench/loop.py (a "
+                                            "reference pass and the vocabulary's "
+                                            "log-probabilities besides)", low=0.0, low_open=True)
 
 
 @dataclass

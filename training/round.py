@@ -163,12 +163,15 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
         report["synthetic"]["why"] = ("online tuning: the model samples and the reward model "
                                       "judges pairs at every step instead")
     elif cfg.synthetic.only_if_reached and (reach := tuning_reach(
-            report["reward_model"].get("step_s"), train_deadline - t, cfg.tune.batch_size,
+            (step := tuning_step_estimate(report["reward_model"].get("step_s"),
+                                          cfg.synthetic.tuning_step_ratio, round_id))["step_s"],
+            (1 - cfg.synthetic.time_share) * (train_deadline - t), cfg.tune.batch_size,
             len(train.pairs))) is not None:
         report["synthetic"]["why"] = (
-            f"the tuning's time reaches at most {reach} of the users' {len(train.pairs)} pairs "
-            f"(a step costs at least a reward-model step, {report['reward_model']['step_s']:.0f}"
-            " s): synthetic pairs would mostly go unseen, so their time goes to the tuning")
+            f"the tuning's time left after sampling reaches at most {reach} of the users' "
+            f"{len(train.pairs)} pairs (a step takes about {step['step_s']:.0f} s: "
+            f"{step['source']}): synthetic pairs would mostly go unseen, so their time goes to "
+            "the tuning")
     else:
         # sampling gets 80% of the synthetic stage's share, judging the rest
         sampling_end = share_end(t, train_deadline, 0.8 * cfg.synthetic.time_share)
@@ -244,6 +247,31 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     why = "passed the gate" if verdict["passed"] else "gate not enforced"
     registry.set_current(round_id, why=f"round {round_id} {why}")
     return finish("promoted", PROMOTED, f"{round_id} now serves (was {current_name}; {why})")
+
+
+def tuning_step_estimate(reward_step_s: float | None, ratio: float,
+                         this_round: str | None = None) -> dict:
+    """What a tuning step will cost, before any is taken: the reward model's step time (just
+    measured) times the ratio of the two in the latest earlier DPO round of this data folder
+    (same machine, same settings as a rule), else times `ratio`. {"step_s": None} when the
+    reward model took no step."""
+    if not reward_step_s:
+        return {"step_s": None, "source": "no reward-model step measured"}
+    for path in sorted(reports_dir().glob("r*.json"), reverse=True):
+        if path.stem == this_round:
+            continue
+        try:
+            earlier = json.loads(path.read_text())
+            tuned, judged = earlier["tuning"]["step_s"], earlier["reward_model"]["step_s"]
+            if earlier["tuning"].get("method") == "dpo" and tuned and judged:
+                return {"step_s": reward_step_s * tuned / judged,
+                        "source": f"{tuned / judged:.1f} reward-model steps, as in round "
+                                  f"{path.stem}"}
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue  # a report from an older version, or a round that stopped early
+    return {"step_s": reward_step_s * ratio,
+            "source": f"{ratio:g} reward-model steps of {reward_step_s:.1f} s "
+                      "(synthetic.tuning_step_ratio)"}
 
 
 def tuning_reach(step_s: float | None, seconds: float, batch_size: int,
