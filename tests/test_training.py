@@ -537,6 +537,58 @@ def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model
     assert third["candidate_auc"] == first["current_auc"]
 
 
+def test_a_candidate_moving_further_the_way_the_serving_version_learned_ranks_better(
+        tiny_model, tmp_path):
+    """(a) measures the candidate against the serving version, not each against the base: a
+    candidate that moves further the way a trained serving version moved (here its weight
+    change from the base, doubled) ranks the held-out votes in the same order, so both
+    versions' AUCs against the base are alike (before session 21 (a) saw no difference), yet it
+    puts more probability on the liked replies: (a) calls it better. The serving version
+    judged against itself: no change, AUC 0.5."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from training.config import GateConfig
+    from training.dataset import load_feedback, split
+    from training.evaluate import gate
+
+    fill_split(30)
+    done = training_cli("run", config=LENIENT, tmp_path=tmp_path)  # a real round trains v1
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reg = Registry()
+    [trained] = reg.versions()
+    base_w = load_file(tiny_model / "model.safetensors")
+    trained_w = load_file(trained.dir.model / "model.safetensors")
+    staging = reg.staging("further")
+    shutil.copytree(trained.dir.model, staging.model)
+    save_file({k: base_w[k] + 2 * (w - base_w[k]) for k, w in trained_w.items()},
+              staging.model / "model.safetensors", metadata={"format": "pt"})
+    reg.register("further", staging, {"parent": trained.name, "kind": "full"})
+    _, heldout = split(load_feedback(), DataConfig(heldout_fraction=FAST["data"]
+                                                   ["heldout_fraction"]))
+    fp32 = ServingConfig(dtype="float32")
+    base, current = reg.load(tiny_model.name, fp32), reg.load(trained.name, fp32)
+    engines = [open_engine(reg, trained.name), open_engine(reg, "further")]
+    try:
+        checks = [gate(current=current, candidate=candidate, base=base,
+                       current_engine=engines[0], candidate_engine=engines[i],
+                       heldout=heldout, reward_model=None, calibration=None,
+                       cfg=GateConfig(reply_max_new_tokens=2))["checks"]["a_heldout_ranking"]
+                  for i, candidate in ((1, reg.load("further", fp32)), (0, current))]
+    finally:
+        for engine in engines:
+            engine.close()
+    further, same = checks
+    assert further["current_auc"] > 0.9  # the serving version learned the held-out votes
+    assert abs(further["candidate_auc"] - further["current_auc"]) < 0.05  # same order
+    assert further["verdict"] == "better" and further["auc"] > 0.9
+    assert further["difference"]["low"] > 0 and "better" in further["why"]
+    assert same["auc"] == 0.5 and same["verdict"] == "no difference"
+
+
 def test_online_tuning_trains_on_pairs_its_judge_picks_and_needs_a_judge(tiny_model):
     """tune.method online: the model samples two replies per prompt at each step and the reward
     model picks (its margin is reported); the adapter and merged weights are saved like any

@@ -1,0 +1,126 @@
+"""(a) as the gate asks it now and as it asked it before session 21, on a store's past gates.
+
+    python -m bench.a_check --store bench/results/loop/tips/data [--store ...]
+        [--out bench/results/a_check]
+
+Nothing is run on a model: every gate kept its versions' log-probabilities of the held-out
+replies it scored (`<data>/training/gate_cache`), so for each round in the store's reports
+that reached its gate, the held-out votes as the round split them (the database as of the
+round's start, `bench.gate_replay.store_as_of`) that the base, the serving version and the
+candidate all have log-probabilities for, up to as many as the gate scored, in the gate's
+order, give both forms of (a):
+- before: AUC of the candidate's implicit reward against the base model minus the current's
+  (each version's own ranking of the votes);
+- now: AUC of the candidate's implicit reward with the current as the reference (its
+  log-probabilities minus the current's): has it moved towards what users liked?
+Each with the gate's bootstrap (one-sided confidence that the candidate is better), then
+pooled with the round's own (b) confidence and, with its (c) verdict, the decision each form
+would give. Prints a table and writes `a_check.json` (rows keyed by store and round; rows of
+other stores are kept). In round 1 the current is the base model and both forms are one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def gates(store: Path) -> list[dict]:
+    """One row per round of `store` that reached its gate: both forms of (a) and decisions."""
+    from bench.gate_replay import store_as_of
+    from training.config import GateConfig, RoundConfig
+    from training.dataset import load_feedback, split
+    from training.evaluate import Kept, alternating, pool_rankings
+    from training.stats import auc_difference
+
+    base = "smollm2-135m-instruct"
+    rows = []
+    cache = store / "training" / "gate_cache"
+    kept = {p.name.split(".")[0]: json.loads(p.read_text())
+            for p in cache.glob("*.json") if not p.name.endswith(".replies.json")}
+    earlier: set[str] = set()  # held-out votes of the rounds before
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in sorted((store / "reports").glob("r*.json")):
+            report = json.loads(path.read_text())
+            g = report.get("gate")
+            if not g or "difference" not in g["checks"]["a_heldout_ranking"]:
+                continue
+            cfg = RoundConfig.from_dict(report["config"])
+            db = Path(tmp) / f"{report['round']}.db"  # engines are cached per URL
+            store_as_of(store / "feedback.db", report["started_at"], db)
+            _, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)
+            lps = [kept.get(v, {}) for v in (base, report["current_version"], report["round"])]
+            key = lambda v: Kept.key(v["prompt"], v["completion"])  # noqa: E731
+            votes = [v for v in alternating(heldout.votes, cfg.gate.seed)
+                     if all(key(v) in lp for lp in lps)]
+            # as the gate ordered them: votes held out by an earlier round first (their
+            # log-probabilities were kept), then the new ones; as many as it scored
+            votes = [v for v in votes if key(v) in earlier] + \
+                [v for v in votes if key(v) not in earlier]
+            votes = votes[:g["checks"]["a_heldout_ranking"]["votes"]]
+            earlier = {key(v) for v in heldout.votes}
+            b, o, c = ([lp[key(v)] for v in votes] for lp in lps)
+            labels = [v["label"] for v in votes]
+            stats = dict(confidence=cfg.gate.confidence, samples=cfg.gate.bootstrap_samples,
+                         seed=cfg.gate.seed)
+            before = auc_difference([x - y for x, y in zip(c, b)], [x - y for x, y in zip(o, b)],
+                                    labels, **stats)
+            now = auc_difference([x - y for x, y in zip(c, o)], [0.0] * len(c), labels, **stats)
+            row = {"store": str(store), "round": report["round"],
+                   "current": report["current_version"], "votes": len(votes),
+                   "liked": sum(labels), "decision": report["decision"],
+                   "b_confidence": g["checks"]["b_reward_model"].get("p_better"),
+                   "c_passed": g["checks"]["c_regression"]["verdict"] == "passed"}
+            for name, d in (("before", before), ("now", now)):
+                checks = {"a_heldout_ranking": {"difference": d.to_dict()},
+                          "b_reward_model": g["checks"]["b_reward_model"]}
+                together = pool_rankings(checks, cfg.gate.pooled_confidence)
+                worse = "worse" in (g["checks"]["b_reward_model"]["verdict"],
+                                    "worse" if d.high < 0 else "")
+                better = d.low > 0 or g["checks"]["b_reward_model"]["verdict"] == "better" \
+                    or together["better"]
+                row[name] = {"auc": (d.estimate + 0.5) if name == "now" else None,
+                             "difference": d.to_dict(), "confidence": d.p_better,
+                             "pooled": together["confidence"],
+                             "passes": bool(better and not worse and row["c_passed"])}
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", type=Path, action="append", required=True,
+                        help="a bench.loop user's data folder (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "a_check")
+    args = parser.parse_args(argv)
+    for store in args.store:
+        if not (store / "feedback.db").is_file() or not (store / "reports").is_dir():
+            parser.error(f"{store} holds no feedback.db and reports folder: give a bench.loop "
+                         "user's data folder, e.g. bench/results/loop/tips/data")
+    os.environ.setdefault("CHAT_DATA_DIR", tempfile.mkdtemp())  # nothing is written there
+    path = args.out / "a_check.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    for store in args.store:
+        rows = gates(store)
+        results = {k: v for k, v in results.items() if not k.startswith(f"{store}:")}
+        results.update({f"{store}:{r['round']}": r for r in rows})
+        for r in rows:
+            was, now = r["before"], r["now"]
+            print(f"{store} {r['round']} (current {r['current']}), {r['votes']} votes: "
+                  f"{r['decision']}; (a) before {was['confidence']:.3f} (pooled "
+                  f"{was['pooled'] or 0:.2f}, {'passes' if was['passes'] else 'fails'}), "
+                  f"now AUC {now['auc']:.3f} {now['confidence']:.3f} (pooled "
+                  f"{now['pooled'] or 0:.2f}, {'passes' if now['passes'] else 'fails'})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
