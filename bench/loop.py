@@ -15,7 +15,8 @@ learns only from that user):
   4. back to 1 with whatever version is now current.
 Prompts: `bench/prompts.jsonl` (310, written for the project); `id % 5 == 0` are test prompts,
 the rest training prompts. Writes `loop.json` and `loop.png` (approval per round per user) into
-the output folder and prints a table. A run of some users keeps the other users' rows already in
+the output folder after every round (a run stopped midway keeps the rounds it finished) and
+prints a table. A run of some users keeps the other users' rows already in
 `loop.json` (each row names its run's settings), so users can be measured one run at a time;
 a user measured again starts over from the base model with an empty store.
 A benchmark, not a test: it reports what it measures.
@@ -297,7 +298,16 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"args": run_args, "describe": user.describe, "approval": [approval(user, before)],
                "approval_interval": [approval_interval(user, before)],
                "versions": [version], "rounds": [], "eval_seconds": [round(eval_s, 1)],
-               "eval_peak_mb": [eval_mb]}
+               "eval_peak_mb": [eval_mb],
+               "mean_words_before": sum(words(x) for xs in before for x in xs) /
+               sum(len(xs) for xs in before)}
+
+        def save() -> None:  # after every round: a run stopped later keeps the rounds done
+            results["users"][name] = row
+            results["peak_rss_mb_bench_process"] = round(process_peak_mb())
+            (args.out / "loop.json").write_text(json.dumps(results, indent=2) + "\n")
+            plot(results, args.out / "loop.png")
+
         print(f"{name}: {user.describe}; round 0 approval {row['approval'][0]:.0%} ({version})",
               flush=True)
         serving = before  # the test replies of the version the next round starts from
@@ -348,12 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{counts['picks']} picks), training {training['decision']} in "
                   f"{training['seconds']:.0f}s; approval {row['approval'][-1]:.0%} ({version})",
                   flush=True)
-        row["mean_words_before"] = sum(words(x) for xs in before for x in xs) / \
-            sum(len(xs) for xs in before)
-        results["users"][name] = row
-        results["peak_rss_mb_bench_process"] = round(process_peak_mb())
-        (args.out / "loop.json").write_text(json.dumps(results, indent=2) + "\n")  # so far
-        plot(results, args.out / "loop.png")
+            save()
+        save()  # --rounds 0: the base model's approval alone
     print_table(results)
     return results
 
