@@ -5,10 +5,11 @@
 
 Nothing is run on a model: every gate kept its versions' log-probabilities of the held-out
 replies it scored (`<data>/training/gate_cache`), so for each round in the store's reports
-that reached its gate, the held-out votes as the round split them (the database as of the
-round's start, `bench.gate_replay.store_as_of`) that the base, the serving version and the
-candidate all have log-probabilities for, up to as many as the gate scored, in the gate's
-order, give both forms of (a):
+that reached its gate (and whose version folder, which names its base model, is kept), the
+held-out votes as the round split them (the database as of the round's start,
+`bench.gate_replay.store_as_of`) that the base, the serving version and the candidate all have
+log-probabilities for, up to as many as the gate scored, in the gate's order, give both forms
+of (a):
 - before: AUC of the candidate's implicit reward against the base model minus the current's
   (each version's own ranking of the votes);
 - now: AUC of the candidate's implicit reward with the current as the reference (its
@@ -36,7 +37,9 @@ def gates(store: Path) -> list[dict]:
     from training.evaluate import Kept, alternating, pool_rankings
     from training.stats import auc_difference
 
-    base = "smollm2-135m-instruct"
+    def key(vote: dict) -> str:  # as the gate keeps a reply's log-probability
+        return Kept.key(vote["prompt"], vote["completion"])
+
     rows = []
     cache = store / "training" / "gate_cache"
     kept = {p.name.split(".")[0]: json.loads(p.read_text())
@@ -52,8 +55,13 @@ def gates(store: Path) -> list[dict]:
             db = Path(tmp) / f"{report['round']}.db"  # engines are cached per URL
             store_as_of(store / "feedback.db", report["started_at"], db)
             _, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)
+            try:  # the base model the round's versions descend from, as it registered them
+                base = json.loads((store / "versions" / report["round"] / "meta.json")
+                                  .read_text())["base"]
+            except (OSError, ValueError, KeyError):
+                print(f"{store} {report['round']}: its version folder is gone, skipped")
+                continue
             lps = [kept.get(v, {}) for v in (base, report["current_version"], report["round"])]
-            key = lambda v: Kept.key(v["prompt"], v["completion"])  # noqa: E731
             votes = [v for v in alternating(heldout.votes, cfg.gate.seed)
                      if all(key(v) in lp for lp in lps)]
             # as the gate ordered them: votes held out by an earlier round first (their

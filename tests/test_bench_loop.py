@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from bench import judge_lr, reasons, variants
+from bench import a_check, judge_lr, reasons, variants
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -151,6 +151,20 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
                 ["--store", str(tmp_path)]):  # not rates; a rate of 0; no round reached a gate
         with pytest.raises(SystemExit):
             judge_lr.main([*bad, *lr_out])
+
+    # (a) now and before session 21, from the log-probabilities the store's gates kept: the
+    # same figures the gates reported, and a store without reports refused
+    reports = [json.loads(p.read_text()) for p in sorted((store / "reports").glob("r*.json"))]
+    judged = {r["round"]: r["gate"]["checks"]["a_heldout_ranking"] for r in reports
+              if "difference" in (r.get("gate") or {}).get("checks", {}).get(
+                  "a_heldout_ranking", {})}
+    found = a_check.main(["--store", str(store), "--out", str(tmp_path / "a_check")])
+    assert found == json.loads((tmp_path / "a_check" / "a_check.json").read_text())
+    assert {r["round"]: r["now"]["confidence"] for r in found.values()} == \
+        {name: a["difference"]["p_better"] for name, a in judged.items()}
+    assert all(r["votes"] == judged[r["round"]]["votes"] for r in found.values())
+    with pytest.raises(SystemExit):
+        a_check.main(["--store", str(tmp_path), "--out", str(tmp_path / "a_check")])
 
     # users measured one run at a time land in one table: a later run keeps the earlier rows
     main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",

@@ -276,9 +276,9 @@ def tuning_step_estimate(reward_step_s: float | None, ratio: float,
 
 def tuning_reach(step_s: float | None, seconds: float, batch_size: int,
                  pairs: int) -> int | None:
-    """At most how many of `pairs` the tuning can take in `seconds` at `step_s` a step (a lower
-    bound on its steps' cost), when that is fewer than all of them; None when all fit, or when
-    nothing is known (no step measured, no pairs)."""
+    """At most how many of `pairs` the tuning can take in `seconds` at `step_s` a step (its
+    estimated cost: `tuning_step_estimate`), when that is fewer than all of them; None when all
+    fit, or when nothing is known (no step measured, no pairs)."""
     if not step_s or not pairs:
         return None
     reach = int(seconds // step_s) * batch_size
