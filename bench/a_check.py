@@ -32,9 +32,9 @@ from pathlib import Path
 def gates(store: Path) -> list[dict]:
     """One row per round of `store` that reached its gate: both forms of (a) and decisions."""
     from bench.gate_replay import store_as_of
-    from training.config import GateConfig, RoundConfig
+    from training.config import RoundConfig
     from training.dataset import load_feedback, split
-    from training.evaluate import Kept, alternating, pool_rankings
+    from training.evaluate import Kept, _verdict, alternating, decide
     from training.stats import auc_difference
 
     def key(vote: dict) -> str:  # as the gate keeps a reply's log-probability
@@ -82,18 +82,13 @@ def gates(store: Path) -> list[dict]:
                    "liked": sum(labels), "decision": report["decision"],
                    "b_confidence": g["checks"]["b_reward_model"].get("p_better"),
                    "c_passed": g["checks"]["c_regression"]["verdict"] == "passed"}
-            for name, d in (("before", before), ("now", now)):
-                checks = {"a_heldout_ranking": {"difference": d.to_dict()},
-                          "b_reward_model": g["checks"]["b_reward_model"]}
-                together = pool_rankings(checks, cfg.gate.pooled_confidence)
-                worse = "worse" in (g["checks"]["b_reward_model"]["verdict"],
-                                    "worse" if d.high < 0 else "")
-                better = d.low > 0 or g["checks"]["b_reward_model"]["verdict"] == "better" \
-                    or together["better"]
+            for name, d in (("before", before), ("now", now)):  # (b), (c): the round's own
+                together, _, passes = decide({
+                    **g["checks"], "a_heldout_ranking": {"difference": d.to_dict(),
+                                                         "verdict": _verdict(d)}}, cfg.gate)
                 row[name] = {"auc": (d.estimate + 0.5) if name == "now" else None,
                              "difference": d.to_dict(), "confidence": d.p_better,
-                             "pooled": together["confidence"],
-                             "passes": bool(better and not worse and row["c_passed"])}
+                             "pooled": together["confidence"], "passes": passes}
             rows.append(row)
     return rows
 

@@ -500,15 +500,22 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                 f"of {len(pairs_for_fluency)} (sign test p = {p_fluency:.2f}, worse if below "
                 f"{cfg.fluency_significance})")
 
-    a, b = checks["a_heldout_ranking"]["verdict"], checks["b_reward_model"]["verdict"]
-    together = pool_rankings(checks, cfg.pooled_confidence)
-    improved = "better" in (a, b) or together["better"] or not cfg.require_improvement
+    together, improved, passed = decide(checks, cfg)
     for check in checks.values():
         check["passed"] = check["verdict"] != "worse"
-    passed = improved and "worse" not in (a, b) and c["verdict"] == "passed"
     return {"checks": checks, "pooled": together, "passed": passed, "enforced": cfg.enforce,
             "improved": improved, "seconds": round(time.monotonic() - start, 1),
             "replies_kept": {k.version: k.hits for k in kept}}
+
+
+def decide(checks: dict, cfg: GateConfig) -> tuple[dict, bool, bool]:
+    """The gate's decision from its checks' verdicts: (a) and (b) pooled, whether the candidate
+    was shown better (or need not be), and whether it passes (nothing worse, (c) passed)."""
+    a, b = checks["a_heldout_ranking"]["verdict"], checks["b_reward_model"]["verdict"]
+    together = pool_rankings(checks, cfg.pooled_confidence)
+    improved = "better" in (a, b) or together["better"] or not cfg.require_improvement
+    passed = improved and "worse" not in (a, b) and checks["c_regression"]["verdict"] == "passed"
+    return together, improved, passed
 
 
 def pool_rankings(checks: dict, threshold: float) -> dict:
