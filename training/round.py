@@ -164,7 +164,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
                                       "judges pairs at every step instead")
     elif cfg.synthetic.only_if_reached and (reach := tuning_reach(
             (step := tuning_step_estimate(report["reward_model"].get("step_s"),
-                                          cfg.synthetic.tuning_step_ratio, round_id))["step_s"],
+                                          cfg.synthetic.tuning_step_ratio))["step_s"],
             (1 - cfg.synthetic.time_share) * (train_deadline - t), cfg.tune.batch_size,
             len(train.pairs))) is not None:
         report["synthetic"]["why"] = (
@@ -249,17 +249,15 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     return finish("promoted", PROMOTED, f"{round_id} now serves (was {current_name}; {why})")
 
 
-def tuning_step_estimate(reward_step_s: float | None, ratio: float,
-                         this_round: str | None = None) -> dict:
+def tuning_step_estimate(reward_step_s: float | None, ratio: float) -> dict:
     """What a tuning step will cost, before any is taken: the reward model's step time (just
     measured) times the ratio of the two in the latest earlier DPO round of this data folder
     (same machine, same settings as a rule), else times `ratio`. {"step_s": None} when the
-    reward model took no step."""
+    reward model took no step. The running round's own report is written when it finishes, so
+    every report found here is an earlier round's."""
     if not reward_step_s:
         return {"step_s": None, "source": "no reward-model step measured"}
     for path in sorted(reports_dir().glob("r*.json"), reverse=True):
-        if path.stem == this_round:
-            continue
         try:
             earlier = json.loads(path.read_text())
             tuned, judged = earlier["tuning"]["step_s"], earlier["reward_model"]["step_s"]
