@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 from serving.chat import build_prompt
 from serving.gguf_export import _permute
 from serving.hardware import threads
+from serving.llamacpp import model_params
 from serving.registry import Registry
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _one_stream(path: Path, lora: Path | None, prompt: list[int]) -> tuple[float, float]:
-    model = ll.llama_model_load_from_file(str(path).encode(), ll.llama_model_default_params())
+    model = ll.llama_model_load_from_file(str(path).encode(), model_params())
     params = ll.llama_context_default_params()
     params.n_ctx, params.n_batch = 1024, 512
     params.n_threads = params.n_threads_batch = threads()

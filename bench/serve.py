@@ -108,6 +108,9 @@ class Anchor:
 def _anchor_worker(conn, path: str, n_threads: int) -> None:
     from llama_cpp import Llama
 
+    from serving.llamacpp import repack_as_set_for_library
+    repack_as_set_for_library()  # the same weights as the engine under test (no AMX crash)
+
     llm = Llama(path, n_ctx=4096, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
     while (request := conn.recv()) is not None:
         ids, s = request

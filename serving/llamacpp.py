@@ -15,6 +15,14 @@ Prompts are rendered and trimmed by `serving/chat.py` with the model's transform
 answers exactly the same prompt tokens. Sampling is llama.cpp's own sampler chain per reply:
 repetition penalty over the last 256 tokens (prompt included), the 256 likeliest tokens,
 temperature, top-p, a seeded draw; greedy at temperature 0.
+
+Weight repacking (`CHAT_LLAMA_REPACK`: auto, on, off): llama.cpp can copy a model's weights into
+layouts for the CPU's fastest kernels (its "extra buffer types": AMX tiles, interleaved blocks).
+On an Intel Xeon with AMX (a 2-core VM, llama-cpp-python 0.3.36 built natively) its AMX matrix
+multiply crashed the whole process with a segmentation fault on the first reply, for the
+embedded Q4_1 file and for our Q8_0 versions alike (as llama.cpp#20824 reports). So `auto`
+leaves the weights as the file has them on CPUs where llama.cpp reports AMX, and repacks
+elsewhere; `on` tries AMX anyway.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import os
 import queue
 import threading
 import time
@@ -32,6 +41,7 @@ import llama_cpp as ll
 
 from serving.base import EngineBase
 from serving.config import GenerationSettings, ServingConfig
+from serving.hardware import BadSetting
 from serving.model import ModelUnavailable
 from serving.reply import Reply
 
@@ -42,6 +52,8 @@ TOP_CANDIDATES = 256  # as serving/engine.py: top-p is cut within the likeliest 
 FLASH_ATTENTION = {"auto": ll.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                    "off": ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 GGML_LOG_LEVEL_ERROR = 3  # ggml.h's enum ggml_log_level
+REPACK_ENV = "CHAT_LLAMA_REPACK"
+_library_model_defaults = ll.llama_model_default_params
 _backend_ready = threading.Lock()
 _backend_started = False
 
@@ -61,6 +73,35 @@ def _quiet(level, text, user_data):  # llama.cpp's chatter would drown the app's
         log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
+def repack_setting() -> tuple[bool, str]:
+    """Whether llama.cpp may repack weights for this CPU (`CHAT_LLAMA_REPACK`), and why."""
+    value = (os.environ.get(REPACK_ENV) or "auto").strip().lower()
+    if value in ("on", "off"):
+        return value == "on", f"{value} (set by {REPACK_ENV})"
+    if value != "auto":
+        raise BadSetting(f"{REPACK_ENV} must be auto, on or off, not {value!r}.")
+    if "AMX_INT8 = 1" in ll.llama_print_system_info().decode("utf-8", "replace"):
+        return False, (f"off: the CPU has AMX, whose llama.cpp path crashed with a segmentation "
+                       f"fault ({REPACK_ENV}=on tries it)")
+    return True, "on"
+
+
+def model_params():
+    """llama.cpp's default model parameters, weight repacking as `repack_setting` says."""
+    params = _library_model_defaults()
+    params.use_extra_bufts = repack_setting()[0]
+    return params
+
+
+def repack_as_set_for_library() -> None:
+    """For llama.cpp loaded by llama-cpp-python's own `Llama` (the benchmarks' anchor, its
+    OpenAI-compatible server) in this process: it has no switch for repacking, so its model
+    defaults become `model_params`."""
+    import llama_cpp.llama_cpp as low_level  # where `Llama` looks its defaults up
+
+    low_level.llama_model_default_params = model_params
+
+
 class GGUFModel:
     """A GGUF file loaded by llama.cpp, with a context of `slots` sequences, and the
     transformers tokenizer that renders its prompts."""
@@ -69,7 +110,10 @@ class GGUFModel:
                  threads: int) -> None:
         _init_backend()
         self.path, self.version, self.tokenizer = Path(path), version, tokenizer
-        params = ll.llama_model_default_params()
+        params = model_params()
+        self.repacked = params.use_extra_bufts
+        if not self.repacked:
+            log.info("llama.cpp weight repacking %s", repack_setting()[1])
         self.model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise ModelUnavailable(f"llama.cpp could not load {path}")
@@ -180,7 +224,8 @@ class LlamaEngine(EngineBase):
 
     def describe(self) -> str:
         m = self._next or self._model
-        return f"llama.cpp, {m.path.name}, {m.threads} threads"
+        return (f"llama.cpp, {m.path.name}, {m.threads} threads"
+                + ("" if m.repacked else ", weights not repacked"))
 
     def swap_model(self, model: GGUFModel) -> None:
         """Serve `model` for new replies once the replies in flight have finished."""

@@ -14,12 +14,18 @@ from serving.registry import Registry
 from tests.conftest import ROOT, free_port, http_server
 
 
+# `python -m llama_cpp.server`, its weights repacked as our engine's (`CHAT_LLAMA_REPACK`: on a
+# CPU with AMX its default crashed, and the server has no switch for it)
+SERVER = ("import runpy; from serving.llamacpp import repack_as_set_for_library; "
+          "repack_as_set_for_library(); runpy.run_module('llama_cpp.server', run_name='__main__')")
+
+
 @pytest.fixture
 def server(tiny_model, tmp_path, monkeypatch):
     gguf = Registry().gguf_path()
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-c", SERVER, "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "512", "--n_threads", "1",
            "--interrupt_requests", "False"]  # its default cuts a stream off for the next
     with http_server(cmd, url + "/models", tmp_path / "server.log"):

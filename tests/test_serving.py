@@ -280,6 +280,35 @@ def test_llama_cpp_decodes_a_crowd_as_it_decodes_each_alone(llama):
     assert all(r.finish_reason == "length" and r.version == llama.version for r in crowd)
 
 
+def test_llama_cpp_weight_repacking_follows_its_setting(tiny_model, llama, monkeypatch):
+    """`CHAT_LLAMA_REPACK`: off serves the weights as stored (and says so), a bad value is
+    refused with the allowed ones, and auto repacks unless llama.cpp reports AMX (whose path
+    crashed the process on the first reply, on a Xeon VM)."""
+    import llama_cpp
+
+    from serving.backends import open_engine
+    from serving.hardware import BadSetting
+    from serving.llamacpp import repack_setting
+
+    config = ServingConfig(slots=4, gguf_quant="F32")
+    monkeypatch.setenv("CHAT_LLAMA_REPACK", " OFF ")
+    plain = open_engine(Registry(), config=config, backend="llama.cpp")
+    try:
+        assert plain.describe().endswith(", weights not repacked")
+        assert plain.submit(conv("one"), GREEDY).wait(60) == llama.submit(conv("one"),
+                                                                          GREEDY).wait(60)
+    finally:
+        plain.close()
+    monkeypatch.setenv("CHAT_LLAMA_REPACK", "sideways")
+    with pytest.raises(BadSetting, match="CHAT_LLAMA_REPACK must be auto, on or off, not "
+                                         "'sideways'"):
+        open_engine(Registry(), config=config, backend="llama.cpp")
+    monkeypatch.setenv("CHAT_LLAMA_REPACK", "auto")
+    amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+    assert repack_setting()[0] is not amx
+    assert ("AMX" in repack_setting()[1]) is amx
+
+
 def test_llama_cpp_reuses_a_conversations_evaluated_prefix(llama):
     history = conv("first question")
     first = llama.submit(history, GREEDY)
