@@ -299,10 +299,16 @@ def test_llama_cpp_weight_repacking_follows_its_setting(tiny_model, llama, monke
                                                                           GREEDY).wait(60)
     finally:
         plain.close()
+    status = subprocess.run([sys.executable, "-m", "training", "status"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert "llama.cpp weight repacking off (set by CHAT_LLAMA_REPACK)" in status.stdout
     monkeypatch.setenv("CHAT_LLAMA_REPACK", "sideways")
     with pytest.raises(BadSetting, match="CHAT_LLAMA_REPACK must be auto, on or off, not "
                                          "'sideways'"):
         open_engine(Registry(), config=config, backend="llama.cpp")
+    status = subprocess.run([sys.executable, "-m", "training", "status"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 1 and "CHAT_LLAMA_REPACK must be" in status.stderr
     monkeypatch.setenv("CHAT_LLAMA_REPACK", "auto")
     amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
     assert repack_setting()[0] is not amx

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_status(s: dict) -> str:
     lines = [f"serving: {s['current']}   (base: {s['base']})",
-             f"machine: {s['machine']['dtype']}, {s['machine']['threads']} threads", ""]
+             f"machine: {s['machine']['dtype']}, {s['machine']['threads']} threads, llama.cpp "
+             f"weight repacking {s['machine']['llama_repack']}", ""]
     if s.get("current_problem"):
         lines[1:1] = [f"warning: {s['current_problem']}"]
     lines += [f"{'version':<22} {'parent':<22} {'method':<7} {'votes':>6}  created"]

@@ -20,6 +20,7 @@ from serving.backends import backend_setting, open_engine
 from serving.config import ServingConfig, data_dir
 from serving.gguf_export import NotConvertible
 from serving.hardware import dtype_reason, threads
+from serving.llamacpp import repack_setting
 from serving.model import resolve_base
 from serving.registry import Registry
 from training.config import RoundConfig, TuneConfig
@@ -373,7 +374,8 @@ def status() -> dict:
         "current": registry.current_name(),
         "current_problem": registry.current_problem(),
         "base": registry.base_name,
-        "machine": {"dtype": dtype_reason(), "threads": threads()},
+        "machine": {"dtype": dtype_reason(), "threads": threads(),
+                    "llama_repack": repack_setting()[1]},
         "versions": [{"name": v.name, "parent": v.meta.get("parent"),
                       "created_at": v.meta.get("created_at"), "method": v.meta.get("method"),
                       "kind": v.meta.get("kind"),
