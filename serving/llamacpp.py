@@ -87,9 +87,12 @@ def repack_setting() -> tuple[bool, str]:
 
 
 def model_params():
-    """llama.cpp's default model parameters, weight repacking as `repack_setting` says."""
+    """llama.cpp's default model parameters, weight repacking as `repack_setting` says (logged
+    when off)."""
     params = _library_model_defaults()
-    params.use_extra_bufts = repack_setting()[0]
+    params.use_extra_bufts, why = repack_setting()
+    if not params.use_extra_bufts:
+        log.info("llama.cpp weight repacking %s", why)
     return params
 
 
@@ -112,8 +115,6 @@ class GGUFModel:
         self.path, self.version, self.tokenizer = Path(path), version, tokenizer
         params = model_params()
         self.repacked = params.use_extra_bufts
-        if not self.repacked:
-            log.info("llama.cpp weight repacking %s", repack_setting()[1])
         self.model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise ModelUnavailable(f"llama.cpp could not load {path}")

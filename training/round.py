@@ -20,7 +20,6 @@ from serving.backends import backend_setting, open_engine
 from serving.config import ServingConfig, data_dir
 from serving.gguf_export import NotConvertible
 from serving.hardware import dtype_reason, threads
-from serving.llamacpp import repack_setting
 from serving.model import resolve_base
 from serving.registry import Registry
 from training.config import RoundConfig, TuneConfig
@@ -368,6 +367,8 @@ def _synthetic_line(s: dict | None) -> str:
 
 def status() -> dict:
     """Versions, which one serves, the moves of `CURRENT` and the last rounds' reports."""
+    from serving.llamacpp import repack_setting  # llama.cpp's libraries: loaded only here
+
     registry = Registry()
     reports = sorted(reports_dir().glob("r*.json"))[-10:]
     return {
