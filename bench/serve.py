@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=5, help="one-stream runs each (median)")
     parser.add_argument("--generate-rows", type=int, default=300)
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--flash-attention", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--flash-attention", choices=("auto", "on", "off"),
+                        default=ServingConfig.flash_attention)
     args = parser.parse_args(argv)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=1)
     registry = Registry()

@@ -45,10 +45,11 @@ class ServingConfig:
     prefill_chunk: int = setting(512, "llama.cpp: most tokens evaluated in one step; a long "
                                       "prompt is split so running replies keep moving",
                                  low=16, high=8192)
-    flash_attention: str = setting("auto", "llama.cpp: flash attention: faster for many "
-                                           "conversations decoding together, slower for a new "
-                                           "turn's prompt over a long conversation",
-                                   choices=("auto", "on", "off"))
+    flash_attention: str = setting("off", "llama.cpp: flash attention (auto lets llama.cpp "
+                                          "pick): measured up to 5% faster for many "
+                                          "conversations decoding together, but 1.5-3.5x "
+                                          "slower for a new turn's prompt over a long "
+                                          "conversation", choices=("auto", "on", "off"))
     dtype: str = setting("auto", "transformers weights: auto (bfloat16 where the hardware has "
                                  "it natively, else float32; CHAT_DTYPE overrides), bfloat16 or "
                                  "float32", choices=("auto", "bfloat16", "float32"))
