@@ -44,7 +44,7 @@ def gates(store: Path) -> list[dict]:
     cache = store / "training" / "gate_cache"
     kept = {p.name.split(".")[0]: json.loads(p.read_text())
             for p in cache.glob("*.json") if not p.name.endswith(".replies.json")}
-    earlier: set[str] = set()  # held-out votes of the rounds before
+    scored: dict[str, set[str]] = {}  # version -> the votes earlier gates scored it on
     with tempfile.TemporaryDirectory() as tmp:
         for path in sorted((store / "reports").glob("r*.json")):
             report = json.loads(path.read_text())
@@ -62,14 +62,17 @@ def gates(store: Path) -> list[dict]:
                 print(f"{store} {report['round']}: its version folder is gone, skipped")
                 continue
             lps = [kept.get(v, {}) for v in (base, report["current_version"], report["round"])]
-            votes = [v for v in alternating(heldout.votes, cfg.gate.seed)
-                     if all(key(v) in lp for lp in lps)]
-            # as the gate ordered them: votes held out by an earlier round first (their
-            # log-probabilities were kept), then the new ones; as many as it scored
-            votes = [v for v in votes if key(v) in earlier] + \
-                [v for v in votes if key(v) not in earlier]
-            votes = votes[:g["checks"]["a_heldout_ranking"]["votes"]]
-            earlier = {key(v) for v in heldout.votes}
+            ordered = alternating(heldout.votes, cfg.gate.seed)
+            # as the gate ordered them: first the votes whose base and serving-version
+            # log-probabilities earlier gates had kept (scored there), then the others
+            ready = [all(key(v) in scored.get(m, ()) for m in (base, report["current_version"]))
+                     for v in ordered]
+            ordered = [v for v, r in zip(ordered, ready) if r] + \
+                [v for v, r in zip(ordered, ready) if not r]
+            ordered = ordered[:g["checks"]["a_heldout_ranking"]["votes"]]  # as many as it scored
+            for m in (base, report["current_version"], report["round"]):
+                scored.setdefault(m, set()).update(key(v) for v in ordered)
+            votes = [v for v in ordered if all(key(v) in lp for lp in lps)]
             b, o, c = ([lp[key(v)] for v in votes] for lp in lps)
             labels = [v["label"] for v in votes]
             stats = dict(confidence=cfg.gate.confidence, samples=cfg.gate.bootstrap_samples,
