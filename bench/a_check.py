@@ -34,7 +34,7 @@ def gates(store: Path) -> list[dict]:
     from bench.gate_replay import store_as_of
     from training.config import RoundConfig
     from training.dataset import load_feedback, split
-    from training.evaluate import Kept, _verdict, alternating, decide
+    from training.evaluate import Kept, _verdict, alternating, decide, known_first
     from training.stats import auc_difference
 
     def key(vote: dict) -> str:  # as the gate keeps a reply's log-probability
@@ -62,13 +62,10 @@ def gates(store: Path) -> list[dict]:
                 print(f"{store} {report['round']}: its version folder is gone, skipped")
                 continue
             lps = [kept.get(v, {}) for v in (base, report["current_version"], report["round"])]
-            ordered = alternating(heldout.votes, cfg.gate.seed)
             # as the gate ordered them: first the votes whose base and serving-version
             # log-probabilities earlier gates had kept (scored there), then the others
-            ready = [all(key(v) in scored.get(m, ()) for m in (base, report["current_version"]))
-                     for v in ordered]
-            ordered = [v for v, r in zip(ordered, ready) if r] + \
-                [v for v, r in zip(ordered, ready) if not r]
+            ordered = known_first(alternating(heldout.votes, cfg.gate.seed), lambda v: all(
+                key(v) in scored.get(m, ()) for m in (base, report["current_version"])))
             ordered = ordered[:g["checks"]["a_heldout_ranking"]["votes"]]  # as many as it scored
             for m in (base, report["current_version"], report["round"]):
                 scored.setdefault(m, set()).update(key(v) for v in ordered)

@@ -242,6 +242,14 @@ def alternating(votes: list[dict], seed: int) -> list[dict]:
     return [v for _, v in sorted(keyed, key=lambda kv: kv[0])]
 
 
+def known_first(votes: list[dict], known) -> list[dict]:
+    """The votes `known(vote)` holds for (log-probabilities an earlier gate kept) first, then
+    the others, each group in its order: the order (a) scores them in, which `bench.a_check`
+    replays."""
+    ready = [known(v) for v in votes]
+    return [v for v, r in zip(votes, ready) if r] + [v for v, r in zip(votes, ready) if not r]
+
+
 def _verdict(iv, null: float = 0.0) -> str:
     return "better" if iv.low > null else "worse" if iv.high < null else "no difference"
 
@@ -434,8 +442,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         models = [base] + ([] if current is base else [current]) + [candidate]
         caches = [LogpCache(cache_dir, model) for model in models]
         # votes the earlier gates scored for all but the candidate first: they cost one model
-        ready = [all(c.known(v) for c in caches[:-1]) for v in votes]
-        votes = [v for v, r in zip(votes, ready) if r] + [v for v, r in zip(votes, ready) if not r]
+        votes = known_first(votes, lambda v: all(c.known(v) for c in caches[:-1]))
         lps: list[list[float]] = [[] for _ in models]
 
         def to_score(rows: list[dict]) -> int:  # log-probabilities not yet kept
