@@ -47,9 +47,30 @@ def detect_dtype() -> tuple[str, str]:
     except ImportError:
         pass
     native = sorted(BF16_CPU_FLAGS & cpu_flags())
-    if native:
-        return "bfloat16", f"the CPU has native bfloat16 ({', '.join(native)})"
-    return "float32", "the CPU has no native bfloat16 (it would be emulated, several times slower)"
+    if not native:
+        return "float32", ("the CPU has no native bfloat16 (it would be emulated, several times "
+                           "slower)")
+    off = bf16_kernels_off()
+    if off:
+        return "float32", (f"the CPU has native bfloat16 ({', '.join(native)}) but this process "
+                           f"may not use it ({off}); bfloat16 would be emulated")
+    return "bfloat16", f"the CPU has native bfloat16 ({', '.join(native)})"
+
+
+def bf16_kernels_off() -> str | None:
+    """Why torch in this process cannot use the CPU's bfloat16 instructions, or None: oneDNN,
+    which does its matrix products, capped below AVX-512 BF16 (`ONEDNN_MAX_CPU_ISA=AVX2`, say).
+    So capped (ATen too) on an AMX Xeon, a bfloat16 autocast training step took 7.6 times
+    float32's (`bench.train_step`, a loop running beside it): the flags in /proc/cpuinfo are
+    not enough."""
+    try:
+        import torch
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return (f"its oneDNN has no bfloat16, ONEDNN_MAX_CPU_ISA="
+                    f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")
+    except (ImportError, AttributeError, RuntimeError):  # no torch, or no such (private) op
+        pass
+    return None
 
 
 def resolve_dtype(requested: str | None = None) -> str:

@@ -315,6 +315,30 @@ def test_llama_cpp_weight_repacking_follows_its_setting(tiny_model, llama, monke
     assert ("AMX" in repack_setting()[1]) is amx
 
 
+def test_default_dtype_is_bfloat16_only_where_this_process_can_use_it(monkeypatch):
+    """`CHAT_DTYPE=auto`: bfloat16 where the CPU has it natively and torch may use it; oneDNN
+    capped at AVX2 (as on a CPU without it) makes it float32, and `training status` says why."""
+    from serving.hardware import BF16_CPU_FLAGS, cpu_flags
+
+    native = bool(BF16_CPU_FLAGS & cpu_flags())
+    monkeypatch.delenv("CHAT_DTYPE", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+
+    def machine() -> str:
+        out = subprocess.run([sys.executable, "-m", "training", "status"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if line.startswith("machine:"))
+
+    assert machine().startswith("machine: bfloat16 " if native else "machine: float32 ")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = machine()
+    assert capped.startswith("machine: float32 ")
+    assert ("ONEDNN_MAX_CPU_ISA=AVX2" in capped) is native
+    monkeypatch.setenv("CHAT_DTYPE", "bfloat16")  # a choice is still obeyed
+    assert machine().startswith("machine: bfloat16 (set by CHAT_DTYPE)")
+
+
 def test_llama_cpp_reuses_a_conversations_evaluated_prefix(llama):
     history = conv("first question")
     first = llama.submit(history, GREEDY)
