@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.users import make_users, words
     from serving.config import GenerationSettings
+    from serving.hardware import cpu_name, dtype_reason, threads
     from training.memory import peak_mb, process_peak_mb, reset_peak
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         [user] = make_users([name], calibration)
         row = {"args": run_args, "describe": user.describe, "approval": [approval(user, before)],
                "approval_interval": [approval_interval(user, before)],
+               "machine": {"cpu": cpu_name(), "dtype": dtype_reason(), "threads": threads()},
                "versions": [version], "rounds": [], "eval_seconds": [round(eval_s, 1)],
                "eval_peak_mb": [eval_mb],
                "mean_words_before": sum(words(x) for xs in before for x in xs) /
@@ -464,7 +466,7 @@ def print_table(results: dict) -> None:
     AUC on both versions' test replies by the user's thumbs and how often it leaned the user's
     way where the user's approval of them differed (`judge_on_test`), the synthetic pairs, the
     tuning steps, peak memory and regression retention. A rejected candidate's own approval,
-    where measured, follows its row."""
+    where measured, follows its row; the machine that ran it, where the row says, ends it."""
     w = max([11, *map(len, results["users"])])
     print(f"\n{'user':<{w}} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
           f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'on test':>10} {'synth':>9} "
@@ -503,6 +505,9 @@ def print_table(results: dict) -> None:
                 lo, hi = cand["approval_interval"]
                 print(f"{'':<{w}} {'':>3}   (rejected candidate: {cand['approval']:.0%} "
                       f"[{lo:.0%},{hi:.0%}])")
+        if row.get("machine"):  # rows from before session 24 do not say
+            m = row["machine"]
+            print(f"{'':<{w}}       on {m['cpu']}, {m['threads']} threads, {m['dtype']}")
 
 
 if __name__ == "__main__":

@@ -26,14 +26,23 @@ class BadSetting(ValueError):
     """A machine setting (CHAT_DTYPE, CHAT_THREADS, --dtype) with a value we cannot use."""
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.split(":", 1)[0].strip() == field:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or "unknown CPU"
 
 
 def detect_dtype() -> tuple[str, str]:

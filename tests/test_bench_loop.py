@@ -91,6 +91,8 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert len(row["eval_peak_mb"]) == 3 and rnd["generate_peak_mb"] > 0
     assert (out / "loop.png").stat().st_size > 0
     assert row["args"]["train_prompts"] == "12"
+    assert row["machine"]["dtype"].startswith(("bfloat16 (", "float32 (")) and \
+        row["machine"]["threads"] >= 1 and row["machine"]["cpu"]  # which machine measured it
     for r in row["rounds"]:  # a rejected candidate is measured too, on the same test prompts
         t = r["training"]
         if t["decision"] == "rejected":
