@@ -505,7 +505,7 @@ def print_table(results: dict) -> None:
                 lo, hi = cand["approval_interval"]
                 print(f"{'':<{w}} {'':>3}   (rejected candidate: {cand['approval']:.0%} "
                       f"[{lo:.0%},{hi:.0%}])")
-        if row.get("machine"):  # rows from before session 24 do not say
+        if row.get("machine"):  # rows written before this field (session 24) do not say
             m = row["machine"]
             print(f"{'':<{w}}       on {m['cpu']}, {m['threads']} threads, {m['dtype']}")
 
