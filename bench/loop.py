@@ -190,6 +190,8 @@ def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
             "peak_mb": report.get("peak_mb"),
             "gate": _gate_summary(report.get("gate")), "tuning": report.get("tuning"),
             "data": report.get("data"),
+            # what users thought of the serving version's own replies (the round's first check)
+            "serving_votes": report.get("serving_votes"),
             # the judge's held-out AUC and the synthetic pairs made from it
             "reward_model": report.get("reward_model"), "synthetic": report.get("synthetic")}
 

@@ -159,16 +159,45 @@ def test_not_enough_feedback_is_a_clear_exit_and_changes_nothing(tiny_model, tmp
     assert list((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.md"))
 
 
-def _only_likes(n: int) -> None:
+def _only_likes(n: int, *, version: str = "m", value: int = 1) -> None:
     with db.transaction(write=True) as s:
         uid = store.get_or_create_user(session=s, username="alice").id
         for i in range(n):
             conv = store.create_conversation(session=s, user_id=uid)
             q = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id,
                                        content=f"q{i}")
-            a = store.add_reply(session=s, user_id=uid, parent_id=q.id, content=f"a{i}",
-                                model_version="m", generation_settings={})
-            store.set_vote(session=s, user_id=uid, message_id=a.id, value=1)
+            a = store.add_reply(session=s, user_id=uid, parent_id=q.id,
+                                content=f"{version} {value} a{i}", model_version=version,
+                                generation_settings={})
+            store.set_vote(session=s, user_id=uid, message_id=a.id, value=value)
+
+
+def test_no_round_trains_while_users_like_nearly_all_the_serving_versions_replies(tiny_model,
+                                                                                   tmp_path):
+    from training.round import liked_enough
+    from training.dataset import own_votes
+    fill(16)  # enough feedback of both labels, on replies of an older version "m"
+    _only_likes(40, version=tiny_model.name)
+    done = training_cli("run", config=FAST, tmp_path=tmp_path)
+    assert done.returncode == 6, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"Users liked 40 of the 40 replies of {tiny_model.name}" in done.stdout
+    assert "at most 8.8% are disliked (95% interval)" in done.stdout
+    assert Registry().current_name() == tiny_model.name and Registry().versions() == []
+    report = sorted((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.md"))[-1]
+    assert "Votes on `%s`'s own replies: 0 of 40 disliked" % tiny_model.name in report.read_text()
+    # the scheduler counts those votes as used: it waits for as many new ones
+    done = training_cli("schedule", "--min-new-votes", "40", "--interval-minutes", "0.001",
+                        "--max-checks", "2", config=FAST, tmp_path=tmp_path)
+    assert done.returncode == 6, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "0 new votes (< 40)" in done.stdout and Registry().versions() == []
+
+    def why(min_share: float = 0.1):
+        own = own_votes(load_feedback(), tiny_model.name, confidence=0.95)
+        return liked_enough(own, min_share)
+    assert why(0.0) is None  # 0: always train
+    _only_likes(4, version=tiny_model.name, value=-1)  # 4 of 44 disliked: up to 21%
+    assert why() is None and why(0.25) is not None
+    assert own_votes(load_feedback(), "never-served", confidence=0.95)["disliked_share"] is None
 
 
 @pytest.mark.parametrize("config,says", [
@@ -176,6 +205,7 @@ def _only_likes(n: int) -> None:
     ({"tune": {"batch_size": 0}}, "tune.batch_size must be at least 1"),
     ({"tune": {"bf16": "yes"}}, "tune.bf16 must be a bool"),
     ({"reward_share": 1.5}, "reward_share must be in (0, 1)"),
+    ({"data": {"min_disliked_share": -0.1}}, "data.min_disliked_share must be in [0, 1]"),
     ([1, 2], "must be a JSON object"),
     ("{not json", "is not valid JSON"),
     (None, "--max-minutes must be above 0"),

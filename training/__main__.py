@@ -26,7 +26,9 @@ RUN_EXIT_CODES = """exit codes:
   2  usage error
   3  not enough feedback (too few votes, or one label only); serving is unchanged
   4  another round is running
-  5  the candidate failed the gate; the current version keeps serving (see the report)"""
+  5  the candidate failed the gate; the current version keeps serving (see the report)
+  6  users like nearly all the serving version's replies (data.min_disliked_share): no round
+     trains; the current version keeps serving"""
 
 
 def make_parser() -> argparse.ArgumentParser:

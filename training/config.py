@@ -30,6 +30,11 @@ class DataConfig:
     min_per_label: int = setting(2, "fewest liked and fewest disliked replies for a round", low=1)
     max_pairs_per_prompt: int = setting(4, "cap on liked x disliked pairs made from one prompt",
                                         low=1)
+    min_disliked_share: float = setting(
+        0.1, "a round trains only while users may still dislike at least this share of the "
+             "serving version's replies: the top of the interval (gate.confidence) of the "
+             "disliked share of the votes on its own replies; 0: always train",
+        low=0.0, high=1.0)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from feedback import io
 from feedback.db import transaction
 from training.config import DataConfig
+from training.stats import share_interval
 
 # TRL's recommendation for KTO: desirable_weight * n_pos : undesirable_weight * n_neg in [1, 4/3].
 KTO_RATIO_RANGE = (1.0, 4 / 3)
@@ -68,6 +69,7 @@ def _merge_votes(rows: list[dict]) -> list[dict]:
                        "said": any(r.get("reasons") or r.get("comment", "").strip()
                                    for r in group if r["label"] == label),
                        "message_id": latest["message_id"],
+                       "model_version": latest.get("model_version"),
                        "vote_ids": sorted(r["vote_id"] for r in group)})
     return sorted(merged, key=lambda r: r["vote_ids"][0])
 
@@ -142,6 +144,16 @@ def check_enough(train: FeedbackData, cfg: DataConfig) -> None:
         raise NotEnoughFeedback(
             f"The training votes are {c['liked']} liked and {c['disliked']} disliked; a round "
             f"needs at least {cfg.min_per_label} of each (KTO learns from the contrast).")
+
+
+def own_votes(data: FeedbackData, version: str, *, confidence: float) -> dict:
+    """What users think of `version`'s own replies: its votes, how many disliked, and the
+    disliked share with its interval (None without votes)."""
+    labels = [r["label"] for r in data.votes if r.get("model_version") == version]
+    disliked = labels.count(False)
+    share = share_interval(disliked, len(labels), confidence=confidence) if labels else None
+    return {"version": version, "votes": len(labels), "disliked": disliked,
+            "disliked_share": share.to_dict() if share else None}
 
 
 def kto_weights(n_pos: int, n_neg: int) -> tuple[float, float]:

@@ -24,7 +24,7 @@ from serving.model import resolve_base
 from serving.registry import Registry
 from training.config import RoundConfig, TuneConfig
 from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, load_feedback,
-                              reward_pairs, split)
+                              own_votes, reward_pairs, split)
 from training.evaluate import gate, share_end
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
@@ -34,7 +34,7 @@ from training.synthetic import (check_sample, judge_quality, judged_conversation
 from training.tune import tune
 
 # Exit codes of `python -m training run` (also in its --help).
-PROMOTED, ERROR, USAGE, NOT_ENOUGH_FEEDBACK, BUSY, REJECTED = 0, 1, 2, 3, 4, 5
+PROMOTED, ERROR, USAGE, NOT_ENOUGH_FEEDBACK, BUSY, REJECTED, LIKED_ENOUGH = 0, 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -65,6 +65,25 @@ def run_round(cfg: RoundConfig | None = None, *, log=print,
     cfg = cfg or RoundConfig()
     with round_lock():
         return _run(cfg, log, time.monotonic() if started is None else started)
+
+
+def liked_enough(own: dict, min_disliked_share: float) -> str | None:
+    """Why no round should train (`own_votes` of the serving version), or None. A round can
+    gain at most what users still dislike, and every round risks a loss: with the disliked
+    share's interval wholly below `min_disliked_share`, there is too little left to gain.
+
+    Measured on the recorded `bench.loop` rounds (`python -m bench.ceiling`): the rounds
+    whose serving version's votes said so gained nothing (concise session 24 round 3 went from
+    93% to 86%), and every round that gained at least 2 points had room above 17%."""
+    share = own["disliked_share"]
+    if share is None or share["high"] >= min_disliked_share:
+        return None
+    return (f"Users liked {own['votes'] - own['disliked']} of the {own['votes']} replies of "
+            f"{own['version']} they voted on: at most {share['high']:.1%} are disliked "
+            f"({share['confidence']:.0%} interval), below data.min_disliked_share "
+            f"({min_disliked_share:.0%}). A round could gain at most that and may lose more, "
+            f"so none trains and {own['version']} keeps serving; the next round runs when "
+            "more votes arrive (or set data.min_disliked_share to 0).")
 
 
 def tuning_config(cfg: TuneConfig, continuing: bool) -> TuneConfig:
@@ -117,6 +136,9 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     train, heldout = split(data, cfg.data)
     report["data"] = {"all": data.counts, "train": train.counts, "heldout": heldout.counts}
     timed("data", t)
+    own = report["serving_votes"] = own_votes(data, current_name, confidence=cfg.gate.confidence)
+    if (why := liked_enough(own, cfg.data.min_disliked_share)) is not None:
+        return finish("skipped", LIKED_ENOUGH, why)
     try:
         check_enough(train, cfg.data)
         held = heldout.counts
@@ -305,6 +327,13 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {c['votes']} | {c['liked']} | {c['disliked']} | "
                          f"{c['pairs']} |")
         lines.append("")
+    if (own := r.get("serving_votes")) and own["disliked_share"]:
+        share = own["disliked_share"]
+        lines += [f"Votes on `{own['version']}`'s own replies: {own['disliked']} of "
+                  f"{own['votes']} disliked ({share['estimate']:.1%}, {share['confidence']:.0%} "
+                  f"interval {share['low']:.1%}-{share['high']:.1%}; a round trains while the "
+                  f"top is at least data.min_disliked_share, "
+                  f"{r['config']['data']['min_disliked_share']:.0%})", ""]
     if "tuning" in r:
         t = r["tuning"]
         mix = " + ".join(f"{w} x {n}" for n, w in zip(t.get("loss_type", []),

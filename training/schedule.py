@@ -16,7 +16,7 @@ from feedback.db import transaction
 from serving.config import data_dir
 from training.config import RoundConfig
 from training.lock import RoundBusy
-from training.round import BUSY, PROMOTED, REJECTED, run_round
+from training.round import BUSY, LIKED_ENOUGH, PROMOTED, REJECTED, run_round
 
 
 def state_path() -> Path:
@@ -45,8 +45,10 @@ def run_schedule(cfg: RoundConfig, *, min_new_votes: int, interval_s: float,
             try:
                 result = run_round(cfg, log=log)
                 code = result.exit_code
-                if code in (PROMOTED, REJECTED):
-                    # Those votes were used; after a skipped round they keep counting.
+                if code in (PROMOTED, REJECTED, LIKED_ENOUGH):
+                    # Those votes were used (or said enough: the next round waits for as many
+                    # new ones); after a round skipped for too little feedback they keep
+                    # counting.
                     state_path().write_text(json.dumps({"last_event_id": newest}) + "\n")
             except RoundBusy as exc:
                 log(str(exc))

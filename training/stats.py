@@ -13,6 +13,8 @@ resampled with a fixed seed, so a rerun of the gate on the same numbers gives th
   another's, with an interval that resamples the prompts and refits the calibration.
 - `sign_test`: exact one-sided binomial (McNemar) test on discordant pairs, for counts too small
   for an interval ("3 looping replies vs 1" is 4 discordant pairs: p = 0.31, not evidence).
+- `share_interval`: a share of yes/no items (the disliked share of a version's votes), Wilson's
+  score interval: a round trains only while users may still dislike enough of what serves.
 - `pooled`: two checks' one-sided evidence combined (Stouffer's z). Each interval also carries
   `p_better`, the share of its resamples on the candidate's side of no difference.
 """
@@ -102,6 +104,16 @@ def paired_mean(values, *, confidence: float, samples: int, seed: int = 0,
     means = values[rng.integers(0, len(values), (samples, len(values)))].mean(axis=1)
     low, high = _bounds(means, confidence)
     return Interval(float(values.mean()), low, high, confidence, _above(means, null))
+
+
+def share_interval(k: int, n: int, *, confidence: float) -> Interval:
+    """`k` of `n` as a share with Wilson's score interval (two-sided at `confidence`): exact
+    enough at the edges, where 0 of 40 is a share of at most 8.8% (95%), not of exactly 0."""
+    assert 0 <= k <= n and n > 0, "a share of nothing"
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, z2 = k / n, z * z / n
+    centre, half = (p + z2 / 2) / (1 + z2), z * sqrt(p * (1 - p) / n + z2 / (4 * n)) / (1 + z2)
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), confidence)
 
 
 def pooled(p_better: list[float], floor: float = 1e-4) -> float:
