@@ -72,9 +72,10 @@ def liked_enough(own: dict, min_disliked_share: float) -> str | None:
     gain at most what users still dislike, and every round risks a loss: with the disliked
     share's interval wholly below `min_disliked_share`, there is too little left to gain.
 
-    Replayed on the 43 recorded `bench.loop` rounds (`python -m bench.ceiling`): at 10% it
-    skips 4, which gained nothing (concise session 24's round 3 shipped 93% -> 86%); each of
-    the 38 rounds whose candidate gained at least 2 points had room of 17.5% or more."""
+    Replayed on the recorded `bench.loop` rounds (`python -m bench.ceiling`; 46 in session
+    25): at 10% it skips 4, which gained nothing (concise session 24's round 3 shipped 93% ->
+    86%); each of the 41 rounds whose candidate gained at least 2 points had room of 17.5% or
+    more."""
     share = own["disliked_share"]
     if share is None or share["high"] >= min_disliked_share:
         return None
