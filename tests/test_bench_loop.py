@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from bench import a_check, ceiling, judge_lr, reasons, variants
+from bench import a_check, b_sample, ceiling, judge_lr, reasons, variants
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -55,6 +55,8 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
         (variants.main, ["--user", "nobody", "--store", str(tmp_path), "--variants", "{}"],
          "unknown users ['nobody']"),
         (reasons.main, ["--users", "tips,nobody", "--out", str(tmp_path / "reasons")],
+         "unknown users ['nobody']"),
+        (b_sample.main, ["--store", str(tmp_path), "--user", "nobody"],
          "unknown users ['nobody']")]
     for command, argv, message in cases:
         with pytest.raises(SystemExit) as exited:
@@ -169,6 +171,24 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert all(r["votes"] == judged[r["round"]]["votes"] for r in found.values())
     with pytest.raises(SystemExit):
         a_check.main(["--store", str(tmp_path), "--out", str(tmp_path / "a_check")])
+
+    # (b)'s two forms, greedy and sampled, on the rounds that reached a gate: the round's judge
+    # and the simulated user on the same replies
+    if any(r.get("gate") for r in reports):
+        found = b_sample.main(["--store", str(store), "--samples", "2", "--max-prompts", "2",
+                               "--out", str(tmp_path / "b_sample")])
+        assert found == json.loads((tmp_path / "b_sample" / "b_sample.json").read_text())
+        for r in found["concise"]:
+            assert r["prompts"] <= 2 and r["samples"] == 2
+            for form in ("greedy", "sampled"):
+                f = r[form]
+                assert 0 <= f["judge_prefers_candidate"]["estimate"] <= 1 and f["seconds"] > 0
+                assert all(0 <= a <= 1 for a in f["user_approval"])
+                assert 0 <= f["judge_agrees"] <= f["user_tells_apart"] <= r["prompts"]
+        assert store_votes(store) == votes_before
+    with pytest.raises(SystemExit):  # no round reached a gate there
+        b_sample.main(["--store", str(tmp_path), "--user", "concise",
+                       "--out", str(tmp_path / "b_sample")])
 
     # users measured one run at a time land in one table: a later run keeps the earlier rows
     main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",
