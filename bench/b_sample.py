@@ -22,9 +22,6 @@ Reads the store, writes nothing there. The concise user's word limit is calibrat
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -67,25 +64,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from bench.users import make_users, unknown_users
 
-    user_name = args.user or (args.store.parent.name if args.store.name == "data"
-                              else args.store.name)
+    from bench.gate_replay import (fresh_work, gated_rounds, keep_rows, load_judge, round_data,
+                                   store_user)
+
+    user_name = args.user or store_user(args.store)
     if message := unknown_users([user_name]):
         parser.error(f"{message} (name it with --user)")
     if args.samples < 1 or args.max_prompts < 1:
         parser.error("--samples and --max-prompts must be at least 1")
-    wanted = [r for r in args.rounds.split(",") if r]
-    rounds = [json.loads(p.read_text()) for p in sorted((args.store / "reports").glob("*.json"))]
-    rounds = [r for r in rounds if r.get("gate") and (not wanted or r["round"] in wanted)]
+    rounds = gated_rounds(args.store, [r for r in args.rounds.split(",") if r])
     if not rounds:
         parser.error(f"no round with a gate among {args.store / 'reports'}")
 
-    from bench.gate_replay import load_judge, round_data
-
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    os.environ["CHAT_DATA_DIR"] = str(args.store)
+    work = fresh_work(args.out, args.store)
 
     from serving.backends import open_engine
     from serving.chat import split_system
@@ -160,15 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"agrees on {f['judge_agrees']} of {f['user_tells_apart']} prompts the user "
                   f"tells apart; {f['seconds']:.0f} s", flush=True)
         del judge
-    path = args.out / "b_sample.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
-    results[user_name] = rows
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
-    return results
+    return keep_rows(args.out / "b_sample.json", user_name, rows, work)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,41 @@ def current_settings(config: dict) -> dict:
     return out
 
 
+def gated_rounds(store: Path, names: list[str]) -> list[dict]:
+    """The store's round reports that reached a gate, oldest first; only those `names` names
+    (round ids) unless it is empty."""
+    rounds = [json.loads(p.read_text()) for p in sorted((store / "reports").glob("*.json"))]
+    return [r for r in rounds if r.get("gate") and (not names or r["round"] in names)]
+
+
+def fresh_work(out: Path, store: Path) -> Path:
+    """`out/work`, made empty, for a replay's scratch files; the store becomes the data
+    directory (its versions, its base checkpoint)."""
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    os.environ["CHAT_DATA_DIR"] = str(store)
+    return work
+
+
+def store_user(store: Path) -> str:
+    """The simulated user a `bench.loop` store belongs to (its folder: USER/data)."""
+    return store.parent.name if store.name == "data" else store.name
+
+
+def keep_rows(path: Path, key: str, rows, work: Path) -> dict:
+    """`path`'s results with `rows` under `key` (the other keys kept), written back; the
+    scratch folder `work` removed."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    results[key] = rows
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
 def round_data(store: Path, report: dict, db: Path):
     """A past round as it began: its config (today's settings of it, `current_settings`), and
     its training and held-out feedback from a copy of the store's database at `db` without
@@ -102,18 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gate_replay")
     args = parser.parse_args(argv)
-    reports = sorted((args.store / "reports").glob("*.json"))
-    wanted = [r for r in args.rounds.split(",") if r]
-    rounds = [json.loads(p.read_text()) for p in reports]
-    rounds = [r for r in rounds if r.get("gate") and (not wanted or r["round"] in wanted)]
+    rounds = gated_rounds(args.store, [r for r in args.rounds.split(",") if r])
     if not rounds:
         parser.error(f"no round with a gate among {args.store / 'reports'}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    os.environ["CHAT_DATA_DIR"] = str(args.store)  # the versions and the base checkpoint
+    work = fresh_work(args.out, args.store)
 
     from serving.backends import open_engine
     from serving.config import ServingConfig
@@ -163,16 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'passed' if o['passed'] else 'rejected'} -> "
               f"{'passed' if r['passed'] else 'rejected'}", flush=True)
         del current, base, candidate, judge
-    path = args.out / "gate_replay.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
-    # keyed by the user a `bench.loop` store belongs to (its folder: USER/data)
-    results[args.store.parent.name if args.store.name == "data" else args.store.name] = rows
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
-    return results
+    return keep_rows(args.out / "gate_replay.json", store_user(args.store), rows, work)
 
 
 def _p(x: float | None) -> str:

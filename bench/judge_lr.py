@@ -18,14 +18,11 @@ benchmark, not a test: it reads the store and writes nothing there.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.gate_replay import round_data
+from bench.gate_replay import fresh_work, gated_rounds, keep_rows, round_data, store_user
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,18 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--rates: numbers separated by commas, not {args.rates!r}")
     if not rates or any(r <= 0 for r in rates):
         parser.error("--rates: at least one learning rate, each above 0")
-    reports = [json.loads(p.read_text()) for p in sorted((args.store / "reports").glob("*.json"))]
-    reports = [r for r in reports if r.get("gate") and r["round"] == (args.round or r["round"])]
+    reports = gated_rounds(args.store, [args.round] if args.round else [])
     if not reports:
         parser.error(f"no round{' ' + args.round if args.round else ''} with a gate among "
                      f"{args.store / 'reports'}")
     report = reports[0]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    os.environ["CHAT_DATA_DIR"] = str(args.store)  # the base checkpoint the store's rounds used
+    work = fresh_work(args.out, args.store)  # the base checkpoint the store's rounds used
 
     from serving.model import resolve_base
     from serving.registry import Registry, VersionDir
@@ -101,16 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"pair accuracy {quality.get('pair_accuracy', nan):.0%}, "
               f"{time.monotonic() - t:.0f}s", flush=True)
         del judge
-    path = args.out / "judge_lr.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
-    user = args.store.parent.name if args.store.name == "data" else args.store.name
-    results[f"{user} {report['round']}"] = row
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
-    return results
+    return keep_rows(args.out / "judge_lr.json", f"{store_user(args.store)} {report['round']}",
+                     row, work)
 
 
 if __name__ == "__main__":
