@@ -42,14 +42,14 @@ def per_prompt(values: list, k: int) -> list[float]:
 
 
 def compare(judge_cur, judge_cand, user_cur, user_cand, cfg) -> dict:
-    told = [(uc > uo) for uo, uc in zip(user_cur, user_cand) if uc != uo]
     leans = [(jc > jo) == (uc > uo) for jo, jc, uo, uc in
              zip(judge_cur, judge_cand, user_cur, user_cand) if uc != uo and jc != jo]
     return {"judge_prefers_candidate": directions(judge_cur, judge_cand, cfg),
             "user_prefers_candidate": sum((c > o) + 0.5 * (c == o)
                                           for o, c in zip(user_cur, user_cand)) / len(user_cur),
             "user_approval": [sum(user_cur) / len(user_cur), sum(user_cand) / len(user_cand)],
-            "user_tells_apart": len(told), "judge_agrees": sum(leans)}
+            "user_tells_apart": sum(uc != uo for uo, uc in zip(user_cur, user_cand)),
+            "judge_agrees": sum(leans)}
 
 
 def main(argv: list[str] | None = None) -> dict:

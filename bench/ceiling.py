@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 
 from training.config import DataConfig, GateConfig
+from training.dataset import own_counts
 from training.round import liked_enough
-from training.stats import share_interval
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,9 +40,7 @@ def user_rounds(label: str, user: str, row: dict, min_share: float, confidence: 
         liked, votes = liked + v.get("liked", 0), votes + v.get("votes", 0)
         own = t.get("serving_votes")
         if not own or not own.get("votes"):
-            share = share_interval(votes - liked, votes, confidence=confidence) if votes else None
-            own = {"version": serving, "votes": votes, "disliked": votes - liked,
-                   "disliked_share": share.to_dict() if share else None}
+            own = own_counts(serving, votes, votes - liked, confidence=confidence)
         before = approval[i] if i < len(approval) else None
         served = approval[i + 1] if i + 1 < len(approval) else None
         rejected = (r.get("rejected_candidate") or {}).get("approval")

@@ -147,12 +147,16 @@ def check_enough(train: FeedbackData, cfg: DataConfig) -> None:
 
 
 def own_votes(data: FeedbackData, version: str, *, confidence: float) -> dict:
-    """What users think of `version`'s own replies: its votes, how many disliked, and the
-    disliked share with its interval (None without votes)."""
+    """What users think of `version`'s own replies (`own_counts` of its votes)."""
     labels = [r["label"] for r in data.votes if r.get("model_version") == version]
-    disliked = labels.count(False)
-    share = share_interval(disliked, len(labels), confidence=confidence) if labels else None
-    return {"version": version, "votes": len(labels), "disliked": disliked,
+    return own_counts(version, len(labels), labels.count(False), confidence=confidence)
+
+
+def own_counts(version: str, votes: int, disliked: int, *, confidence: float) -> dict:
+    """A version's votes, how many disliked, and the disliked share with its interval (None
+    without votes): what `training.round.liked_enough` reads."""
+    share = share_interval(disliked, votes, confidence=confidence) if votes else None
+    return {"version": version, "votes": votes, "disliked": disliked,
             "disliked_share": share.to_dict() if share else None}
 
 
