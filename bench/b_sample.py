@@ -27,24 +27,19 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def directions(cur: list[float], cand: list[float], cfg) -> dict:
-    from training.stats import paired_mean
-
-    win = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(cand, cur)],
-                      confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed,
-                      null=0.5)
-    return win.to_dict()
-
-
 def per_prompt(values: list, k: int) -> list[float]:
     """Means of consecutive groups of `k` (a prompt's samples)."""
     return [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
 
 
 def compare(judge_cur, judge_cand, user_cur, user_cand, cfg) -> dict:
+    from training.stats import win_share
+
     leans = [(jc > jo) == (uc > uo) for jo, jc, uo, uc in
              zip(judge_cur, judge_cand, user_cur, user_cand) if uc != uo and jc != jo]
-    return {"judge_prefers_candidate": directions(judge_cur, judge_cand, cfg),
+    return {"judge_prefers_candidate": win_share(
+                judge_cand, judge_cur, confidence=cfg.confidence, samples=cfg.bootstrap_samples,
+                seed=cfg.seed).to_dict(),
             "user_prefers_candidate": sum((c > o) + 0.5 * (c == o)
                                           for o, c in zip(user_cur, user_cand)) / len(user_cur),
             "user_approval": [sum(user_cur) / len(user_cur), sum(user_cand) / len(user_cand)],

@@ -77,7 +77,7 @@ from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData
 from training.stats import (Calibration, approval_difference, auc, auc_difference,
-                            paired_mean, pooled, sign_test)
+                            paired_mean, pooled, sign_test, win_share)
 
 REGRESSION_SET = Path(__file__).resolve().parent / "regression_set.jsonl"
 
@@ -281,8 +281,7 @@ def judge_verdict(candidate: list[float], current: list[float], calibration: Cal
     (the judge preferred it on 13 of 16 prompts, expected +4 points [-1, +11]); and where the
     calibration, fitted on older, less liked replies, put a candidate rated 99% against 98% 7
     points lower ([-15, -0]) while the direction was inside the noise (41% of 32), it vetoed."""
-    win = paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(candidate, current)],
-                      confidence=confidence, samples=samples, seed=seed, null=0.5)
+    win = win_share(candidate, current, confidence=confidence, samples=samples, seed=seed)
     stats = dict(confidence=confidence, samples=samples, seed=seed)
     gain, cur_ok, cand_ok = approval_difference(candidate, current, calibration, **stats)
     tells, trusted = calibration.auc, calibration.trusted

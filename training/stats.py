@@ -106,6 +106,13 @@ def paired_mean(values, *, confidence: float, samples: int, seed: int = 0,
     return Interval(float(values.mean()), low, high, confidence, _above(means, null))
 
 
+def win_share(candidate, current, *, confidence: float, samples: int, seed: int = 0) -> Interval:
+    """The share of items where `candidate` scores above `current` (ties half), with its
+    bootstrap interval; `p_better`: its confidence that the share is above one half."""
+    return paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(candidate, current)],
+                       confidence=confidence, samples=samples, seed=seed, null=0.5)
+
+
 def share_interval(k: int, n: int, *, confidence: float) -> Interval:
     """`k` of `n` as a share with Wilson's score interval (two-sided at `confidence`): exact
     enough at the edges, where 0 of 40 is a share of at most 8.8% (95%), not of exactly 0."""
