@@ -14,7 +14,9 @@ in for). Per form: the share of prompts where the judge scores the candidate hig
 mean over the samples; ties half) with its bootstrap interval and one-sided confidence, as (b)
 computes it; the share where the user's approval is higher; on how many prompts where the user
 tells the versions apart the judge leans the same way; and the seconds each form took (replies,
-then scores). Prints and writes `b_sample.json` (keyed by user; other users' rows are kept).
+then scores), and every reply's judge score and user vote (`per_reply`, for replays of other
+forms from the same replies: `bench.b_budget`). Prints and writes `b_sample.json` (keyed by
+user; other users' rows are kept).
 Reads the store, writes nothing there. The concise user's word limit is calibrated, as
 `bench.loop` does, on the base model's replies in the store.
 """
@@ -117,13 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds[name, "sampled"] = time.monotonic() - t
             finally:
                 engine.close()
-        scores = {}
+        scores, raw = {}, {}
         for (name, form), texts in replies.items():
             k = 1 if form == "greedy" else args.samples
             convs = [p + [{"role": "assistant", "content": r}]
                      for p, r in zip([p for p in prompts for _ in range(k)], texts)]
             t = time.monotonic()
-            scores[name, form] = per_prompt(judge.score(convs), k)
+            raw[name, form] = judge.score(convs)
+            scores[name, form] = per_prompt(raw[name, form], k)
             seconds[name, form] += time.monotonic() - t
         row = {"round": names[1], "current": names[0], "prompts": len(prompts),
                "samples": args.samples, "original_b": {
@@ -131,11 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
                    for k in ("prompts", "win_rate", "p_better", "verdict")}}
         for form in ("greedy", "sampled"):
             k = 1 if form == "greedy" else args.samples
-            liked = {n: per_prompt([float(user.judge(r)[0]) for r in replies[n, form]], k)
-                     for n in names}
+            votes = {n: [float(user.judge(r)[0]) for r in replies[n, form]] for n in names}
+            liked = {n: per_prompt(votes[n], k) for n in names}
             row[form] = {**compare(scores[names[0], form], scores[names[1], form],
                                    liked[names[0]], liked[names[1]], cfg.gate),
-                         "seconds": round(seconds[names[0], form] + seconds[names[1], form], 1)}
+                         "seconds": round(seconds[names[0], form] + seconds[names[1], form], 1),
+                         # per reply, prompt-major (a prompt's samples together): for replays
+                         # of other forms (fewer prompts or samples) from the same replies
+                         "per_reply": {role: {"judge": raw[n, form], "user": votes[n]}
+                                       for role, n in zip(("current", "candidate"), names)}}
         rows.append(row)
         for form in ("greedy", "sampled"):
             f = row[form]

@@ -1,13 +1,14 @@
 """Would today's gate decide a store's past rounds the same? Replays each round's gate.
 
     python -m bench.gate_replay --store bench/results/loop/structured/data [--rounds R1,R2]
-        [--out bench/results/gate_replay]
+        [--gate NAME=VALUE ...] [--out bench/results/gate_replay]
 
 For each round in the store's reports (oldest first; or those named) that registered a
 candidate: the feedback as it stood when the round began (a copy of the database without the
 conversations created later), the round's own split and gate settings, its own judge (the reward
 model saved with its candidate) and its own time (the gate's seconds in the report) go to
-`training.evaluate.gate`, comparing the versions the round compared, through the same engines.
+`training.evaluate.gate`, comparing the versions the round compared, through the same engines;
+`--gate` puts settings over the round's own (today's gate with, say, `judged_samples=2`).
 The rounds share one fresh log-probability folder, as a store's own rounds do, so a replay of
 rounds 1 and 2 shows what round 2's (a) gains from round 1's. Prints and writes, per round, the
 original gate's (a) votes, one-sided confidences and decision beside the replay's
@@ -116,14 +117,17 @@ def keep_rows(path: Path, key: str, rows, work: Path) -> dict:
     return results
 
 
-def round_data(store: Path, report: dict, db: Path):
-    """A past round as it began: its config (today's settings of it, `current_settings`), and
-    its training and held-out feedback from a copy of the store's database at `db` without
-    the conversations created since (`store_as_of`)."""
+def round_data(store: Path, report: dict, db: Path, gate_settings: dict | None = None):
+    """A past round as it began: its config (today's settings of it, `current_settings`; the
+    gate's with `gate_settings` put over them), and its training and held-out feedback from a
+    copy of the store's database at `db` without the conversations created since
+    (`store_as_of`)."""
     from training.config import RoundConfig
     from training.dataset import load_feedback, split
 
-    cfg = RoundConfig.from_dict(current_settings(report["config"]))
+    config = current_settings(report["config"])
+    config["gate"] = {**config.get("gate", {}), **(gate_settings or {})}
+    cfg = RoundConfig.from_dict(config)
     store_as_of(store / "feedback.db", report["started_at"], db)
     train, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)
     return cfg, train, heldout
@@ -134,9 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--store", type=Path, required=True,
                         help="a data folder with feedback.db, reports/ and versions/")
     parser.add_argument("--rounds", default="", help="round ids, comma-separated (default: all)")
+    parser.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                        help="a gate setting put over the round's own (JSON value; repeatable):"
+                             " today's gate with it, e.g. judged_samples=2")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gate_replay")
     args = parser.parse_args(argv)
+    overrides = gate_settings(parser, args.gate)
     rounds = gated_rounds(args.store, [r for r in args.rounds.split(",") if r])
     if not rounds:
         parser.error(f"no round with a gate among {args.store / 'reports'}")
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     for report in rounds:
         current_name, candidate_name = report["current_version"], report["round"]
         # a database file per round: replacing one under an open engine corrupts it
-        cfg, _, heldout = round_data(args.store, report, work / f"{candidate_name}.db")
+        cfg, _, heldout = round_data(args.store, report, work / f"{candidate_name}.db",
+                                     overrides)
         current = registry.load(current_name, fp32)
         base = current if current_name == base_name else registry.load(base_name, fp32)
         candidate = registry.load(candidate_name, fp32)
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             for engine in engines:
                 engine.close()
         row = {"round": candidate_name, "current": current_name, "budget_s": budget,
-               "heldout": heldout.counts, "original": summary(report["gate"]),
+               "gate_settings": overrides, "heldout": heldout.counts, "original": summary(report["gate"]),
                "replay": summary(replay)}
         rows.append(row)
         o, r = row["original"], row["replay"]
@@ -193,6 +202,28 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'passed' if r['passed'] else 'rejected'}", flush=True)
         del current, base, candidate, judge
     return keep_rows(args.out / "gate_replay.json", store_user(args.store), rows, work)
+
+
+def gate_settings(parser, pairs: list[str]) -> dict:
+    """`--gate NAME=VALUE` pairs as a dict (values read as JSON, else text), checked as a round
+    config's gate settings: an unknown name or a value it does not allow ends the command with
+    the config's own message."""
+    from training.config import ConfigError, RoundConfig
+
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            parser.error(f"--gate {pair!r}: expected NAME=VALUE, e.g. judged_samples=2")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value
+    try:
+        RoundConfig.from_dict({"gate": out})
+    except ConfigError as e:
+        parser.error(f"--gate: {e}")
+    return out
 
 
 def _p(x: float | None) -> str:

@@ -203,7 +203,8 @@ def test_no_round_trains_while_users_like_nearly_all_the_serving_versions_replie
 @pytest.mark.parametrize("config,says", [
     ({"tune": {"learning_rat": 1e-4}}, "unknown setting 'tune.learning_rat'"),
     ({"tune": {"batch_size": 0}}, "tune.batch_size must be at least 1"),
-    ({"tune": {"bf16": "yes"}}, "tune.bf16 must be a bool"),
+    ({"tune": {"bf16": "yes"}}, "tune.bf16 must be true or false"),
+    ({"gate": {"judged_samples": 1.5}}, "gate.judged_samples must be a whole number"),
     ({"reward_share": 1.5}, "reward_share must be in (0, 1)"),
     ({"data": {"min_disliked_share": -0.1}}, "data.min_disliked_share must be in [0, 1]"),
     ([1, 2], "must be a JSON object"),
@@ -436,6 +437,66 @@ def test_the_gate_judges_whole_replies_and_pools_only_both_checks(tiny_model):
     assert c[2]["questions"] == cfg.min_regression_questions < c[2]["questions_available"]
     assert c[2]["fluency"]["replies"] == cfg.min_regression_questions + b["prompts"]
     assert f"/{cfg.min_regression_questions} vs" in c[2]["why"]
+    assert not run[0]["checks"]["b_reward_model"]["sampled"]
+
+
+def test_sampled_replies_are_seeded_kept_apart_from_greedy_ones_and_judged_by_their_mean(
+        tiny_model, tmp_path):
+    """(b) with `judged_samples` k: each version writes k replies per prompt at the page's
+    settings, seeds 0..k-1, so a version's replies to a prompt are the same in every gate (kept,
+    like greedy ones, under keys of their own); the judge's mean per prompt is compared; the
+    fluency check counts every reply; the clock counts k replies a prompt."""
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from training.config import GateConfig
+    from training.dataset import load_feedback, split
+    from training.evaluate import ReplyCache, answers, gate, heldout_prompts
+    from training.reward import RewardModel, score_model
+    from training.synthetic import judge_quality
+
+    fill(16, liked_good=lambda cid: cid % 2 == 0)
+    _, heldout = split(load_feedback(), DataConfig(heldout_fraction=0.5))
+    reg = Registry()
+    model = reg.load(None, ServingConfig(dtype="float32"))
+    judge = RewardModel(score_model(str(tiny_model), AutoTokenizer.from_pretrained(tiny_model)),
+                        model.tokenizer)
+    _, calibration = judge_quality(judge, heldout, confidence=0.95, samples=200)
+    prompts = heldout_prompts(heldout)[:3]
+    engines = [open_engine(reg), open_engine(reg)]
+    try:
+        sampled = answers(engines[0], prompts, 12, 1.1, samples=4)
+        assert len(sampled) == 4 * len(prompts)
+        assert answers(engines[1], prompts, 12, 1.1, samples=4) == sampled  # seeded
+        assert any(len(set(sampled[i:i + 4])) > 1 for i in range(0, len(sampled), 4))
+        greedy = answers(engines[0], prompts, 12, 1.1)
+        assert len(greedy) == len(prompts)
+        kept = ReplyCache(tmp_path, model.version, engines[0], 1.1)
+        assert kept.answers(prompts, 12, 4) == sampled and kept.unkept(prompts, 12, 4) == 0
+        assert kept.unkept(prompts, 12) == len(prompts)  # greedy replies are others
+        assert kept.answers(prompts, 12) == greedy and kept.unkept(prompts, 12, 2) == 0
+        assert kept.unkept(prompts, 12, 5) == len(prompts)  # seed 4 not written yet
+
+        cfg = GateConfig(max_heldout_prompts=3, min_heldout_prompts=2, reply_max_new_tokens=2,
+                         judged_max_new_tokens=12, judged_samples=3)
+        runs = [gate(current=model, candidate=model, base=model, current_engine=engines[0],
+                     candidate_engine=engines[1], heldout=heldout, reward_model=judge,
+                     calibration=calibration, cfg=cfg, deadline=deadline)
+                for deadline in (None, time.monotonic())]
+    finally:
+        for engine in engines:
+            engine.close()
+    b, short = (r["checks"]["b_reward_model"] for r in runs)
+    assert b["sampled"] and b["replies_per_prompt"] == 3 and b["prompts"] == 3
+    assert "the mean of its 3 sampled ones" in b["why"]
+    for example in b["examples"]:  # the same model and seeds: the same replies and scores
+        assert example["current"] == example["candidate"]
+        assert example["current_reward"] == pytest.approx(example["candidate_reward"], abs=1e-3)
+    assert b["win_rate"] == 0.5 and b["verdict"] == "no difference"
+    c = runs[0]["checks"]["c_regression"]
+    assert c["fluency"]["replies"] == c["questions"] + 3 * b["prompts"]
+    assert short["prompts"] == cfg.min_heldout_prompts  # no time left: the fewest prompts
+    assert runs[1]["checks"]["c_regression"]["fluency"]["replies"] == \
+        cfg.min_regression_questions + 3 * cfg.min_heldout_prompts
 
 
 def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():
@@ -830,6 +891,20 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
     assert lean["judge_auc"]["low"] <= 0.5 and "counts for nothing" in lean["why"]
     assert lean["verdict"] == "no difference" and lean["p_better"] == lean["difference"][
         "p_better"] < 0.95
+    # sampled replies: a list of scores per prompt, the means compared (the direction) and
+    # the chance of a thumbs-up averaged over a prompt's replies (the size)
+    spread = rng.normal(0.0, 1.0, (16, 3))
+    twice = verdict([list(r) for r in spread + 0.5], [list(r) for r in spread])
+    assert twice["win_rate"] == 1 and "the mean of its 3 sampled ones" in twice["why"]
+    once = verdict(spread.mean(axis=1) + 0.5, spread.mean(axis=1))
+    assert once["win_rate"] == 1 and "sampled" not in once["why"]
+    same = np.repeat(current[:, None], 2, axis=1)
+    two, one = (approval_difference(x - 7.0, x, judge, **stats)[0] for x in (same, current))
+    assert (two.estimate, two.low, two.high) == pytest.approx((one.estimate, one.low, one.high))
+    mixed = np.stack([current, current - 7.0], axis=1)  # a prompt's replies: one liked, one not
+    _, ok, half = approval_difference(mixed, same, judge, **stats)
+    assert half == pytest.approx((ok + approval_difference(current - 7.0, current, judge,
+                                                           **stats)[2]) / 2)
     # Platt's smoothed targets keep the fit finite on labels the scores separate completely
     slope, intercept = platt([0, 1, 2, 3, 10, 11, 12, 13], [False] * 4 + [True] * 4)
     assert 0 < slope < 1 and 1 / (1 + np.exp(-(13 * slope + intercept))) < 0.9

@@ -182,6 +182,12 @@ class GateConfig:
                                               "model judges whole replies as users get them "
                                               "(what a user wants, a tip or an example, often "
                                               "comes late)", low=1)
+    judged_samples: int = setting(1, "(b) replies per prompt from each version: 1, one greedy "
+                                     "reply; more, that many sampled at the page's settings "
+                                     "(seeded), the judge's mean score per prompt compared: "
+                                     "what users get, not the one reply greedy decoding "
+                                     "always gives, at that many times the cost a prompt",
+                                  low=1, high=16)
     repetition_penalty: float = setting(GenerationSettings().repetition_penalty,
                                         "(b) and (c) replies are greedy with this penalty: the "
                                         "page's (1.1), so the fluency check counts the loops "
@@ -250,7 +256,9 @@ def _checked(klass, values: dict, prefix: str) -> dict:
               "int": isinstance(value, int) and not isinstance(value, bool),
               "float": isinstance(value, (int, float)) and not isinstance(value, bool)}.get(kind)
         if not ok:
-            raise ConfigError(f"{dotted} must be a {kind}, got {value!r}")
+            words = {"bool": "true or false", "str": "text", "int": "a whole number",
+                     "float": "a number"}
+            raise ConfigError(f"{dotted} must be {words[kind]}, got {value!r}")
         check_value(klass, name, value, prefix=prefix, error=ConfigError)
         out[name] = float(value) if kind == "float" else value
     return out

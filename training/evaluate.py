@@ -15,7 +15,7 @@ no check decides on a difference inside its own noise.
     later candidates now pass (their users rated them +8, +13, +5 and +3 points; (a)'s
     one-sided confidence 0.37 -> 0.99, 0.13 -> 0.79, 0.60 -> 1.00, 0.98 -> 1.00); no gate
     that passed fails. Both versions' AUCs against the base are still reported.
-(b) Held-out prompts: both models answer greedily with the page's repetition penalty
+(b) Held-out prompts: both models answer (greedily by default) with the page's repetition penalty
     (`repetition_penalty`), whole replies as users get them (the serving's length cap,
     `judged_max_new_tokens`), and the reward model scores each reply (`judge_verdict`). Its
     direction: the share of prompts where it scores the candidate's reply higher. Its size:
@@ -28,7 +28,10 @@ no check decides on a difference inside its own noise.
     rated 98% against 89% on the judge's quibbles between two liked replies; the size alone
     (session 17) held back one rated 81% against 35% that the judge preferred on 13 of 16
     prompts, and vetoed one rated 99% against 98% on a calibration fitted to older, less
-    liked replies.
+    liked replies. With `judged_samples` k above 1, each version writes k replies per prompt
+    sampled at the page's settings (seeds 0..k-1: the same replies in every gate), and the
+    judge's mean per prompt is compared (the approval: the mean chance over a prompt's
+    replies): what users are served, where one greedy reply can hide what a version does.
 (c) What the model knew: `regression_set.jsonl` (120 short questions with known answers,
     shipped here; at 40 a candidate answering 28 against 33 was inside the noise) answered
     the same way; the per-question accuracy difference may not show a loss (its interval
@@ -169,28 +172,37 @@ class LogpCache(Kept):
 
 
 class ReplyCache(Kept):
-    """(b)'s and (c)'s greedy replies, per model version and engine kind
+    """(b)'s and (c)'s replies, per model version and engine kind
     (`<version>.<engine>.replies.json`): the serving version answered the same regression
     questions and most of the same held-out prompts in the gate that promoted it, so a later
-    gate generates only the candidate's replies there."""
+    gate generates only the candidate's replies there. Greedy replies and sampled ones (seeded,
+    so a version's reply to a prompt and seed is always the same) are kept alike."""
 
     def __init__(self, folder: Path | None, version: str, engine,
                  repetition_penalty: float = 1.0) -> None:
         super().__init__(folder, f"{version}.{engine.kind}.replies")
         self.version, self.engine, self.penalty = version, engine, repetition_penalty
 
-    def _key(self, conversation: list[dict], max_new_tokens: int) -> str:
+    def _key(self, conversation: list[dict], max_new_tokens: int, seed: int | None) -> str:
         # replies kept before the penalty was a setting were written without one: same key
-        return self.key(conversation, max_new_tokens, *(
-            [] if self.penalty == 1.0 else [self.penalty]))
+        penalty = [] if self.penalty == 1.0 else [self.penalty]
+        page = GenerationSettings()
+        sampled = [] if seed is None else ["sampled", page.temperature, page.top_p, seed]
+        return self.key(conversation, max_new_tokens, *penalty, *sampled)
 
-    def unkept(self, conversations: list[list[dict]], max_new_tokens: int) -> int:
-        """How many of `conversations` this version has no kept reply to (to be written)."""
-        return sum(self._key(c, max_new_tokens) not in self.values for c in conversations)
+    def unkept(self, conversations: list[list[dict]], max_new_tokens: int,
+               samples: int = 1) -> int:
+        """How many replies to `conversations` (`samples` each) this version has not kept (to
+        be written)."""
+        return sum(self._key(c, max_new_tokens, s) not in self.values
+                   for c in conversations for s in seeds(samples))
 
-    def answers(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-        return self.get([self._key(c, max_new_tokens) for c in conversations], conversations,
-                        lambda missing: answers(self.engine, missing, max_new_tokens,
+    def answers(self, conversations: list[list[dict]], max_new_tokens: int,
+                samples: int = 1) -> list[str]:
+        """`answers`, kept: each conversation's replies together, in its order."""
+        items = [(c, s) for c in conversations for s in seeds(samples)]
+        return self.get([self._key(c, max_new_tokens, s) for c, s in items], items,
+                        lambda missing: replies(self.engine, missing, max_new_tokens,
                                                 self.penalty))
 
 
@@ -207,16 +219,34 @@ def fluency_failure(text: str) -> str | None:
     return None
 
 
-def answers(engine, conversations: list[list[dict]], max_new_tokens: int,
+def seeds(samples: int) -> list[int | None]:
+    """One greedy reply (None) for `samples` 1, else the seeds 0..samples-1."""
+    return [None] if samples == 1 else list(range(samples))
+
+
+def replies(engine, items: list[tuple[list[dict], int | None]], max_new_tokens: int,
             repetition_penalty: float = 1.0) -> list[str]:
-    """Greedy replies through the serving engine (the one users get), batched."""
-    settings = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens,
-                                  repetition_penalty=repetition_penalty)
-    replies = []
-    for conversation in conversations:  # each with the system prompt its replies were under
+    """A reply to each (conversation, seed) through the serving engine (the one users get),
+    batched: greedy for seed None, else sampled at the page's temperature and top-p with that
+    seed. Each conversation keeps the system prompt its replies were under."""
+    page = GenerationSettings(max_new_tokens=max_new_tokens,
+                              repetition_penalty=repetition_penalty)
+    pending = []
+    for conversation, seed in items:
         system, turns = split_system(conversation)
-        replies.append(engine.submit(turns, replace(settings, system_prompt=system)))
-    return [r.wait() for r in replies]
+        pending.append(engine.submit(turns, replace(
+            page, system_prompt=system, seed=seed,
+            temperature=0 if seed is None else page.temperature)))
+    return [r.wait() for r in pending]
+
+
+def answers(engine, conversations: list[list[dict]], max_new_tokens: int,
+            repetition_penalty: float = 1.0, samples: int = 1) -> list[str]:
+    """Replies to `conversations` through the serving engine, batched: one greedy reply each,
+    or `samples` sampled at the page's settings (seeds 0..samples-1), each conversation's
+    together."""
+    return replies(engine, [(c, s) for c in conversations for s in seeds(samples)],
+                   max_new_tokens, repetition_penalty)
 
 
 def heldout_prompts(heldout: FeedbackData) -> list[list[dict]]:
@@ -260,9 +290,10 @@ def _loss_shown(iv, allowed: float) -> bool:
     return iv.high < 0 and iv.estimate < -allowed
 
 
-def judge_verdict(candidate: list[float], current: list[float], calibration: Calibration,
+def judge_verdict(candidate: list, current: list, calibration: Calibration,
                   allowed_loss: float, *, confidence: float, samples: int, seed: int = 0) -> dict:
-    """(b): the judge's scores of both versions' replies to the same prompts. Its direction is
+    """(b): the judge's scores of both versions' replies to the same prompts, a score per
+    prompt or, with sampled replies, a list of them (the mean compared). Its direction is
     the share of prompts where it scores the candidate's reply higher (ties half), with a
     bootstrap interval over the prompts; its size is the approval it expects, calibrated
     (`approval_difference`), candidate minus current. Better: the direction above one half
@@ -281,6 +312,7 @@ def judge_verdict(candidate: list[float], current: list[float], calibration: Cal
     (the judge preferred it on 13 of 16 prompts, expected +4 points [-1, +11]); and where the
     calibration, fitted on older, less liked replies, put a candidate rated 99% against 98% 7
     points lower ([-15, -0]) while the direction was inside the noise (41% of 32), it vetoed."""
+    k = len(candidate[0]) if candidate and isinstance(candidate[0], (list, tuple)) else 1
     win = win_share(candidate, current, confidence=confidence, samples=samples, seed=seed)
     stats = dict(confidence=confidence, samples=samples, seed=seed)
     gain, cur_ok, cand_ok = approval_difference(candidate, current, calibration, **stats)
@@ -294,7 +326,9 @@ def judge_verdict(candidate: list[float], current: list[float], calibration: Cal
         "direction_counts": trusted, "approval_current": cur_ok, "approval_candidate": cand_ok,
         "difference": gain.to_dict(), "allowed_loss": allowed_loss, "verdict": verdict,
         "p_better": win.p_better if trusted and not loss else gain.p_better,
-        "why": f"the judge scores the candidate's reply higher on {win.estimate:.0%} of "
+        "why": f"the judge scores the candidate's reply"
+               + (f" (the mean of its {k} sampled ones)" if k > 1 else "")
+               + f" higher on {win.estimate:.0%} of "
                f"{len(candidate)} held-out prompts ({confidence:.0%} interval {win.low:.0%} to "
                f"{win.high:.0%}"
                + ("" if trusted else f"; it counts for nothing: the judge's AUC on "
@@ -398,35 +432,41 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         prompts, cur_b, cand_b, cur_s, cand_s = [], [], [], [], []
         asked = available[:cfg.max_heldout_prompts]
 
+        k = cfg.judged_samples
+
         def work(rows: list) -> int:  # replies to write and to judge (the current's may be kept)
-            return 3 * len(rows) + kept[0].unkept(rows, cfg.judged_max_new_tokens)
+            return 3 * k * len(rows) + kept[0].unkept(rows, cfg.judged_max_new_tokens, k)
 
         for rows in in_time(asked, b_end, at_least=cfg.min_heldout_prompts, cost=work,
                             chunk=cfg.min_heldout_prompts if b_end < float("inf") else
                             len(asked)):
-            o, c = (k.answers(rows, cfg.judged_max_new_tokens) for k in kept)
+            o, c = (kp.answers(rows, cfg.judged_max_new_tokens, k) for kp in kept)
+            each = [p for p in rows for _ in range(k)]  # a prompt's replies together
             scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
-                                         zip(rows * 2, o + c)])
+                                         zip(each * 2, o + c)])
             prompts += rows
             cur_b += o
             cand_b += c
-            cur_s += scores[:len(rows)]
-            cand_s += scores[len(rows):]
+            cur_s += [scores[i:i + k] for i in range(0, len(each), k)]
+            cand_s += [scores[len(each) + i:len(each) + i + k] for i in range(0, len(each), k)]
         pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                               for o, c in zip(cur_b, cand_b)]
         judged = judge_verdict(cand_s, cur_s, calibration, cfg.max_approval_loss, **stats)
+        mean = sum(map(sum, cur_s)) / len(cur_b), sum(map(sum, cand_s)) / len(cand_b)
         checks["b_reward_model"] = {
             **judged, "calibration_votes": len(calibration.labels), "prompts": len(prompts),
-            "prompts_available": len(available),
-            "mean_reward_current": sum(cur_s) / len(cur_s),
-            "mean_reward_candidate": sum(cand_s) / len(cand_s),
+            "prompts_available": len(available), "replies_per_prompt": k,
+            "sampled": k > 1, "mean_reward_current": mean[0], "mean_reward_candidate": mean[1],
             "max_new_tokens": cfg.judged_max_new_tokens,
             "examples": [{"prompt": p[-1]["content"], "current": o, "candidate": c,
-                          "current_reward": so, "candidate_reward": sc}
-                         for p, o, c, so, sc in zip(prompts, cur_b, cand_b, cur_s, cand_s)][:5]}
+                          "current_reward": so[0], "candidate_reward": sc[0]}
+                         for p, o, c, so, sc in zip(prompts, cur_b[::k], cand_b[::k], cur_s,
+                                                    cand_s)][:5]}
         log(f"gate (b): the judge prefers the candidate on {judged['win_rate']:.0%}, expects "
             f"approval {judged['approval_candidate']:.0%} vs {judged['approval_current']:.0%} "
-            f"on {len(prompts)} prompts in {time.monotonic() - t:.0f}s")
+            f"on {len(prompts)} prompts"
+            + (f" x {k} sampled replies" if k > 1 else "")
+            + f" in {time.monotonic() - t:.0f}s")
     for k in kept:
         k.save()
 

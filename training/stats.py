@@ -108,7 +108,10 @@ def paired_mean(values, *, confidence: float, samples: int, seed: int = 0,
 
 def win_share(candidate, current, *, confidence: float, samples: int, seed: int = 0) -> Interval:
     """The share of items where `candidate` scores above `current` (ties half), with its
-    bootstrap interval; `p_better`: its confidence that the share is above one half."""
+    bootstrap interval; `p_better`: its confidence that the share is above one half. An item
+    may be a list of scores (a prompt's sampled replies): their means are compared."""
+    candidate, current = (np.asarray(x, float) for x in (candidate, current))
+    candidate, current = (x.mean(axis=1) if x.ndim == 2 else x for x in (candidate, current))
     return paired_mean([(c > o) + 0.5 * (c == o) for c, o in zip(candidate, current)],
                        confidence=confidence, samples=samples, seed=seed, null=0.5)
 
@@ -222,12 +225,17 @@ def approval_difference(candidate, current, calibration: Calibration, *, confide
     (`training.evaluate.judge_verdict`): once both versions give replies the user likes, which
     one scores higher is what the judge weighs beyond the user's rule, the same way on every
     prompt (a win rate of 25% of 24 prompts against a candidate its user rated 98% vs 89%),
-    and this expects about the same approval of both."""
-    cand, cur = np.asarray(candidate, float), np.asarray(current, float)
+    and this expects about the same approval of both.
+
+    A prompt may have several replies (sampled): `candidate` and `current` then hold a list of
+    their scores per prompt (as many for every prompt), and a prompt's approval is the mean
+    chance over its replies; the bootstrap still resamples prompts."""
+    cand, cur = (np.asarray(x, float) for x in (candidate, current))
+    cand, cur = (x[:, None] if x.ndim == 1 else x for x in (cand, cur))  # (prompts, replies)
     cal_x, cal_y = np.asarray(calibration.scores, float), np.asarray(calibration.labels, bool)
 
-    def approval(slope, intercept, scores):  # per row: the mean chance of a thumbs-up
-        return _sigmoid(slope[:, None] * scores + intercept[:, None]).mean(axis=1)
+    def approval(slope, intercept, scores):  # per resample: the mean chance of a thumbs-up
+        return _sigmoid(slope[:, None, None] * scores + intercept[:, None, None]).mean(axis=(1, 2))
 
     fit = [np.array([v]) for v in platt(cal_x, cal_y)]
     cur_ok, cand_ok = float(approval(*fit, cur[None])[0]), float(approval(*fit, cand[None])[0])
