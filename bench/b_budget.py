@@ -1,12 +1,13 @@
 """Which form of (b) sees most for the replies it can afford? Replayed from `bench.b_sample`.
 
     python -m bench.b_budget [--results bench/results/b_sample/b_sample.json] [--draws 200]
+        [--budgets 8,16,32,64]
 
 (b) pays per reply written and judged, so its time buys a number of replies per version: one
 greedy reply to each of that many prompts (today's default), or `k` sampled replies to each
 of a k-th as many (`gate.judged_samples`). `bench.b_sample` kept every reply's judge score and
 simulated-user vote (`per_reply`) for 16 prompts: greedy, and 4 sampled at the page's settings.
-For each round and reply budget (8, 16, 32 and 64 replies per version), every form that fits:
+For each round and reply budget (`--budgets`: replies per version), every form that fits:
 greedy on n prompts, sampled k x n/k (seeds 0..k-1, as the gate draws them), the prompts drawn
 `--draws` times where fewer than all are used. Per form: the judge's mean one-sided confidence
 that the candidate is better (its win share's, as (b) computes it: what (b) gives the pooling
@@ -22,9 +23,6 @@ import argparse
 import json
 import random
 from pathlib import Path
-
-BUDGETS = (8, 16, 32, 64)
-
 
 def forms(prompts: int, samples: int, budget: int) -> list[tuple[str, int, int]]:
     """(form, prompts, replies per prompt) spending `budget` replies per version, from what a
@@ -71,16 +69,23 @@ def main(argv: list[str] | None = None) -> dict:
                         help="bench.b_sample's output")
     parser.add_argument("--draws", type=int, default=200,
                         help="prompt draws per form where it uses fewer than all")
+    parser.add_argument("--budgets", default="8,16,32,64", help="replies per version")
     args = parser.parse_args(argv)
     if args.draws < 1:
         parser.error("--draws must be at least 1")
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+        assert all(b >= 1 for b in budgets)
+    except (ValueError, AssertionError):
+        parser.error(f"--budgets: whole numbers of at least 1, comma-separated, not "
+                     f"{args.budgets!r}")
     try:
         results = json.loads(args.results.read_text())
     except (OSError, ValueError) as e:
         parser.error(f"cannot read {args.results}: {e}")
     from training.config import GateConfig
 
-    cfg = GateConfig()
+    gate = GateConfig()
     out = {}
     for user, rows in results.items():
         for row in rows:
@@ -89,10 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             key = f"{user} {row['round']}"
             out[key] = []
-            for budget in BUDGETS:
+            stats = {"confidence": gate.confidence, "bootstrap_samples": gate.bootstrap_samples,
+                     "seed": gate.seed, **row.get("stats", {})}  # the round's, where kept
+            for budget in budgets:
                 for form, n, k in forms(row["prompts"], row["samples"], budget):
-                    r = replay(row, form, n, k, draws=args.draws, confidence=cfg.confidence,
-                               resamples=cfg.bootstrap_samples, seed=cfg.seed)
+                    r = replay(row, form, n, k, draws=args.draws,
+                               confidence=stats["confidence"],
+                               resamples=stats["bootstrap_samples"], seed=stats["seed"])
                     out[key].append({"budget": budget, **r})
                     print(f"{key} {budget:>2} replies: {form:>7} {n:>2} x {k}: confidence "
                           f"{r['confidence']:.2f}, better {r['alone']:.0%}, against "

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
             scores[name, form] = per_prompt(raw[name, form], k)
             seconds[name, form] += time.monotonic() - t
         row = {"round": names[1], "current": names[0], "prompts": len(prompts),
-               "samples": args.samples, "original_b": {
+               "samples": args.samples, "stats": {k: getattr(cfg.gate, k) for k in (
+                   "confidence", "bootstrap_samples", "seed")}, "original_b": {
                    k: report["gate"]["checks"]["b_reward_model"].get(k)
                    for k in ("prompts", "win_rate", "p_better", "verdict")}}
         for form in ("greedy", "sampled"):

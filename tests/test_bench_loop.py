@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from bench import a_check, b_sample, ceiling, judge_lr, reasons, variants
+from bench import a_check, b_budget, b_sample, ceiling, judge_lr, reasons, variants
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -185,7 +185,24 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
                 assert 0 <= f["judge_prefers_candidate"]["estimate"] <= 1 and f["seconds"] > 0
                 assert all(0 <= a <= 1 for a in f["user_approval"])
                 assert 0 <= f["judge_agrees"] <= f["user_tells_apart"] <= r["prompts"]
+                assert len(f["per_reply"]["candidate"]["judge"]) == \
+                    r["prompts"] * (2 if form == "sampled" else 1)
         assert store_votes(store) == votes_before
+        # the same replies replayed at equal reply budgets: greedy 2 x 1, sampled 1 x 2 and 2 x 2
+        replayed = b_budget.main(["--results", str(tmp_path / "b_sample" / "b_sample.json"),
+                                  "--draws", "3", "--budgets", "2,4"])
+        for key, forms in replayed.items():
+            r = next(r for r in found["concise"] if key == f"concise {r['round']}")
+            if r["prompts"] == 2:
+                assert [(f["form"], f["prompts"], f["replies_per_prompt"]) for f in forms] == \
+                    [("greedy", 2, 1), ("sampled", 1, 2), ("sampled", 2, 2)]
+                whole = forms[-1]  # every reply: b_sample's own figures
+                assert whole["confidence"] == pytest.approx(
+                    r["sampled"]["judge_prefers_candidate"]["p_better"])
+                assert whole["user_approval"] == pytest.approx(r["sampled"]["user_approval"])
+        with pytest.raises(SystemExit):
+            b_budget.main(["--results", str(tmp_path / "b_sample" / "b_sample.json"),
+                           "--budgets", "0"])
     with pytest.raises(SystemExit):  # no round reached a gate there
         b_sample.main(["--store", str(tmp_path), "--user", "concise",
                        "--out", str(tmp_path / "b_sample")])
