@@ -445,13 +445,15 @@ def test_sampled_replies_are_seeded_kept_apart_from_greedy_ones_and_judged_by_th
     """(b) with `judged_samples` k: each version writes k replies per prompt at the page's
     settings, seeds 0..k-1, so a version's replies to a prompt are the same in every gate (kept,
     like greedy ones, under keys of their own); the judge's mean per prompt is compared; the
-    fluency check counts every reply; the clock counts k replies a prompt."""
+    fluency check counts every reply; the clock counts k replies a prompt. A judge at chance
+    on its check gets one greedy reply a prompt."""
     from serving.backends import open_engine
     from serving.config import ServingConfig
     from training.config import GateConfig
     from training.dataset import load_feedback, split
     from training.evaluate import ReplyCache, answers, gate, heldout_prompts
     from training.reward import RewardModel, score_model
+    from training.stats import Calibration
     from training.synthetic import judge_quality
 
     fill(16, liked_good=lambda cid: cid % 2 == 0)
@@ -460,7 +462,15 @@ def test_sampled_replies_are_seeded_kept_apart_from_greedy_ones_and_judged_by_th
     model = reg.load(None, ServingConfig(dtype="float32"))
     judge = RewardModel(score_model(str(tiny_model), AutoTokenizer.from_pretrained(tiny_model)),
                         model.tokenizer)
-    _, calibration = judge_quality(judge, heldout, confidence=0.95, samples=200)
+    _, checked = judge_quality(judge, heldout, confidence=0.95, samples=200)
+    # the untrained judge's scores of its held-out votes, with labels they rank perfectly (a
+    # judge its round trusts) or alternate along (one at chance)
+    ranked = sorted(checked.scores)
+    calibration, untrusted = (
+        Calibration.of(ranked, [label(i) for i in range(len(ranked))], confidence=0.95,
+                       samples=200)
+        for label in (lambda i: i >= len(ranked) // 2, lambda i: i % 2 == 0))
+    assert calibration.trusted and not untrusted.trusted
     prompts = heldout_prompts(heldout)[:3]
     engines = [open_engine(reg), open_engine(reg)]
     try:
@@ -480,12 +490,15 @@ def test_sampled_replies_are_seeded_kept_apart_from_greedy_ones_and_judged_by_th
                          judged_max_new_tokens=12, judged_samples=3)
         runs = [gate(current=model, candidate=model, base=model, current_engine=engines[0],
                      candidate_engine=engines[1], heldout=heldout, reward_model=judge,
-                     calibration=calibration, cfg=cfg, deadline=deadline)
-                for deadline in (None, time.monotonic())]
+                     calibration=cal, cfg=cfg, deadline=deadline)
+                for cal, deadline in ((calibration, None), (calibration, time.monotonic()),
+                                      (untrusted, None))]
     finally:
         for engine in engines:
             engine.close()
-    b, short = (r["checks"]["b_reward_model"] for r in runs)
+    b, short, at_chance = (r["checks"]["b_reward_model"] for r in runs)
+    # a judge at chance: its direction counts for nothing, so one greedy reply a prompt
+    assert not at_chance["sampled"] and at_chance["replies_per_prompt"] == 1
     assert b["sampled"] and b["replies_per_prompt"] == 3 and b["prompts"] == 3
     assert "the mean of its 3 sampled ones" in b["why"]
     for example in b["examples"]:  # the same model and seeds: the same replies and scores

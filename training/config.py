@@ -186,7 +186,8 @@ class GateConfig:
                                      "reply; more, that many sampled at the page's settings "
                                      "(seeded), the judge's mean score per prompt compared: "
                                      "what users get, not the one reply greedy decoding "
-                                     "always gives, at that many times the cost a prompt",
+                                     "always gives, at that many times the cost a prompt; "
+                                     "a judge at chance on its check gets greedy replies",
                                   low=1, high=16)
     repetition_penalty: float = setting(GenerationSettings().repetition_penalty,
                                         "(b) and (c) replies are greedy with this penalty: the "

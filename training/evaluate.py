@@ -32,6 +32,8 @@ no check decides on a difference inside its own noise.
     sampled at the page's settings (seeds 0..k-1: the same replies in every gate), and the
     judge's mean per prompt is compared (the approval: the mean chance over a prompt's
     replies): what users are served, where one greedy reply can hide what a version does.
+    Only for a judge its round trusts: one at chance has no direction to count, and its
+    greedy replies leave (a) the time.
 (c) What the model knew: `regression_set.jsonl` (120 short questions with known answers,
     shipped here; at 40 a candidate answering 28 against 33 was inside the noise) answered
     the same way; the per-question accuracy difference may not show a loss (its interval
@@ -432,7 +434,10 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         prompts, cur_b, cand_b, cur_s, cand_s = [], [], [], [], []
         asked = available[:cfg.max_heldout_prompts]
 
-        k = cfg.judged_samples
+        # sampled replies cost k times the time; a judge at chance has no direction to show
+        # with them ((b) counts it for nothing), so it gets one greedy reply a prompt and (a)
+        # the time saved
+        k = cfg.judged_samples if calibration.trusted else 1
 
         def work(rows: list) -> int:  # replies to write and to judge (the current's may be kept)
             return 3 * k * len(rows) + kept[0].unkept(rows, cfg.judged_max_new_tokens, k)
