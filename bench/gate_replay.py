@@ -54,6 +54,7 @@ def summary(g: dict) -> dict:
     return {"a_votes": a.get("votes"), "a_votes_available": a.get("votes_available"),
             "a_confidence": (a.get("difference") or {}).get("p_better"),
             "a_cached": a.get("cached"), "b_prompts": b.get("prompts"),
+            "b_replies_per_prompt": b.get("replies_per_prompt", 1),
             # (b)'s one-sided confidence, pooled with (a)'s: since session 18 its own
             # ("p_better"); in session 17 the calibrated approval's ("difference"); before,
             # the judge's win rate's ("interval")
@@ -189,8 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
             for engine in engines:
                 engine.close()
         row = {"round": candidate_name, "current": current_name, "budget_s": budget,
-               "gate_settings": overrides, "heldout": heldout.counts, "original": summary(report["gate"]),
-               "replay": summary(replay)}
+               "gate_settings": overrides, "heldout": heldout.counts,
+               "original": summary(report["gate"]), "replay": summary(replay)}
         rows.append(row)
         o, r = row["original"], row["replay"]
         print(f"{candidate_name}: (a) {o['a_votes']} -> {r['a_votes']} of "

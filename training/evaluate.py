@@ -472,8 +472,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             f"on {len(prompts)} prompts"
             + (f" x {k} sampled replies" if k > 1 else "")
             + f" in {time.monotonic() - t:.0f}s")
-    for k in kept:
-        k.save()
+    for cache in kept:
+        cache.save()
 
     # (a) implicit reward ranking on held-out votes, scored until the deadline.
     t = time.monotonic()
