@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from bench import a_check, b_budget, b_sample, ceiling, judge_lr, reasons, variants
+from bench import a_check, b_budget, b_sample, ceiling, gate_replay, judge_lr, reasons, variants
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -44,7 +44,8 @@ def test_prompt_set_and_users():
 
 
 def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
-    """An unknown user, a negative round count, a --report without a run: a message naming the
+    """An unknown user, a negative round count, a --report without a run, a gate setting that
+    does not exist or is out of range, results that are not there: a message naming the
     problem at once, nothing written (before, an unknown user failed after minutes of the base
     model's replies, and --report on an empty folder with a traceback)."""
     out = tmp_path / "loop"
@@ -57,7 +58,14 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
         (reasons.main, ["--users", "tips,nobody", "--out", str(tmp_path / "reasons")],
          "unknown users ['nobody']"),
         (b_sample.main, ["--store", str(tmp_path), "--user", "nobody"],
-         "unknown users ['nobody']")]
+         "unknown users ['nobody']"),
+        (gate_replay.main, ["--store", str(tmp_path), "--gate", "judged_samples=0"],
+         "gate.judged_samples must be in [1, 16]"),
+        (gate_replay.main, ["--store", str(tmp_path), "--gate", "judged_samples"],
+         "expected NAME=VALUE"),
+        (gate_replay.main, ["--store", str(tmp_path), "--gate", "judged=2"],
+         "unknown setting 'gate.judged'"),
+        (b_budget.main, ["--results", str(tmp_path / "none.json")], "cannot read")]
     for command, argv, message in cases:
         with pytest.raises(SystemExit) as exited:
             command(argv)
