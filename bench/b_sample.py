@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -77,12 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = fresh_work(args.out, args.store)
 
     from serving.backends import open_engine
-    from serving.chat import split_system
-    from serving.config import GenerationSettings, ServingConfig
+    from serving.config import ServingConfig
     from serving.model import resolve_base
     from serving.registry import Registry
     from training.dataset import load_feedback
     from training.evaluate import answers, heldout_prompts
+    from training.evaluate import replies as write
 
     registry = Registry()
     base_name, base_source = resolve_base()
@@ -99,23 +98,18 @@ def main(argv: list[str] | None = None) -> dict:
         judge = load_judge(base_source, loaded.tokenizer, registry.get(names[1]).dir.reward,
                            cfg.reward.max_length)
         del loaded
-        page = GenerationSettings(max_new_tokens=cfg.gate.judged_max_new_tokens,
-                                  repetition_penalty=cfg.gate.repetition_penalty)
+        length, penalty = cfg.gate.judged_max_new_tokens, cfg.gate.repetition_penalty
         replies, seconds = {}, {}
         for name in names:
             engine = open_engine(registry, name, ServingConfig(slots=8))
             try:
                 t = time.monotonic()
-                replies[name, "greedy"] = answers(engine, prompts, page.max_new_tokens,
-                                                  page.repetition_penalty)
+                replies[name, "greedy"] = answers(engine, prompts, length, penalty)
                 seconds[name, "greedy"] = time.monotonic() - t
-                t = time.monotonic()
-                pending = []
-                for conversation in prompts:
-                    system, turns = split_system(conversation)
-                    pending += [engine.submit(turns, replace(page, seed=i, system_prompt=system))
-                                for i in range(args.samples)]
-                replies[name, "sampled"] = [p.wait() for p in pending]
+                t = time.monotonic()  # seeds 0..k-1 at the page's settings, as the gate's (b)
+                replies[name, "sampled"] = write(
+                    engine, [(c, i) for c in prompts for i in range(args.samples)], length,
+                    penalty)
                 seconds[name, "sampled"] = time.monotonic() - t
             finally:
                 engine.close()
