@@ -8,8 +8,10 @@ replies it scored (`<data>/training/gate_cache`), so for each round in the store
 that reached its gate (and whose version folder, which names its base model, is kept), the
 held-out votes as the round split them (the database as of the round's start,
 `bench.gate_replay.store_as_of`) that the base, the serving version and the candidate all have
-log-probabilities for, up to as many as the gate scored, in the gate's order, give both forms
-of (a):
+log-probabilities for, up to as many as the gate scored, in the gate's order (the votes
+earlier gates scored first, and those a `training prepare` before the round scored, as its
+record in the round's report says; exact while no vote arrived between the two), give both
+forms of (a):
 - before: AUC of the candidate's implicit reward against the base model minus the current's
   (each version's own ranking of the votes);
 - now: AUC of the candidate's implicit reward with the current as the reference (its
@@ -64,8 +66,18 @@ def gates(store: Path) -> list[dict]:
             lps = [kept.get(v, {}) for v in (base, report["current_version"], report["round"])]
             # as the gate ordered them: first the votes whose base and serving-version
             # log-probabilities earlier gates had kept (scored there), then the others
-            ordered = known_first(alternating(heldout.votes, cfg.gate.seed), lambda v: all(
-                key(v) in scored.get(m, ()) for m in (base, report["current_version"])))
+            def earlier(v: dict) -> bool:
+                return all(key(v) in scored.get(m, ()) for m in (base, report["current_version"]))
+
+            ordered = known_first(alternating(heldout.votes, cfg.gate.seed), earlier)
+            prepared = report.get("prepared") or {}
+            if prepared.get("heldout") == heldout.counts:  # `training prepare` ran before it,
+                # on these votes in this order: those it scored are known to the gate too
+                ready = {key(v) for v in ordered[:prepared["a_logps"]["items"]]}
+                for m in (base, report["current_version"]):
+                    scored.setdefault(m, set()).update(ready)
+                ordered = known_first(alternating(heldout.votes, cfg.gate.seed),
+                                      lambda v: earlier(v) or key(v) in ready)
             ordered = ordered[:g["checks"]["a_heldout_ranking"]["votes"]]  # as many as it scored
             for m in (base, report["current_version"], report["round"]):
                 scored.setdefault(m, set()).update(key(v) for v in ordered)

@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                         help="a gate setting put over the round's own (JSON value; repeatable):"
                              " today's gate with it, e.g. judged_samples=2")
+    parser.add_argument("--prepare", action="store_true",
+                        help="before each gate, what `python -m training prepare` computes of "
+                             "its serving version (off its clock): the gate as it runs after it")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gate_replay")
     args = parser.parse_args(argv)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     from serving.config import ServingConfig
     from serving.model import resolve_base
     from serving.registry import Registry
-    from training.evaluate import gate
+    from training.evaluate import gate, prepare
     from training.synthetic import check_sample, judge_quality
 
     registry, fp32 = Registry(), ServingConfig(dtype="float32")
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
         engines = [open_engine(registry, n) for n in (current_name, candidate_name)]
         budget = report["timings_s"]["gate"]
         try:
+            prepared = prepare(current=current, base=base, current_engine=engines[0],
+                               heldout=heldout, cfg=cfg.gate, log=print,
+                               cache_dir=work / "gate_cache") if args.prepare else None
             replay = gate(current=current, candidate=candidate, base=base,
                           current_engine=engines[0], candidate_engine=engines[1],
                           heldout=heldout, reward_model=judge, calibration=calibration,
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
             for engine in engines:
                 engine.close()
         row = {"round": candidate_name, "current": current_name, "budget_s": budget,
-               "gate_settings": overrides, "heldout": heldout.counts,
+               "gate_settings": overrides, "heldout": heldout.counts, "prepared": prepared,
                "original": summary(report["gate"]), "replay": summary(replay)}
         rows.append(row)
         o, r = row["original"], row["replay"]

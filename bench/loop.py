@@ -166,24 +166,43 @@ def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str
     return counts
 
 
-def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
-    """`python -m training run` in a subprocess: exit code, wall time, its peak memory."""
-    cmd = [sys.executable, "-m", "training", "run", "--max-minutes", str(max_minutes)]
+def training_command(command: str, round_config: dict | None, max_minutes: float) -> dict:
+    """`python -m training COMMAND` in a subprocess, its output in the store's rounds.log:
+    exit code, wall time, its peak memory (MB)."""
+    cmd = [sys.executable, "-m", "training", command, "--max-minutes", str(max_minutes)]
     if round_config:
         path = Path(os.environ["CHAT_DATA_DIR"]) / "round-config.json"
         path.write_text(json.dumps(round_config))
         cmd += ["--config", str(path)]
     start = time.monotonic()
-    log = open(Path(os.environ["CHAT_DATA_DIR"]) / "rounds.log", "a")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    log.close()
-    reports = sorted((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
-    report = json.loads(reports[-1].read_text()) if reports else {}
+    with open(Path(os.environ["CHAT_DATA_DIR"]) / "rounds.log", "a") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
     return {"exit_code": os.waitstatus_to_exitcode(status),
             "seconds": round(time.monotonic() - start, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def prepare_next_gate(round_config: dict | None, max_minutes: float) -> dict:
+    """`python -m training prepare` (the serving version's half of the next gate, off the
+    round's clock): exit code, wall time, peak memory and what it prepared."""
+    done = training_command("prepare", round_config, max_minutes)
+    prepared = Path(os.environ["CHAT_DATA_DIR"]) / "training" / "prepared.json"
+    try:
+        done["prepared"] = json.loads(prepared.read_text())
+    except (OSError, ValueError):
+        done["prepared"] = None
+    return done
+
+
+def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
+    """`python -m training run` in a subprocess: exit code, wall time, its peak memory."""
+    done = training_command("run", round_config, max_minutes)
+    reports = sorted((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
+    report = json.loads(reports[-1].read_text()) if reports else {}
+    return {**done,
             # the round resets its high-water mark per stage: its peak is the largest stage's
-            "peak_rss_mb": round(max([usage.ru_maxrss / 1024,
+            "peak_rss_mb": round(max([done["peak_rss_mb"],
                                       *(report.get("peak_mb") or {}).values()])),
             "decision": report.get("decision"), "candidate": report.get("round"),
             "message": report.get("message"), "timings_s": report.get("timings_s"),
@@ -242,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--judge-check", action=argparse.BooleanOptionalAction, default=True,
                         help="score both versions' test replies with the round's judge and "
                         "compare with the user's verdicts (~1-2 min a round)")
+    parser.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
+                        help="before each round, `python -m training prepare` (the serving "
+                        "version's half of the gate, off the round's clock, as `training "
+                        "schedule` does between rounds; timed in the row)")
     parser.add_argument("--report", action="store_true",
                         help="only print the table and redraw the plot from loop.json")
     parser.add_argument("--compare", nargs="+", metavar="LABEL=FOLDER",
@@ -322,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
             texts, version = replies(prompts, args.replies_per_prompt, settings)
             gen_s, gen_mb = time.monotonic() - t, peak_mb()
             counts = record_votes(user, prompts, texts, version, settings.to_dict(), r)
+            prepared = prepare_next_gate(args.round_config, args.max_minutes) \
+                if args.prepare else None
             training = run_training_round(args.round_config, args.max_minutes)
             t, _ = time.monotonic(), reset_peak()
             after, version = replies(test, args.test_samples, settings)
@@ -332,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["versions"].append(version)
             row["rounds"].append({"votes": counts, "generate_seconds": round(gen_s, 1),
                                   "generate_peak_mb": gen_mb,
-                                  "training": training,
+                                  "prepare": prepared, "training": training,
                                   "mean_words_after": sum(words(x) for xs in after for x in xs)
                                   / sum(len(xs) for xs in after)})
             # the candidate's test replies: served now, or measured though rejected

@@ -89,6 +89,9 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         # (identical replies to one prompt merge into one row)
         assert 24 < second["training"]["data"]["all"]["votes"] <= 48
     assert rnd["training"]["exit_code"] in (0, 3, 5, 6) and rnd["training"]["peak_rss_mb"] > 0
+    for i, r in enumerate(row["rounds"]):  # each round's gate prepared for the version serving
+        assert r["prepare"]["exit_code"] == 0 and r["prepare"]["seconds"] > 0
+        assert r["prepare"]["prepared"]["version"] == row["versions"][i]
     stages = rnd["training"]["peak_mb"]  # each stage's own peak memory, beside its time
     assert set(stages) == set(rnd["training"]["timings_s"]) - {"total"}
     if rnd["training"]["exit_code"] not in (3, 6):

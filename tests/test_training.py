@@ -641,6 +641,71 @@ def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model
     assert third["candidate_auc"] == first["current_auc"]
 
 
+def test_prepare_computes_the_serving_versions_half_of_the_gate_before_it(tiny_model, tmp_path):
+    """`prepare` (what `python -m training prepare` runs between rounds) writes the serving
+    version's replies to (c)'s questions and (b)'s held-out prompts and its and the base
+    model's log-probabilities of (a)'s votes where the gate reads them, under the gate's own
+    keys: the gate then computes only the candidate's, with the same figures as a gate that
+    computed everything itself. A second prepare writes nothing; one out of time writes
+    nothing and says so."""
+    import shutil
+    import time
+
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from training.config import GateConfig
+    from training.dataset import load_feedback, split
+    from training.evaluate import (ReplyCache, gate, heldout_prompts, load_regression_set,
+                                   prepare)
+
+    fill(16, liked_good=lambda cid: cid % 2 == 0)
+    _, heldout = split(load_feedback(), DataConfig(heldout_fraction=0.5))
+    reg = Registry()
+    for name in ("v2", "v3", "v4"):
+        staging = reg.staging(name)
+        shutil.copytree(tiny_model, staging.model)
+        reg.register(name, staging, {"parent": tiny_model.name, "kind": "full"})
+    fp32 = ServingConfig(dtype="float32")
+    base, v2, v3, v4 = (reg.load(n, fp32) for n in (None, "v2", "v3", "v4"))
+    cfg = GateConfig(reply_max_new_tokens=2, judged_max_new_tokens=3, max_heldout_prompts=3)
+    cache, fresh = tmp_path / "prepared", tmp_path / "fresh"
+    questions, votes = len(load_regression_set()), len(heldout.votes)
+    prompts = heldout_prompts(heldout)[:3]
+    engines = [open_engine(reg), open_engine(reg)]
+    try:
+        def prepared(current, deadline=None) -> dict:
+            return prepare(current=current, base=base, current_engine=engines[0],
+                           heldout=heldout, cfg=cfg, deadline=deadline, cache_dir=cache)
+
+        first, again = prepared(v2), prepared(v2)
+        late = prepared(v4, deadline=time.monotonic() - 1)
+        kept = ReplyCache(cache, "v2", engines[0], cfg.repetition_penalty)
+        assert kept.unkept(prompts, cfg.judged_max_new_tokens) == 0  # (b)'s, ready
+        after, alone = (gate(current=v2, candidate=v3, base=base, current_engine=engines[0],
+                             candidate_engine=engines[1], heldout=heldout, reward_model=None,
+                             calibration=None, cfg=cfg, cache_dir=folder)
+                        for folder in (cache, fresh))
+    finally:
+        for engine in engines:
+            engine.close()
+    assert (first["questions"], first["prompts"], first["votes"]) == (questions, 3, votes)
+    assert [first[k]["written"] for k in ("c_replies", "b_replies", "a_logps")] == \
+        [questions, 3, 2 * votes]  # the base's log-probabilities and the serving version's
+    assert [again[k]["written"] for k in ("c_replies", "b_replies", "a_logps")] == [0, 0, 0]
+    assert [again[k]["items"] for k in ("c_replies", "b_replies", "a_logps")] == \
+        [questions, 3, votes]
+    assert [late[k]["items"] for k in ("c_replies", "b_replies", "a_logps")] == [0, 0, 0]
+    assert all(json.loads(p.read_text()) == {} for p in cache.glob("v4.*"))  # none kept
+    assert after["replies_kept"] == {"v2": questions, "v3": 0}
+    assert alone["replies_kept"] == {"v2": 0, "v3": 0}
+    a_after, a_alone = (g["checks"]["a_heldout_ranking"] for g in (after, alone))
+    assert a_after["cached"] == {base.version: votes, "v2": votes, "v3": 0}
+    assert a_after["votes"] == a_alone["votes"] == votes
+    assert a_after["difference"] == a_alone["difference"]
+    assert after["checks"]["c_regression"]["current"] == \
+        alone["checks"]["c_regression"]["current"]
+
+
 def test_a_candidate_moving_further_the_way_the_serving_version_learned_ranks_better(
         tiny_model, tmp_path):
     """(a) measures the candidate against the serving version, not each against the base: a
@@ -781,6 +846,36 @@ def test_schedule_runs_a_round_only_when_enough_new_votes(tiny_model, tmp_path):
     assert "48 new votes (>= 40): starting a round" in done.stdout
     assert "0 new votes (< 40)" in done.stdout
     assert len(Registry().versions()) == 1
+    # between rounds it prepared the next gate for the version serving now
+    assert "preparing the next gate" in done.stdout
+    prepared = json.loads((Path(os.environ["CHAT_DATA_DIR"]) / "training" / "prepared.json")
+                          .read_text())
+    assert prepared["version"] == Registry().current_name()
+
+
+def test_prepare_from_the_command_line_goes_into_the_next_rounds_report(tiny_model, tmp_path):
+    """`python -m training prepare` then `run`: the round's gate finds the serving version's
+    replies ready (it writes the candidate's alone) and its report says what was prepared;
+    while a round runs, prepare waits its turn (exit 4)."""
+    from training.lock import round_lock
+    from training.evaluate import load_regression_set
+
+    fill(24)
+    with round_lock():
+        busy = training_cli("prepare", config=LENIENT, tmp_path=tmp_path)
+    assert busy.returncode == 4 and "Another round is running" in busy.stderr
+    done = training_cli("prepare", config=LENIENT, tmp_path=tmp_path)
+    questions = len(load_regression_set())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"{questions} of {questions} questions" in done.stdout
+    ran = training_cli("run", config=LENIENT, tmp_path=tmp_path)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    [version] = Registry().versions()
+    report = round_report(version.name)
+    assert report["prepared"]["version"] == tiny_model.name
+    assert report["gate"]["replies_kept"][tiny_model.name] >= questions
+    a = report["gate"]["checks"]["a_heldout_ranking"]
+    assert a["cached"][tiny_model.name] == a["votes"]  # the base serves: one model, prepared
 
 
 def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):

@@ -4,6 +4,7 @@
     python -m training status [--json]
     python -m training rollback [VERSION]
     python -m training schedule --min-new-votes 50 --interval-minutes 30
+    python -m training prepare [--max-minutes N] [--config round.json]
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-new-votes", type=int, default=50)
     p.add_argument("--interval-minutes", type=float, default=30.0)
     p.add_argument("--max-checks", type=int, help="stop after this many checks (default: never)")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="do not prepare the next gate between rounds (see `prepare`)")
+    p = sub.add_parser(
+        "prepare", help="compute the serving version's half of the next gate now, off the "
+        "round's clock", description="The serving version's replies to the gate's regression "
+        "questions and held-out prompts, and its and the base model's log-probabilities of the "
+        "held-out votes, kept where the next round's gate reads them: that gate then computes "
+        "only the candidate's, and judges more prompts and votes in its time. What is kept "
+        "already costs nothing. `schedule` runs it between rounds.")
+    p.add_argument("--config", type=Path, help="JSON with RoundConfig fields (its data and "
+                   "gate settings are the round's)")
+    add_flags(p, RoundConfig, ["max_minutes"])
     return parser
 
 
@@ -97,7 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             from training.schedule import run_schedule
             return run_schedule(round_config(args), min_new_votes=args.min_new_votes,
                                 interval_s=args.interval_minutes * 60,
-                                max_checks=args.max_checks, log=echo)
+                                max_checks=args.max_checks, prepare=not args.no_prepare,
+                                log=echo)
+        if args.command == "prepare":
+            from training.round import prepare_gate
+            done = prepare_gate(round_config(args), log=echo, started=STARTED)
+            print(f"prepared in {done['seconds']:.0f}s: {done['c_replies']['items']} of "
+                  f"{done['questions']} questions, {done['b_replies']['items']} of "
+                  f"{done['prompts']} held-out prompts, {done['a_logps']['items']} of "
+                  f"{done['votes']} held-out votes")
+            return 0
         if args.command == "status":
             s = status()
             print(json.dumps(s, indent=2) if args.json else format_status(s))

@@ -53,13 +53,15 @@ while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
 The gate works to a deadline: (c) asks at least `min_regression_questions` and more while
 `regression_share` of the time allows (all 120 once the serving version's replies are kept);
-(b) answers and judges held-out prompts a chunk at a time while half the time left allows (at
-least `min_heldout_prompts`); (a) scores
-held-out votes, both labels alternating, until its time is up (at least `min_heldout_votes`);
-votes that earlier gates scored go first, their base and serving-version log-probabilities kept
-(`LogpCache`), so rounds 2 and 3 score more of them in the same time. The serving version's
-greedy replies to (c)'s questions and (b)'s prompts are kept the same way (`ReplyCache`), from
-the gate where it was the candidate.
+(a) scores held-out votes, both labels alternating, while half the time left allows (at least
+`min_heldout_votes`); votes that earlier gates scored go first, their base and serving-version
+log-probabilities kept (`LogpCache`), so rounds 2 and 3 score more of them in the same time;
+(b) answers and judges held-out prompts a chunk at a time while the rest of the time allows
+(at least `min_heldout_prompts`). The serving version's greedy replies to (c)'s questions and
+(b)'s prompts are kept the same way (`ReplyCache`), from the gate where it was the candidate.
+`prepare` computes all of the serving version's half before the round, off its clock (`python
+-m training prepare`; `training schedule` runs it between rounds): the gate then computes the
+candidate's alone, and what it saves goes to more questions, votes and prompts.
 """
 
 from __future__ import annotations
@@ -365,6 +367,84 @@ def share_end(start: float, deadline: float, share: float) -> float:
     return start + share * max(0.0, deadline - start) if deadline < float("inf") else deadline
 
 
+def regression_questions() -> tuple[list[dict], list[list[dict]]]:
+    """(c)'s regression set and its questions as conversations, in the order (c) asks them."""
+    regression = load_regression_set()
+    return regression, [[{"role": "user", "content": it["question"]}] for it in regression]
+
+
+def prepare(*, current: LoadedModel, base: LoadedModel, current_engine, heldout: FeedbackData,
+            cfg: GateConfig, deadline: float | None = None, log=lambda line: None,
+            cache_dir: Path) -> dict:
+    """What the next gate needs of the serving version, computed before the round: its replies
+    to (c)'s questions and to (b)'s held-out prompts, and its and the base model's
+    log-probabilities of (a)'s held-out votes, kept in `cache_dir` where the gate reads them
+    (`ReplyCache`, `LogpCache`), in the order the gate asks for them. None of it depends on
+    the candidate, so the gate then computes only the candidate's half: in a round's first
+    gate, where nothing of the base model was kept, (c)'s 40 questions took 78 of its 175 s
+    and (b) had time for 8 of 16 prompts (session 25's example round 1). Within `deadline`
+    (time.monotonic()), each part by the gate's own shares; what is kept already costs
+    nothing. Returns how many of each were written and kept."""
+    start = time.monotonic()
+    deadline = deadline if deadline is not None else float("inf")
+    kept = ReplyCache(cache_dir, current.version, current_engine, cfg.repetition_penalty)
+    done: dict[str, dict] = {}
+
+    def written(name: str, rows: list, units: int, began: float) -> None:
+        kept.save()
+        done[name] = {"items": rows, "written": units, "seconds": round(time.monotonic() - began,
+                                                                        1)}
+        log(f"prepare ({name[0]}): {units} of the serving version's {name.split('_')[1]} "
+            f"written, {rows} ready, in {time.monotonic() - began:.0f}s")
+
+    t = time.monotonic()
+    _, questions = regression_questions()
+    before = kept.unkept(questions, cfg.reply_max_new_tokens)
+    asked = 0
+    for rows in in_time(questions, share_end(t, deadline, cfg.regression_share), chunk=20,
+                        at_least=0, cost=lambda r: kept.unkept(r, cfg.reply_max_new_tokens)):
+        kept.answers(rows, cfg.reply_max_new_tokens)
+        asked += len(rows)
+    written("c_replies", asked, before - kept.unkept(questions, cfg.reply_max_new_tokens), t)
+
+    # greedy replies, and the sampled ones too where (b) asks for them: a judge its round
+    # does not trust gets greedy ones
+    t = time.monotonic()
+    prompts = heldout_prompts(heldout)[:cfg.max_heldout_prompts]
+    forms = sorted({1, cfg.judged_samples})
+    before = sum(kept.unkept(prompts, cfg.judged_max_new_tokens, k) for k in forms)
+    asked = 0
+    for rows in in_time(prompts, share_end(t, deadline, 0.5), chunk=cfg.min_heldout_prompts,
+                        at_least=0, cost=lambda r: sum(kept.unkept(r, cfg.judged_max_new_tokens,
+                                                                   k) for k in forms)):
+        for k in forms:
+            kept.answers(rows, cfg.judged_max_new_tokens, k)
+        asked += len(rows)
+    after = sum(kept.unkept(prompts, cfg.judged_max_new_tokens, k) for k in forms)
+    written("b_replies", asked, before - after, t)
+
+    t = time.monotonic()
+    caches = [LogpCache(cache_dir, m) for m in ([base] if current is base else [base, current])]
+    votes = alternating(heldout.votes, cfg.seed)  # the gate's order, its known ones first
+    votes = known_first(votes, lambda v: all(c.known(v) for c in caches))
+    before = sum(not c.known(v) for c in caches for v in votes)
+    asked = 0
+    for rows in in_time(votes, deadline, chunk=16, at_least=0,
+                        cost=lambda r: sum(not c.known(v) for c in caches for v in r)):
+        for cache in caches:
+            cache.mean_logps(rows)
+        asked += len(rows)
+    for cache in caches:
+        cache.save()
+    done["a_logps"] = {"items": asked, "written": before - sum(
+        not c.known(v) for c in caches for v in votes), "seconds": round(time.monotonic() - t, 1)}
+    log(f"prepare (a): {done['a_logps']['written']} log-probabilities written "
+        f"({' and '.join(c.loaded.version for c in caches)}), {asked} of {len(votes)} votes "
+        f"ready, in {time.monotonic() - t:.0f}s")
+    return {"version": current.version, "questions": len(questions), "prompts": len(prompts),
+            "votes": len(votes), **done, "seconds": round(time.monotonic() - start, 1)}
+
+
 def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
          current_engine, candidate_engine, heldout: FeedbackData, reward_model,
          calibration: Calibration | None, cfg: GateConfig, deadline: float | None = None,
@@ -385,7 +465,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     # version's replies are usually kept, so later gates answer all 120 with the candidate
     # alone; the first gate answers for both models, and on a slow CPU the whole set would
     # leave (b) and (a) little time.
-    regression = load_regression_set()
+    regression, questions = regression_questions()
     t = time.monotonic()
     c_end = share_end(t, deadline, cfg.regression_share)
     cur_replies, cand_replies = [], []
@@ -393,8 +473,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     def to_answer(rows: list) -> int:  # replies to write (the current's may be kept)
         return len(rows) + kept[0].unkept(rows, cfg.reply_max_new_tokens)
 
-    for rows in in_time([[{"role": "user", "content": it["question"]}] for it in regression],
-                        c_end, chunk=20, at_least=cfg.min_regression_questions, cost=to_answer):
+    for rows in in_time(questions, c_end, chunk=20, at_least=cfg.min_regression_questions,
+                        cost=to_answer):
         o, c = (k.answers(rows, cfg.reply_max_new_tokens) for k in kept)
         cur_replies += o
         cand_replies += c
@@ -418,65 +498,11 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     log(f"gate (c): {sum(cand_ok)}/{len(items)} vs {sum(cur_ok)}/{len(items)} "
         f"of {len(regression)} questions in {time.monotonic() - t:.0f}s")
 
-    # (b) the reward model's verdict on held-out prompts, as many as half the time left allows:
-    # answered and judged a chunk at a time, so the judge's scoring counts too (on a CPU without
-    # bfloat16 it took as long as the answers, and a count fitted to the answers alone ran (b)
-    # past its share and the round past its budget).
-    available = heldout_prompts(heldout)
-    if reward_model is None or calibration is None or not available:
-        checks["b_reward_model"] = {
-            "verdict": "no difference", "prompts": 0, "prompts_available": len(available),
-            "why": "no reward model calibrated on held-out votes, or no held-out prompts to "
-                   "judge on"}
-    else:
-        t = time.monotonic()
-        b_end = share_end(t, deadline, 0.5)
-        prompts, cur_b, cand_b, cur_s, cand_s = [], [], [], [], []
-        asked = available[:cfg.max_heldout_prompts]
-
-        # sampled replies cost k times the time; a judge at chance has no direction to show
-        # with them ((b) counts it for nothing), so it gets one greedy reply a prompt and (a)
-        # the time saved
-        k = cfg.judged_samples if calibration.trusted else 1
-
-        def work(rows: list) -> int:  # replies to write and to judge (the current's may be kept)
-            return 3 * k * len(rows) + kept[0].unkept(rows, cfg.judged_max_new_tokens, k)
-
-        for rows in in_time(asked, b_end, at_least=cfg.min_heldout_prompts, cost=work,
-                            chunk=cfg.min_heldout_prompts if b_end < float("inf") else
-                            len(asked)):
-            o, c = (kp.answers(rows, cfg.judged_max_new_tokens, k) for kp in kept)
-            each = [p for p in rows for _ in range(k)]  # a prompt's replies together
-            scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
-                                         zip(each * 2, o + c)])
-            prompts += rows
-            cur_b += o
-            cand_b += c
-            cur_s += [scores[i:i + k] for i in range(0, len(each), k)]
-            cand_s += [scores[len(each) + i:len(each) + i + k] for i in range(0, len(each), k)]
-        pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
-                              for o, c in zip(cur_b, cand_b)]
-        judged = judge_verdict(cand_s, cur_s, calibration, cfg.max_approval_loss, **stats)
-        mean = sum(map(sum, cur_s)) / len(cur_b), sum(map(sum, cand_s)) / len(cand_b)
-        checks["b_reward_model"] = {
-            **judged, "calibration_votes": len(calibration.labels), "prompts": len(prompts),
-            "prompts_available": len(available), "replies_per_prompt": k,
-            "sampled": k > 1, "mean_reward_current": mean[0], "mean_reward_candidate": mean[1],
-            "max_new_tokens": cfg.judged_max_new_tokens,
-            "examples": [{"prompt": p[-1]["content"], "current": o, "candidate": c,
-                          "current_reward": so[0], "candidate_reward": sc[0]}
-                         for p, o, c, so, sc in zip(prompts, cur_b[::k], cand_b[::k], cur_s,
-                                                    cand_s)][:5]}
-        log(f"gate (b): the judge prefers the candidate on {judged['win_rate']:.0%}, expects "
-            f"approval {judged['approval_candidate']:.0%} vs {judged['approval_current']:.0%} "
-            f"on {len(prompts)} prompts"
-            + (f" x {k} sampled replies" if k > 1 else "")
-            + f" in {time.monotonic() - t:.0f}s")
-    for cache in kept:
-        cache.save()
-
-    # (a) implicit reward ranking on held-out votes, scored until the deadline.
+    # (a) implicit reward ranking on held-out votes, scored while half the time left allows;
+    # (b) gets the rest, so what (a) leaves (all its votes scored early, their base and
+    # serving-version log-probabilities kept) goes to (b)'s prompts.
     t = time.monotonic()
+    a_end = share_end(t, deadline, 0.5)
     votes = alternating(heldout.votes, cfg.seed)
     if len(votes) < cfg.min_heldout_votes or len({v["label"] for v in votes}) < 2:
         checks["a_heldout_ranking"] = {
@@ -493,7 +519,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             return sum(not cache.known(v) for cache in caches for v in rows)
 
         scored = 0
-        for rows in in_time(votes, deadline, chunk=16, at_least=cfg.min_heldout_votes,
+        for rows in in_time(votes, a_end, chunk=16, at_least=cfg.min_heldout_votes,
                             cost=to_score):
             for lp, cache in zip(lps, caches):
                 lp += cache.mean_logps(rows)
@@ -525,6 +551,62 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                        f"{cand_auc:.3f} vs {cur_auc:.3f}"}
         log(f"gate (a): {scored} of {len(votes)} votes in {time.monotonic() - t:.0f}s "
             f"({sum(c.hits for c in caches)} log-probabilities cached)")
+
+    # (b) the reward model's verdict on held-out prompts, as many as the time left allows:
+    # answered and judged a chunk at a time, so the judge's scoring counts too (on a CPU without
+    # bfloat16 it took as long as the answers, and a count fitted to the answers alone ran (b)
+    # past its share and the round past its budget).
+    available = heldout_prompts(heldout)
+    if reward_model is None or calibration is None or not available:
+        checks["b_reward_model"] = {
+            "verdict": "no difference", "prompts": 0, "prompts_available": len(available),
+            "why": "no reward model calibrated on held-out votes, or no held-out prompts to "
+                   "judge on"}
+    else:
+        t = time.monotonic()
+        prompts, cur_b, cand_b, cur_s, cand_s = [], [], [], [], []
+        asked = available[:cfg.max_heldout_prompts]
+
+        # sampled replies cost k times the time; a judge at chance has no direction to show
+        # with them ((b) counts it for nothing), so it gets one greedy reply a prompt, on as
+        # many prompts as the time allows
+        k = cfg.judged_samples if calibration.trusted else 1
+
+        def work(rows: list) -> int:  # replies to write and to judge (the current's may be kept)
+            return 3 * k * len(rows) + kept[0].unkept(rows, cfg.judged_max_new_tokens, k)
+
+        for rows in in_time(asked, deadline, at_least=cfg.min_heldout_prompts, cost=work,
+                            chunk=cfg.min_heldout_prompts if deadline < float("inf") else
+                            len(asked)):
+            o, c = (kp.answers(rows, cfg.judged_max_new_tokens, k) for kp in kept)
+            each = [p for p in rows for _ in range(k)]  # a prompt's replies together
+            scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
+                                         zip(each * 2, o + c)])
+            prompts += rows
+            cur_b += o
+            cand_b += c
+            cur_s += [scores[i:i + k] for i in range(0, len(each), k)]
+            cand_s += [scores[len(each) + i:len(each) + i + k] for i in range(0, len(each), k)]
+        pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
+                              for o, c in zip(cur_b, cand_b)]
+        judged = judge_verdict(cand_s, cur_s, calibration, cfg.max_approval_loss, **stats)
+        mean = sum(map(sum, cur_s)) / len(cur_b), sum(map(sum, cand_s)) / len(cand_b)
+        checks["b_reward_model"] = {
+            **judged, "calibration_votes": len(calibration.labels), "prompts": len(prompts),
+            "prompts_available": len(available), "replies_per_prompt": k,
+            "sampled": k > 1, "mean_reward_current": mean[0], "mean_reward_candidate": mean[1],
+            "max_new_tokens": cfg.judged_max_new_tokens,
+            "examples": [{"prompt": p[-1]["content"], "current": o, "candidate": c,
+                          "current_reward": so[0], "candidate_reward": sc[0]}
+                         for p, o, c, so, sc in zip(prompts, cur_b[::k], cand_b[::k], cur_s,
+                                                    cand_s)][:5]}
+        log(f"gate (b): the judge prefers the candidate on {judged['win_rate']:.0%}, expects "
+            f"approval {judged['approval_candidate']:.0%} vs {judged['approval_current']:.0%} "
+            f"on {len(prompts)} prompts"
+            + (f" x {k} sampled replies" if k > 1 else "")
+            + f" in {time.monotonic() - t:.0f}s")
+    for cache in kept:
+        cache.save()
 
     # (c) continued: accuracy within the allowed loss, fluency not significantly worse.
     c = checks["c_regression"]

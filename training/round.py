@@ -25,7 +25,7 @@ from serving.registry import Registry
 from training.config import RoundConfig, TuneConfig
 from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, load_feedback,
                               own_votes, reward_pairs, split)
-from training.evaluate import gate, share_end
+from training.evaluate import gate, prepare, share_end
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
 from training.reward import train_reward_model
@@ -65,6 +65,56 @@ def run_round(cfg: RoundConfig | None = None, *, log=print,
     cfg = cfg or RoundConfig()
     with round_lock():
         return _run(cfg, log, time.monotonic() if started is None else started)
+
+
+def prepared_path() -> Path:
+    return data_dir() / "training" / "prepared.json"
+
+
+def read_prepared() -> dict | None:
+    """What `prepare_gate` last did (None if it never ran or its record is unreadable)."""
+    try:
+        record = json.loads(prepared_path().read_text())
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
+                 started: float | None = None) -> dict:
+    """`python -m training prepare`: the serving version's half of the next gate (its replies
+    to (c)'s questions and (b)'s held-out prompts, its and the base model's log-probabilities
+    of (a)'s held-out votes; `training.evaluate.prepare`), computed now, off the round's
+    clock, within `cfg.max_minutes` from `started`. Under the round lock (raises `RoundBusy`
+    while a round runs). Its record (`<data>/training/prepared.json`) goes into the next
+    round's report."""
+    cfg = cfg or RoundConfig()
+    start = time.monotonic() if started is None else started
+    with round_lock():
+        registry = Registry()
+        name = registry.current_name()
+        base_name, _ = resolve_base()
+        _, heldout = split(load_feedback(cfg.data), cfg.data)
+        fp32 = ServingConfig(dtype="float32")
+        current = registry.load(name, fp32)
+        base = current if name == base_name else registry.load(base_name, fp32)
+        engine = open_engine(registry, name)
+        try:
+            log(f"preparing the next gate for {name}: {heldout.counts['votes']} held-out votes")
+            done = prepare(current=current, base=base, current_engine=engine,
+                           heldout=heldout, cfg=cfg.gate, log=log,
+                           deadline=start + cfg.max_minutes * 60,
+                           cache_dir=registry.data / "training" / "gate_cache")
+        finally:
+            engine.close()
+        record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
+                  "heldout": heldout.counts}
+        path = prepared_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+        return record
 
 
 def liked_enough(own: dict, min_disliked_share: float) -> str | None:
@@ -115,6 +165,8 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     report: dict = {"round": round_id, "started_at": datetime.now(timezone.utc).isoformat(),
                     "current_version": current_name, "config": cfg.to_dict(), "timings_s": {},
                     "peak_mb": {}}
+    if (prepared := read_prepared()) and prepared.get("version") == current_name:
+        report["prepared"] = prepared  # the serving version's half of the gate, done before
     reset_peak()
 
     def timed(stage: str, began: float) -> None:  # time and peak memory of the stage ending

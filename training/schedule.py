@@ -14,9 +14,12 @@ from pathlib import Path
 from feedback import store
 from feedback.db import transaction
 from serving.config import data_dir
+from serving.registry import Registry
 from training.config import RoundConfig
+from training.dataset import load_feedback, split
 from training.lock import RoundBusy
-from training.round import BUSY, LIKED_ENOUGH, PROMOTED, REJECTED, run_round
+from training.round import (BUSY, LIKED_ENOUGH, PROMOTED, REJECTED, prepare_gate,
+                            read_prepared, run_round)
 
 
 def state_path() -> Path:
@@ -33,10 +36,25 @@ def new_votes() -> tuple[int, int]:
         return store.vote_events_since(session=session, after_id=after)
 
 
+def unprepared(cfg: RoundConfig) -> bool:
+    """Whether the next gate's serving-version half may be incomplete: `prepare_gate` has not
+    run for the serving version, or the held-out votes changed since it did, or its clock
+    stopped it short. Reads the store only (no model)."""
+    record = read_prepared()
+    if record is None or record.get("version") != Registry().current_name():
+        return True
+    _, heldout = split(load_feedback(cfg.data), cfg.data)
+    short = any(record.get(part, {}).get("items", 0) < record.get(total, 0) for part, total in
+                (("c_replies", "questions"), ("b_replies", "prompts"), ("a_logps", "votes")))
+    return short or record.get("heldout") != heldout.counts
+
+
 def run_schedule(cfg: RoundConfig, *, min_new_votes: int, interval_s: float,
-                 max_checks: int | None = None, log=print) -> int:
-    """Check, maybe run a round, sleep; `max_checks` checks (forever when None).
-    Returns the last round's exit code (0 when no round ran)."""
+                 max_checks: int | None = None, prepare: bool = True, log=print) -> int:
+    """Check, maybe run a round, sleep; `max_checks` checks (forever when None). Between
+    rounds (a check with too few new votes), with `prepare`, the next gate's serving-version
+    half is computed (`prepare_gate`) when the serving version or the held-out votes changed
+    since it last was. Returns the last round's exit code (0 when no round ran)."""
     checks, code = 0, 0
     while True:
         count, newest = new_votes()
@@ -55,6 +73,11 @@ def run_schedule(cfg: RoundConfig, *, min_new_votes: int, interval_s: float,
                 code = BUSY
         else:
             log(f"{count} new votes (< {min_new_votes}); next check in {interval_s:.0f}s")
+            if prepare and unprepared(cfg):
+                try:
+                    prepare_gate(cfg, log=log)
+                except RoundBusy as exc:
+                    log(str(exc))
         checks += 1
         if max_checks is not None and checks >= max_checks:
             return code
