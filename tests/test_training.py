@@ -537,6 +537,19 @@ def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():
         done += rows
     assert done == [1] * 20 and time.monotonic() < deadline
 
+    # A second pass over the same kind of work ((c)'s questions after (a) and (b)) starts
+    # from the first pass's pace: with 0.2 s a chunk measured, it does not start a chunk 0.1 s
+    # before its deadline (blind, it would, and end past it).
+    pace: list[float] = []
+    first = [rows for rows in in_time(list(range(20)), float("inf"), chunk=10, at_least=0,
+                                      pace=pace) if time.sleep(0.2) is None]
+    assert len(first) == 2 and pace[0] >= 0.02  # seconds per item
+    assert [rows for rows in in_time(list(range(20)), time.monotonic() + 0.1, chunk=10,
+                                     at_least=0, pace=pace) if time.sleep(0.2) is None] == []
+    blind = [rows for rows in in_time(list(range(20)), time.monotonic() + 0.1, chunk=10,
+                                      at_least=0) if time.sleep(0.2) is None]
+    assert len(blind) == 1  # started, and ended 0.1 s past its deadline
+
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 0.05)])
 def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model, monkeypatch, dtype,

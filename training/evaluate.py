@@ -52,7 +52,8 @@ votes neither check alone saw a candidate that raised the example user's approva
 while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
 The gate works to a deadline: (c) asks at least `min_regression_questions` and more while
-`regression_share` of the time allows (all 120 once the serving version's replies are kept);
+`regression_share` of the time allows (all 120 once the serving version's replies are kept),
+and after (a) and (b) more while the rest of the time allows;
 (a) scores held-out votes, both labels alternating, while half the time left allows (at least
 `min_heldout_votes`); votes that earlier gates scored go first, their base and serving-version
 log-probabilities kept (`LogpCache`), so rounds 2 and 3 score more of them in the same time;
@@ -344,12 +345,15 @@ def judge_verdict(candidate: list, current: list, calibration: Calibration,
                f"current and expects a loss beyond {allowed_loss:.1%}: {verdict}"}
 
 
-def in_time(items: list, deadline: float, *, chunk: int, at_least: int, cost=len):
+def in_time(items: list, deadline: float, *, chunk: int, at_least: int, cost=len,
+            pace: list[float] | None = None):
     """`items` a chunk at a time, while the work on the next chunk (done by the caller between
     chunks) can end by `deadline` (time.monotonic()), judged by the slowest rate so far in
     seconds per unit of `cost(chunk)` (read before the chunk is worked on: (a)'s cached votes
-    cost one model, new ones three); the first `at_least` items are always given."""
-    done, rate = 0, 0.0
+    cost one model, new ones three); the first `at_least` items are always given. `pace`, a
+    one-item list, carries that rate from an earlier pass over the same kind of work (read at
+    the start, updated after each chunk), so a second pass does not start blind."""
+    done, rate = 0, pace[0] if pace else 0.0
     while done < len(items):
         rows = items[done:done + chunk]
         units = max(cost(rows), 1)
@@ -359,6 +363,8 @@ def in_time(items: list, deadline: float, *, chunk: int, at_least: int, cost=len
         yield rows
         done += len(rows)
         rate = max(rate, (time.monotonic() - began) / units)
+        if pace is not None:
+            pace[:] = [rate]
 
 
 def share_end(start: float, deadline: float, share: float) -> float:
@@ -461,42 +467,32 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             ReplyCache(cache_dir, candidate.version, candidate_engine, cfg.repetition_penalty)]
 
     # (c) regression set, what the model must not forget: its first `min_regression_questions`
-    # always, then 20 at a time while its share of the gate's time allows. The serving
-    # version's replies are usually kept, so later gates answer all 120 with the candidate
-    # alone; the first gate answers for both models, and on a slow CPU the whole set would
-    # leave (b) and (a) little time.
+    # always, then 20 at a time while its share of the gate's time allows, and after (a) and
+    # (b) more while the gate's time allows (in a prepared round's first gate (a) and (b) ran
+    # out of votes and prompts with a third of the time left). The serving version's replies
+    # are usually kept, so later gates answer all 120 with the candidate alone; the first gate
+    # answers for both models, and on a slow CPU the whole set would leave (b) and (a) little
+    # time.
     regression, questions = regression_questions()
-    t = time.monotonic()
-    c_end = share_end(t, deadline, cfg.regression_share)
     cur_replies, cand_replies = [], []
+    pace: list[float] = []  # (c)'s seconds per reply to write, carried to its second pass
 
     def to_answer(rows: list) -> int:  # replies to write (the current's may be kept)
         return len(rows) + kept[0].unkept(rows, cfg.reply_max_new_tokens)
 
-    for rows in in_time(questions, c_end, chunk=20, at_least=cfg.min_regression_questions,
-                        cost=to_answer):
-        o, c = (k.answers(rows, cfg.reply_max_new_tokens) for k in kept)
-        cur_replies += o
-        cand_replies += c
-    items = regression[:len(cur_replies)]
-    cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
-    cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
-    pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
-                          for o, c in zip(cur_replies, cand_replies)]
-    diff = paired_mean([int(c) - int(o) for c, o in zip(cand_ok, cur_ok)], **stats)
-    cur_acc = sum(cur_ok) / len(items)
-    allowed = (1 - cfg.min_retention) * cur_acc
-    checks["c_regression"] = {
-        "current": {"correct": sum(cur_ok), "accuracy": cur_acc},
-        "candidate": {"correct": sum(cand_ok), "accuracy": sum(cand_ok) / len(items)},
-        "questions": len(items), "questions_available": len(regression),
-        "retention": sum(cand_ok) / sum(cur_ok) if sum(cur_ok) else 1.0,
-        "accuracy_difference": diff.to_dict(), "allowed_loss": allowed,
-        "repetition_penalty": cfg.repetition_penalty,
-        "examples": [{"question": it["question"], "reply": r, "correct": ok}
-                     for it, r, ok in zip(items, cand_replies, cand_ok)][:10]}
-    log(f"gate (c): {sum(cand_ok)}/{len(items)} vs {sum(cur_ok)}/{len(items)} "
-        f"of {len(regression)} questions in {time.monotonic() - t:.0f}s")
+    def ask(until: float, at_least: int) -> None:
+        t = time.monotonic()
+        for rows in in_time(questions[len(cur_replies):], until, chunk=20, at_least=at_least,
+                            cost=to_answer, pace=pace):
+            o, c = (k.answers(rows, cfg.reply_max_new_tokens) for k in kept)
+            cur_replies.extend(o)
+            cand_replies.extend(c)
+        log(f"gate (c): {len(cur_replies)} of {len(regression)} questions answered, "
+            f"{time.monotonic() - t:.0f}s")
+
+    checks["c_regression"] = {}  # filled once its last question is answered, after (b)
+    ask(share_end(time.monotonic(), deadline, cfg.regression_share),
+        cfg.min_regression_questions)
 
     # (a) implicit reward ranking on held-out votes, scored while half the time left allows;
     # (b) gets the rest, so what (a) leaves (all its votes scored early, their base and
@@ -605,11 +601,33 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
             f"on {len(prompts)} prompts"
             + (f" x {k} sampled replies" if k > 1 else "")
             + f" in {time.monotonic() - t:.0f}s")
+
+    # (c) continued: more questions while the time allows; accuracy within the allowed loss,
+    # fluency not significantly worse.
+    if len(cur_replies) < len(questions):
+        ask(deadline, 0)
     for cache in kept:
         cache.save()
-
-    # (c) continued: accuracy within the allowed loss, fluency not significantly worse.
+    items = regression[:len(cur_replies)]
+    cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
+    cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
+    pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
+                          for o, c in zip(cur_replies, cand_replies)]
+    diff = paired_mean([int(c) - int(o) for c, o in zip(cand_ok, cur_ok)], **stats)
+    cur_acc = sum(cur_ok) / len(items)
+    allowed = (1 - cfg.min_retention) * cur_acc
     c = checks["c_regression"]
+    c.update({
+        "current": {"correct": sum(cur_ok), "accuracy": cur_acc},
+        "candidate": {"correct": sum(cand_ok), "accuracy": sum(cand_ok) / len(items)},
+        "questions": len(items), "questions_available": len(regression),
+        "retention": sum(cand_ok) / sum(cur_ok) if sum(cur_ok) else 1.0,
+        "accuracy_difference": diff.to_dict(), "allowed_loss": allowed,
+        "repetition_penalty": cfg.repetition_penalty,
+        "examples": [{"question": it["question"], "reply": r, "correct": ok}
+                     for it, r, ok in zip(items, cand_replies, cand_ok)][:10]})
+    log(f"gate (c): {sum(cand_ok)}/{len(items)} vs {sum(cur_ok)}/{len(items)} "
+        f"of {len(regression)} questions")
     worse_fluency = sum(o is None and n is not None for o, n in pairs_for_fluency)
     better_fluency = sum(o is not None and n is None for o, n in pairs_for_fluency)
     p_fluency = sign_test(worse_fluency, better_fluency)
