@@ -886,6 +886,10 @@ def test_prepare_from_the_command_line_goes_into_the_next_rounds_report(tiny_mod
     [version] = Registry().versions()
     report = round_report(version.name)
     assert report["prepared"]["version"] == tiny_model.name
+    assert "Prepared before the round" in (Path(os.environ["CHAT_DATA_DIR"]) / "reports" /
+                                           f"{version.name}.md").read_text()
+    shown = training_cli("status")
+    assert f"next gate prepared for {tiny_model.name}" in shown.stdout, shown.stderr[-2000:]
     assert report["gate"]["replies_kept"][tiny_model.name] >= questions
     a = report["gate"]["checks"]["a_heldout_ranking"]
     assert a["cached"][tiny_model.name] == a["votes"]  # the base serves: one model, prepared

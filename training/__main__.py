@@ -156,6 +156,11 @@ def format_status(s: dict) -> str:
         mark = " *" if v["name"] == s["current"] else ""
         lines.append(f"{v['name'] + mark:<22} {v['parent'] or '':<22} {v['method'] or '':<7} "
                      f"{v['votes'] or 0:>6}  {(v['created_at'] or '')[:19]}")
+    if p := s.get("prepared"):
+        lines += ["", f"next gate prepared for {p['version']} at {p['finished_at'][:19]}: "
+                  f"{p['c_replies']['items']} of {p['questions']} questions, "
+                  f"{p['b_replies']['items']} of {p['prompts']} held-out prompts, "
+                  f"{p['a_logps']['items']} of {p['votes']} held-out votes"]
     if s["rounds"]:
         lines += ["", "last rounds:"]
         lines += [f"  {r['round']}  {r['decision']:<9} {r['message']}" for r in s["rounds"]]

@@ -417,6 +417,13 @@ def markdown(r: dict) -> str:
                   "|---|---|---|"]
         for name, c in g["checks"].items():
             lines.append(f"| {name} | {c['verdict']} | {c['why']} |")
+        if p := r.get("prepared"):
+            lines += ["", f"Prepared before the round (`python -m training prepare`, "
+                      f"{p['seconds']:.0f} s, off the round's clock): the serving version's "
+                      f"replies to {p['c_replies']['items']} of {p['questions']} questions and "
+                      f"{p['b_replies']['items']} of {p['prompts']} held-out prompts, "
+                      f"log-probabilities of {p['a_logps']['items']} of {p['votes']} held-out "
+                      "votes."]
         lines.append("")
     lines += ["## Time and memory", "", "| stage | seconds | peak MB |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {r.get('peak_mb', {}).get(k, '')} |"
@@ -467,5 +474,6 @@ def status() -> dict:
         "history": registry.history()[-10:],
         "rounds": [{k: json.loads(p.read_text()).get(k) for k in
                     ("round", "decision", "message", "finished_at")} for p in reports],
+        "prepared": read_prepared(),  # what `prepare` last did (for which version, when)
     }
 
