@@ -591,18 +591,12 @@ def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model, monkeypa
         == [0.0]
 
 
-def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model, tmp_path):
-    """(a)'s log-probabilities and (c)'s replies are kept per version: the next gate reads the
-    base model's and the serving version's (computed when it was the candidate) instead of
-    computing them again, with the same AUC and accuracy; an unreadable cache file is an empty
-    cache, not an error."""
+def held_out_and_copies(tiny_model: Path):
+    """16 voted conversations, half of them held out (returned), and versions v2, v3 and v4:
+    copies of the tiny model, so each gate's figures can be told apart by version only."""
     import shutil
 
-    from serving.backends import open_engine
-    from serving.config import ServingConfig
-    from training.config import GateConfig
     from training.dataset import load_feedback, split
-    from training.evaluate import gate, load_regression_set
 
     fill(16, liked_good=lambda cid: cid % 2 == 0)
     _, heldout = split(load_feedback(), DataConfig(heldout_fraction=0.5))
@@ -611,6 +605,20 @@ def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model
         staging = reg.staging(name)
         shutil.copytree(tiny_model, staging.model)
         reg.register(name, staging, {"parent": tiny_model.name, "kind": "full"})
+    return heldout, reg
+
+
+def test_the_gate_keeps_log_probabilities_and_replies_for_later_gates(tiny_model, tmp_path):
+    """(a)'s log-probabilities and (c)'s replies are kept per version: the next gate reads the
+    base model's and the serving version's (computed when it was the candidate) instead of
+    computing them again, with the same AUC and accuracy; an unreadable cache file is an empty
+    cache, not an error."""
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from training.config import GateConfig
+    from training.evaluate import gate, load_regression_set
+
+    heldout, reg = held_out_and_copies(tiny_model)
     fp32 = ServingConfig(dtype="float32")
     base = reg.load(None, fp32)
     cfg = GateConfig(reply_max_new_tokens=2)
@@ -661,23 +669,13 @@ def test_prepare_computes_the_serving_versions_half_of_the_gate_before_it(tiny_m
     keys: the gate then computes only the candidate's, with the same figures as a gate that
     computed everything itself. A second prepare writes nothing; one out of time writes
     nothing and says so."""
-    import shutil
-    import time
-
     from serving.backends import open_engine
     from serving.config import ServingConfig
     from training.config import GateConfig
-    from training.dataset import load_feedback, split
     from training.evaluate import (ReplyCache, gate, heldout_prompts, load_regression_set,
                                    prepare)
 
-    fill(16, liked_good=lambda cid: cid % 2 == 0)
-    _, heldout = split(load_feedback(), DataConfig(heldout_fraction=0.5))
-    reg = Registry()
-    for name in ("v2", "v3", "v4"):
-        staging = reg.staging(name)
-        shutil.copytree(tiny_model, staging.model)
-        reg.register(name, staging, {"parent": tiny_model.name, "kind": "full"})
+    heldout, reg = held_out_and_copies(tiny_model)
     fp32 = ServingConfig(dtype="float32")
     base, v2, v3, v4 = (reg.load(n, fp32) for n in (None, "v2", "v3", "v4"))
     cfg = GateConfig(reply_max_new_tokens=2, judged_max_new_tokens=3, max_heldout_prompts=3)
