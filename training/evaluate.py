@@ -394,59 +394,47 @@ def prepare(*, current: LoadedModel, base: LoadedModel, current_engine, heldout:
     start = time.monotonic()
     deadline = deadline if deadline is not None else float("inf")
     kept = ReplyCache(cache_dir, current.version, current_engine, cfg.repetition_penalty)
+    logps = [LogpCache(cache_dir, m) for m in ([base] if current is base else [base, current])]
     done: dict[str, dict] = {}
 
-    def written(name: str, rows: list, units: int, began: float) -> None:
-        kept.save()
-        done[name] = {"items": rows, "written": units, "seconds": round(time.monotonic() - began,
-                                                                        1)}
-        log(f"prepare ({name[0]}): {units} of the serving version's {name.split('_')[1]} "
-            f"written, {rows} ready, in {time.monotonic() - began:.0f}s")
+    def part(name: str, items: list, share: float, chunk: int, missing, work, caches,
+             what: str) -> None:
+        """`work` on `items` a chunk at a time within `share` of the time left; `missing(rows)`
+        counts what is not kept yet (the chunk's cost)."""
+        t, before, asked = time.monotonic(), missing(items), 0
+        for rows in in_time(items, share_end(t, deadline, share), chunk=chunk, at_least=0,
+                            cost=missing):
+            work(rows)
+            asked += len(rows)
+        for cache in caches:
+            cache.save()
+        done[name] = {"items": asked, "written": before - missing(items),
+                      "seconds": round(time.monotonic() - t, 1)}
+        log(f"prepare ({name[0]}): {done[name]['written']} {what} written, {asked} of "
+            f"{len(items)} ready, in {time.monotonic() - t:.0f}s")
 
-    t = time.monotonic()
     _, questions = regression_questions()
-    before = kept.unkept(questions, cfg.reply_max_new_tokens)
-    asked = 0
-    for rows in in_time(questions, share_end(t, deadline, cfg.regression_share), chunk=20,
-                        at_least=0, cost=lambda r: kept.unkept(r, cfg.reply_max_new_tokens)):
-        kept.answers(rows, cfg.reply_max_new_tokens)
-        asked += len(rows)
-    written("c_replies", asked, before - kept.unkept(questions, cfg.reply_max_new_tokens), t)
+    part("c_replies", questions, cfg.regression_share, 20,
+         lambda rows: kept.unkept(rows, cfg.reply_max_new_tokens),
+         lambda rows: kept.answers(rows, cfg.reply_max_new_tokens), [kept],
+         f"replies of {current.version}")
 
     # greedy replies, and the sampled ones too where (b) asks for them: a judge its round
     # does not trust gets greedy ones
-    t = time.monotonic()
     prompts = heldout_prompts(heldout)[:cfg.max_heldout_prompts]
     forms = sorted({1, cfg.judged_samples})
-    before = sum(kept.unkept(prompts, cfg.judged_max_new_tokens, k) for k in forms)
-    asked = 0
-    for rows in in_time(prompts, share_end(t, deadline, 0.5), chunk=cfg.min_heldout_prompts,
-                        at_least=0, cost=lambda r: sum(kept.unkept(r, cfg.judged_max_new_tokens,
-                                                                   k) for k in forms)):
-        for k in forms:
-            kept.answers(rows, cfg.judged_max_new_tokens, k)
-        asked += len(rows)
-    after = sum(kept.unkept(prompts, cfg.judged_max_new_tokens, k) for k in forms)
-    written("b_replies", asked, before - after, t)
+    part("b_replies", prompts, 0.5, cfg.min_heldout_prompts,
+         lambda rows: sum(kept.unkept(rows, cfg.judged_max_new_tokens, k) for k in forms),
+         lambda rows: [kept.answers(rows, cfg.judged_max_new_tokens, k) for k in forms],
+         [kept], f"replies of {current.version}")
 
-    t = time.monotonic()
-    caches = [LogpCache(cache_dir, m) for m in ([base] if current is base else [base, current])]
-    votes = alternating(heldout.votes, cfg.seed)  # the gate's order, its known ones first
-    votes = known_first(votes, lambda v: all(c.known(v) for c in caches))
-    before = sum(not c.known(v) for c in caches for v in votes)
-    asked = 0
-    for rows in in_time(votes, deadline, chunk=16, at_least=0,
-                        cost=lambda r: sum(not c.known(v) for c in caches for v in r)):
-        for cache in caches:
-            cache.mean_logps(rows)
-        asked += len(rows)
-    for cache in caches:
-        cache.save()
-    done["a_logps"] = {"items": asked, "written": before - sum(
-        not c.known(v) for c in caches for v in votes), "seconds": round(time.monotonic() - t, 1)}
-    log(f"prepare (a): {done['a_logps']['written']} log-probabilities written "
-        f"({' and '.join(c.loaded.version for c in caches)}), {asked} of {len(votes)} votes "
-        f"ready, in {time.monotonic() - t:.0f}s")
+    # the gate's order: the votes whose log-probabilities are kept first
+    votes = known_first(alternating(heldout.votes, cfg.seed),
+                        lambda v: all(c.known(v) for c in logps))
+    part("a_logps", votes, 1.0, 16,
+         lambda rows: sum(not c.known(v) for c in logps for v in rows),
+         lambda rows: [c.mean_logps(rows) for c in logps], logps,
+         f"log-probabilities of {' and '.join(c.loaded.version for c in logps)}")
     return {"version": current.version, "questions": len(questions), "prompts": len(prompts),
             "votes": len(votes), **done, "seconds": round(time.monotonic() - start, 1)}
 
