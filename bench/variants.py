@@ -2,15 +2,18 @@
 
     python -m bench.variants --user tips --store bench/results/loop/tips/data \\
         --variants '{"default": {}, "lr 1.5e-3": {"tune": {"learning_rate": 1.5e-3}}}' \\
-        [--round-config JSON] [--max-minutes 10] [--test-prompts 62] [--test-samples 2] [--out DIR]
+        [--round-config JSON] [--max-minutes 10] [--test-prompts 62] [--test-samples 2]
+        [--no-prepare] [--out DIR]
 
 `--store` is a data folder a `bench.loop` run left behind (its `feedback.db`: the simulated
 user's votes; its `models` link: the base checkpoint). For each variant (a name and its
 `RoundConfig` overrides, on top of `--round-config`) the votes are copied into a fresh folder
 where the base model serves, and the real `python -m training run` trains, gates and registers
-a candidate there. Then each candidate, promoted or rejected, answers the test prompts (as in
-`bench.loop`) and the user judges: approval with its 95% interval beside the base model's, and
-the round's decision, minutes, stage times, steps, judge AUC and synthetic pairs. Same votes,
+a candidate there, after `python -m training prepare` computed the base model's half of its
+gate (as `bench.loop` does; `--no-prepare` skips it). Then each candidate, promoted or
+rejected, answers the test prompts (as in `bench.loop`) and the user judges: approval with its
+95% interval beside the base model's, and the round's decision, minutes, stage times, steps,
+judge AUC and synthetic pairs. Same votes,
 same clock: what differs is the config. `CHAT_DTYPE=float32` in the environment runs every
 stage as on a CPU without native bfloat16. Writes `variants.json` (rows of earlier runs of
 other users or variants are kept). A benchmark, not a test.
@@ -26,7 +29,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from bench.loop import judged, load_prompts, replies, run_settings, run_training_round
+from bench.loop import (judged, load_prompts, prepare_next_gate, replies, run_settings,
+                        run_training_round)
 
 
 def merged(base: dict, over: dict) -> dict:
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-prompts", type=int, default=62)
     parser.add_argument("--test-samples", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
+                        help="before each variant's round, `python -m training prepare` (the "
+                             "base model's half of its gate, off the round's clock, as "
+                             "bench.loop and `training schedule` do)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "variants")
     args = parser.parse_args(argv)
@@ -100,12 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
             row["base"] = {"version": base, **judged(user, before)}
             print(f"{args.user}: base approval {row['base']['approval']:.0%}", flush=True)
         config = merged(args.round_config, overrides)
+        prepared = prepare_next_gate(config, args.max_minutes) if args.prepare else None
         training = run_training_round(config, args.max_minutes)
         # the base's approval of this run beside each variant: a later run of the same user
         # measures the base again (sampled replies: 30-38% for one user in three runs)
         out = {"config": config, "store": str(args.store),
                "dtype": os.environ.get("CHAT_DTYPE", "auto"), "base": row["base"],
-               "training": training}
+               "prepare": prepared, "training": training}
         if training["candidate"] and (data / "versions" / training["candidate"]).is_dir():
             t = time.monotonic()
             theirs, _ = replies(test, args.test_samples, settings, training["candidate"])

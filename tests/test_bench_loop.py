@@ -141,6 +141,9 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     for name, v in vrow["variants"].items():
         copy = tmp_path / "variants" / "concise" / name.replace(" ", "-") / "data"
         assert store_votes(copy) == votes_before
+        # its gate prepared for the base model, which serves in the fresh copy
+        assert v["prepare"]["exit_code"] == 0
+        assert v["prepare"]["prepared"]["version"] == row["versions"][0]
         # trained and gated (promoted or rejected), or, as in the loop's rounds above, the tiny
         # model's votes gave too little to train on (exit 3: one label, too few pairs; exit 6:
         # the user liked nearly all the serving version's replies)
