@@ -34,7 +34,7 @@ from pathlib import Path
 def gates(store: Path) -> list[dict]:
     """One row per round of `store` that reached its gate: both forms of (a) and decisions."""
     from bench.gate_replay import store_as_of
-    from training.config import RoundConfig
+    from training.config import RoundConfig, as_ran
     from training.dataset import load_feedback, split
     from training.evaluate import Kept, _verdict, alternating, decide, known_first
     from training.stats import auc_difference
@@ -53,7 +53,7 @@ def gates(store: Path) -> list[dict]:
             g = report.get("gate")
             if not g or "difference" not in g["checks"]["a_heldout_ranking"]:
                 continue
-            cfg = RoundConfig.from_dict(report["config"])
+            cfg = RoundConfig.from_dict(as_ran(report["config"]))
             db = Path(tmp) / f"{report['round']}.db"  # engines are cached per URL
             store_as_of(store / "feedback.db", report["started_at"], db)
             _, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{db}"), cfg.data)

@@ -123,10 +123,10 @@ def round_data(store: Path, report: dict, db: Path, gate_settings: dict | None =
     gate's with `gate_settings` put over them), and its training and held-out feedback from a
     copy of the store's database at `db` without the conversations created since
     (`store_as_of`)."""
-    from training.config import RoundConfig
+    from training.config import RoundConfig, as_ran
     from training.dataset import load_feedback, split
 
-    config = current_settings(report["config"])
+    config = current_settings(as_ran(report["config"]))
     config["gate"] = {**config.get("gate", {}), **(gate_settings or {})}
     cfg = RoundConfig.from_dict(config)
     store_as_of(store / "feedback.db", report["started_at"], db)

@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     from serving.config import ServingConfig
     from serving.hardware import resolve_dtype
     from serving.registry import Registry
-    from training.config import RoundConfig
+    from training.config import RoundConfig, as_ran
     from training.dataset import load_feedback, split
     from training.evaluate import alternating, mean_logps
 
     reports = sorted((args.store / "reports").glob("*.json"))
     if not reports:
         parser.error(f"no round report in {args.store / 'reports'}: run bench.loop first")
-    cfg = RoundConfig.from_dict(json.loads(reports[-1].read_text())["config"])
+    cfg = RoundConfig.from_dict(as_ran(json.loads(reports[-1].read_text())["config"]))
     _, heldout = split(load_feedback(cfg.data, url=f"sqlite:///{args.store / 'feedback.db'}"),
                        cfg.data)
     rows = alternating(heldout.votes, cfg.gate.seed)[:args.rows]

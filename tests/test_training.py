@@ -28,22 +28,23 @@ FAST = {"tune": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "bf16":
         "reward": {"max_steps": 3, "batch_size": 4},
         "gate": {"max_heldout_prompts": 4, "reply_max_new_tokens": 8,
                  "judged_max_new_tokens": 12},
-        "data": {"heldout_fraction": 0.3, "min_votes": 4},
+        "data": {"heldout_fraction": 0.3, "heldout_min_votes": 0, "min_votes": 4},
         "synthetic": {"samples_per_prompt": 2, "max_prompts": 4, "max_new_tokens": 16}}
 LENIENT = {**FAST, "gate": {**FAST["gate"], "enforce": False}}
 
 
 def fill(n: int = 16, *, user: str = "alice", good: str = GOOD, bad: str = BAD,
-         liked_good=True) -> None:
+         liked_good=True, first: int = 0) -> None:
     """n conversations, each with a good and a bad reply, both voted; `liked_good` is a bool
-    or a function of the conversation id (which reply the user liked)."""
+    or a function of the conversation id (which reply the user liked); questions numbered
+    from `first` (the same question twice merges its rows)."""
     with db.transaction(write=True) as s:
         uid = store.get_or_create_user(session=s, username=user).id
         for i in range(n):
             conv = store.create_conversation(session=s, user_id=uid)
             liked = liked_good(conv.id) if callable(liked_good) else liked_good
             q = store.add_user_message(session=s, user_id=uid, conversation_id=conv.id,
-                                       content=f"Question {i}: is this fine?")
+                                       content=f"Question {first + i}: is this fine?")
             a = store.add_reply(session=s, user_id=uid, parent_id=q.id, content=good,
                                 model_version="m", generation_settings={})
             b = store.add_reply(session=s, user_id=uid, parent_id=q.id, content=bad,
@@ -93,6 +94,38 @@ def test_dataset_rules_split_and_weights(tiny_model):
     rows = interleave([{"label": i % 5 == 0} for i in range(40)])
     batches = [rows[i:i + 8] for i in range(0, 40, 8)]  # KTO batches of 8, taken in order
     assert all({r["label"] for r in b} == {True, False} for b in batches)
+
+
+def test_a_small_store_holds_out_more_and_no_training_conversation_is_held_out_later():
+    from training.dataset import MAX_HELDOUT_SHARE, heldout_share, is_heldout
+
+    cfg = DataConfig(heldout_fraction=0.2, heldout_min_votes=100)
+    assert heldout_share(0, cfg) == 0.2  # nothing to hold out yet: the plain fraction
+    assert heldout_share(150, cfg) == MAX_HELDOUT_SHARE == 0.5  # capped: half
+    assert heldout_share(300, cfg) == pytest.approx(1 / 3)  # about 100 of 300 votes
+    assert heldout_share(500, cfg) == heldout_share(5000, cfg) == 0.2
+    assert heldout_share(300, DataConfig(heldout_fraction=0.2, heldout_min_votes=0)) == 0.2
+    assert heldout_share(300, DataConfig(heldout_fraction=0.6, heldout_min_votes=100)) == 0.6
+    shares = [heldout_share(n, cfg) for n in range(1, 1000)]
+    assert all(a >= b for a, b in zip(shares, shares[1:]))  # falls as votes arrive, never rises
+
+    # on a real store: 40 votes (half held out), then 300 (a third), then 600 (the fraction)
+    fill(20)
+    small = split(load_feedback(), cfg)
+    fill(130, first=20)
+    mid = split(load_feedback(), cfg)
+    fill(150, first=150)
+    large = split(load_feedback(), cfg)
+    assert len(large[0].votes) + len(large[1].votes) == 600
+    convs = [{r["conversation_id"] for r in part.votes} for part in (*small, *mid, *large)]
+    (s_train, s_held), (m_train, m_held), (l_train, l_held) = zip(convs[::2], convs[1::2])
+    for held, n, share in ((s_held, 20, 0.5), (m_held, 150, 1 / 3), (l_held, 300, 0.2)):
+        assert len(held) == sum(is_heldout(c, cfg, share) for c in range(1, n + 1))
+        assert n < 100 or abs(len(held) / n - share) < 0.1  # the hash spreads them evenly
+    # a conversation trained on stays in training; a held-out one may move into training
+    assert s_train <= m_train <= l_train and (m_held | l_held) & s_train == set()
+    assert l_held & set(range(1, 21)) <= s_held and l_held & set(range(1, 151)) <= m_held
+    assert len(m_held & set(range(1, 21))) < len(s_held)  # the share fell: some moved
 
 
 def test_what_users_said_sets_each_pairs_strength_and_the_reward_margin(tiny_model):
@@ -238,7 +271,7 @@ def test_check_enough_needs_both_labels():
 def fill_split(n: int, *, invert_training: bool = False) -> None:
     """Like `fill`, but the training side's votes inverted when asked (held-out stays true)."""
     from training.dataset import is_heldout
-    cfg = DataConfig(heldout_fraction=FAST["data"]["heldout_fraction"])
+    cfg = DataConfig(**FAST["data"])
     fill(n, liked_good=lambda cid: not (invert_training and not is_heldout(cid, cfg)))
 
 
@@ -275,6 +308,7 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
     report = json.loads(next((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
                         .read_text())
     assert report["decision"] == "promoted" and report["tuning"]["steps"] == 4
+    assert report["data"]["heldout_share"] == 0.3  # FAST: the plain fraction
     # The judge was checked on held-out votes before any synthetic pair was made from it.
     judge = report["reward_model"]["judge"]
     assert judge["heldout_votes"] > 0 and 0 <= judge["auc"]["low"] <= judge["auc"]["high"] <= 1
@@ -286,8 +320,8 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
         assert report["synthetic"]["prompts"] > 0
     else:  # a judge at chance makes no pairs (it still judges the candidate: (b))
         assert report["synthetic"]["pairs"] == 0 and "chance" in report["synthetic"]["why"]
-    assert "Decision: promoted" in next((Path(os.environ["CHAT_DATA_DIR"]) / "reports")
-                                        .glob("r*.md")).read_text()
+    md = next((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.md")).read_text()
+    assert "Decision: promoted" in md and "Held out for the gate: 30% of the conversations" in md
     status = json.loads(training_cli("status", "--json").stdout)
     assert status["current"] == version.name and status["rounds"][0]["decision"] == "promoted"
 
@@ -747,8 +781,7 @@ def test_a_candidate_moving_further_the_way_the_serving_version_learned_ranks_be
     save_file({k: base_w[k] + 2 * (w - base_w[k]) for k, w in trained_w.items()},
               staging.model / "model.safetensors", metadata={"format": "pt"})
     reg.register("further", staging, {"parent": trained.name, "kind": "full"})
-    _, heldout = split(load_feedback(), DataConfig(heldout_fraction=FAST["data"]
-                                                   ["heldout_fraction"]))
+    _, heldout = split(load_feedback(), DataConfig(**FAST["data"]))
     fp32 = ServingConfig(dtype="float32")
     base, current = reg.load(tiny_model.name, fp32), reg.load(trained.name, fp32)
     engines = [open_engine(reg, trained.name), open_engine(reg, "further")]

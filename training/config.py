@@ -24,6 +24,13 @@ def machine_bf16() -> bool:
 class DataConfig:
     heldout_fraction: float = setting(0.2, "share of conversations held out for the gate",
                                       low=0.0, high=1.0, low_open=True, high_open=True)
+    heldout_min_votes: int = setting(
+        100, "while the store is small, hold out a larger share of conversations (at most half) "
+             "so that about this many votes are held out: the gate's and the judge check's "
+             "evidence in early rounds, whose reward model and tuning reach only part of their "
+             "data in their time; the share falls to heldout_fraction as votes arrive, never "
+             "rises, so no conversation a version trained on is held out later; 0: always "
+             "heldout_fraction", low=0)
     split_salt: str = setting("heldout-v1",
                               "salt of the split hash; changing it reshuffles the split")
     min_votes: int = setting(8, "fewest usable votes for a round", low=2)
@@ -235,6 +242,16 @@ class RoundConfig:
             else:
                 kwargs.update(_checked(cls, {name: value}, ""))
         return cls(**kwargs)
+
+
+def as_ran(config: dict) -> dict:
+    """A round report's recorded config with the settings added since it ran set to what that
+    round did: `data.heldout_min_votes` 0 (it held out `heldout_fraction` of the
+    conversations), so a replay splits its votes as the round did."""
+    data = config.get("data") or {}
+    if "heldout_min_votes" in data:
+        return config
+    return {**config, "data": {**data, "heldout_min_votes": 0}}
 
 
 SECTIONS = {"data": DataConfig, "reward": RewardModelConfig, "tune": TuneConfig,

@@ -121,15 +121,34 @@ def load_feedback(cfg: DataConfig | None = None, *, url: str | None = None) -> F
     return FeedbackData(votes=votes, pairs=_pairs(votes, prefs, cfg))
 
 
-def is_heldout(conversation_id: int, cfg: DataConfig) -> bool:
+MAX_HELDOUT_SHARE = 0.5
+
+
+def heldout_share(votes: int, cfg: DataConfig) -> float:
+    """The share of conversations held out when the store holds `votes` usable votes:
+    `heldout_fraction`, raised while the store is small so that about `heldout_min_votes`
+    votes are held out (at most half). It falls as votes arrive and never rises, and a
+    conversation is held out while its hash mark is under the share: so a held-out
+    conversation may later move into training, and a training one never into the held-out
+    votes (unless votes are deleted)."""
+    if not cfg.heldout_min_votes or not votes:
+        return cfg.heldout_fraction
+    return max(cfg.heldout_fraction, min(MAX_HELDOUT_SHARE, cfg.heldout_min_votes / votes))
+
+
+def is_heldout(conversation_id: int, cfg: DataConfig, share: float | None = None) -> bool:
+    """Whether the conversation is held out at `share` (`cfg.heldout_fraction` when None)."""
     digest = hashlib.sha256(f"{cfg.split_salt}:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < cfg.heldout_fraction
+    share = cfg.heldout_fraction if share is None else share
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
 def split(data: FeedbackData, cfg: DataConfig) -> tuple[FeedbackData, FeedbackData]:
-    """(train, held-out), by conversation."""
+    """(train, held-out), by conversation, at `heldout_share` of the store's votes."""
+    share = heldout_share(len(data.votes), cfg)
+
     def part(rows, heldout):
-        return [r for r in rows if is_heldout(r["conversation_id"], cfg) == heldout]
+        return [r for r in rows if is_heldout(r["conversation_id"], cfg, share) == heldout]
     return (FeedbackData(part(data.votes, False), part(data.pairs, False)),
             FeedbackData(part(data.votes, True), part(data.pairs, True)))
 

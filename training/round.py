@@ -23,8 +23,8 @@ from serving.hardware import dtype_reason, threads
 from serving.model import resolve_base
 from serving.registry import Registry
 from training.config import RoundConfig, TuneConfig
-from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, load_feedback,
-                              own_votes, reward_pairs, split)
+from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, heldout_share,
+                              load_feedback, own_votes, reward_pairs, split)
 from training.evaluate import gate, prepare, share_end
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
@@ -187,7 +187,8 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     log(f"round {round_id}: reading feedback (serving: {current_name})")
     data = load_feedback(cfg.data)
     train, heldout = split(data, cfg.data)
-    report["data"] = {"all": data.counts, "train": train.counts, "heldout": heldout.counts}
+    report["data"] = {"all": data.counts, "train": train.counts, "heldout": heldout.counts,
+                      "heldout_share": round(heldout_share(len(data.votes), cfg.data), 4)}
     timed("data", t)
     own = report["serving_votes"] = own_votes(data, current_name, confidence=cfg.gate.confidence)
     if (why := liked_enough(own, cfg.data.min_disliked_share)) is not None:
@@ -377,9 +378,14 @@ def markdown(r: dict) -> str:
         lines += ["## Data", "", "| split | votes | liked | disliked | pairs |",
                   "|---|---|---|---|---|"]
         for name, c in r["data"].items():
-            lines.append(f"| {name} | {c['votes']} | {c['liked']} | {c['disliked']} | "
-                         f"{c['pairs']} |")
+            if isinstance(c, dict):
+                lines.append(f"| {name} | {c['votes']} | {c['liked']} | {c['disliked']} | "
+                             f"{c['pairs']} |")
         lines.append("")
+        if (share := r["data"].get("heldout_share")) is not None:
+            lines += [f"Held out for the gate: {share:.0%} of the conversations "
+                      "(data.heldout_fraction, raised in a small store to hold about "
+                      "data.heldout_min_votes votes)", ""]
     if (own := r.get("serving_votes")) and own["disliked_share"]:
         share = own["disliked_share"]
         lines += [f"Votes on `{own['version']}`'s own replies: {own['disliked']} of "
