@@ -13,10 +13,10 @@ a candidate there, after `python -m training prepare` computed the base model's 
 gate (as `bench.loop` does; `--no-prepare` skips it). Then each candidate, promoted or
 rejected, answers the test prompts (as in `bench.loop`) and the user judges: approval with its
 95% interval beside the base model's, and the round's decision, minutes, stage times, steps,
-judge AUC and synthetic pairs. Same votes,
-same clock: what differs is the config. `CHAT_DTYPE=float32` in the environment runs every
-stage as on a CPU without native bfloat16. Writes `variants.json` (rows of earlier runs of
-other users or variants are kept). A benchmark, not a test.
+judge AUC and synthetic pairs. Same votes, same clock: what differs is the config.
+`CHAT_DTYPE=float32` in the environment runs every stage as on a CPU without native bfloat16.
+Writes `variants.json` (rows of earlier runs of other users or variants are kept). A
+benchmark, not a test.
 """
 
 from __future__ import annotations

@@ -126,6 +126,12 @@ def test_a_small_store_holds_out_more_and_no_training_conversation_is_held_out_l
     assert s_train <= m_train <= l_train and (m_held | l_held) & s_train == set()
     assert l_held & set(range(1, 21)) <= s_held and l_held & set(range(1, 151)) <= m_held
     assert len(m_held & set(range(1, 21))) < len(s_held)  # the share fell: some moved
+    # a report from before the setting is replayed as it ran: the plain fraction
+    from training.config import as_ran
+    before = as_ran({"data": {"heldout_fraction": 0.2}, "tune": {"learning_rate": 1e-3}})
+    assert before == {"data": {"heldout_fraction": 0.2, "heldout_min_votes": 0},
+                      "tune": {"learning_rate": 1e-3}}
+    assert as_ran({"data": {"heldout_min_votes": 100}})["data"]["heldout_min_votes"] == 100
 
 
 def test_what_users_said_sets_each_pairs_strength_and_the_reward_margin(tiny_model):
