@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             liked = {n: per_prompt(votes[n], k) for n in names}
             row[form] = {**compare(scores[names[0], form], scores[names[1], form],
                                    liked[names[0]], liked[names[1]], cfg.gate),
-                         "seconds": round(seconds[names[0], form] + seconds[names[1], form], 1),
+                         "seconds": round(seconds[names[0], form] + seconds[names[1], form], 3),
                          # per reply, prompt-major (a prompt's samples together): for replays
                          # of other forms (fewer prompts or samples) from the same replies
                          "per_reply": {role: {"judge": raw[n, form], "user": votes[n]}
