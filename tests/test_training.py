@@ -276,9 +276,10 @@ def test_check_enough_needs_both_labels():
 
 def fill_split(n: int, *, invert_training: bool = False) -> None:
     """Like `fill`, but the training side's votes inverted when asked (held-out stays true)."""
-    from training.dataset import is_heldout
+    from training.dataset import heldout_share, is_heldout
     cfg = DataConfig(**FAST["data"])
-    fill(n, liked_good=lambda cid: not (invert_training and not is_heldout(cid, cfg)))
+    share = heldout_share(2 * n, cfg)  # the share the round will split its 2n votes at
+    fill(n, liked_good=lambda cid: not (invert_training and not is_heldout(cid, cfg, share)))
 
 
 def assert_merged_equals_parent_plus_adapter(reg: Registry, version) -> None:

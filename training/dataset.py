@@ -136,10 +136,9 @@ def heldout_share(votes: int, cfg: DataConfig) -> float:
     return max(cfg.heldout_fraction, min(MAX_HELDOUT_SHARE, cfg.heldout_min_votes / votes))
 
 
-def is_heldout(conversation_id: int, cfg: DataConfig, share: float | None = None) -> bool:
-    """Whether the conversation is held out at `share` (`cfg.heldout_fraction` when None)."""
+def is_heldout(conversation_id: int, cfg: DataConfig, share: float) -> bool:
+    """Whether the conversation is held out at `share` (`heldout_share` of the store)."""
     digest = hashlib.sha256(f"{cfg.split_salt}:{conversation_id}".encode()).digest()
-    share = cfg.heldout_fraction if share is None else share
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 

@@ -377,10 +377,10 @@ def markdown(r: dict) -> str:
     if "data" in r:
         lines += ["## Data", "", "| split | votes | liked | disliked | pairs |",
                   "|---|---|---|---|---|"]
-        for name, c in r["data"].items():
-            if isinstance(c, dict):
-                lines.append(f"| {name} | {c['votes']} | {c['liked']} | {c['disliked']} | "
-                             f"{c['pairs']} |")
+        for name in ("all", "train", "heldout"):
+            c = r["data"][name]
+            lines.append(f"| {name} | {c['votes']} | {c['liked']} | {c['disliked']} | "
+                         f"{c['pairs']} |")
         lines.append("")
         if (share := r["data"].get("heldout_share")) is not None:
             lines += [f"Held out for the gate: {share:.0%} of the conversations "
