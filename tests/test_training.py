@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -845,6 +846,69 @@ def test_online_tuning_trains_on_pairs_its_judge_picks_and_needs_a_judge(tiny_mo
         fallback["online_skipped"]
 
 
+def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(tiny_model):
+    """`prepare_reference` (part of `training prepare`) keeps DPO's reference log-probabilities
+    of the training pairs; the tuning then runs no reference forward in its steps, and its
+    losses are those of the in-step reference (same pairs, same seed). A pair voted after
+    prepare is computed before training; when most are missing every step computes its own."""
+    from serving.config import ServingConfig
+    from training.config import TuneConfig
+    from training.round import prepare_reference, reference_dir
+    from training.tune import ReferenceCache, tune
+
+    fill(24)  # each conversation a liked and a disliked reply: a pair
+    train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
+    n = len(train.pairs)
+    assert n >= 8
+    reg = Registry()
+    name = reg.current_name()
+    cfg = TuneConfig(method="dpo", max_steps=3, batch_size=4, lora_r=2, lora_alpha=4,
+                     bf16=False)
+
+    def run(label: str, reference) -> tuple[dict, list[float]]:
+        loaded = reg.load(None, ServingConfig(dtype="float32"))
+        summary, trainer = tune(loaded.model, loaded.tokenizer, train, cfg, reg.staging(label),
+                                time.monotonic() + 600, reference=reference)
+        assert summary["steps"] == 3
+        return summary["reference"], [h["loss"] for h in trainer.state.log_history
+                                      if "loss" in h]
+
+    in_step, losses = run("in-step", None)
+    assert in_step["source"] == "every step" and len(losses) == 3
+    record = prepare_reference(reg, name, train, cfg, time.monotonic() + 600,
+                               log=lambda line: None)
+    assert record["version"] == name and record["written"] == record["items"] == n
+    assert not prepare_reference(reg, name, train, cfg, time.monotonic() + 600,
+                                 log=lambda line: None)["written"]  # kept: nothing again
+    kept = ReferenceCache(reference_dir(reg), name, cfg)
+    assert not kept.unkept(train.pairs)
+    # another precision or length cap scores differently: another reference
+    assert ReferenceCache(reference_dir(reg), name, replace(cfg, bf16=True)).unkept(
+        train.pairs) == list(range(n))
+
+    used, kept_losses = run("kept", kept)
+    assert used["source"] == f"kept for {name}" and used["kept"] == n
+    assert not used["computed_here"] and kept_losses == pytest.approx(losses, rel=1e-4)
+
+    del kept.values[kept.pair_key(train.pairs[0])]  # a pair voted after prepare
+    filled, filled_losses = run("filled", kept)
+    assert filled["computed_here"] == 1 and filled["kept"] == n - 1
+    assert filled_losses == pytest.approx(losses, rel=1e-4)
+    assert not ReferenceCache(reference_dir(reg), name, cfg).unkept(train.pairs)  # saved
+
+    for pair in train.pairs[:n // 2]:
+        del kept.values[kept.pair_key(pair)]
+    most_missing, again = run("most-missing", kept)
+    assert most_missing["source"].startswith(f"every step ({n - n // 2} of {n} kept")
+    assert again == pytest.approx(losses, rel=1e-4)
+
+    # the steps read what is kept (a reference moved by 5 nats moves the loss)
+    kept.values = {k: [c + 5.0, r] for k, (c, r) in
+                   ReferenceCache(reference_dir(reg), name, cfg).values.items()}
+    _, moved = run("moved", kept)
+    assert moved[0] != pytest.approx(losses[0], rel=1e-2)
+
+
 def _kill_when(line_start: str, tmp_path: Path, config: dict) -> None:
     path = tmp_path / "round.json"
     path.write_text(json.dumps(config))
@@ -939,15 +1003,22 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
         for conv in store.list_conversations(session=s, user_id=1):
             good = [t for t in store.get_thread(session=s, user_id=1, conversation_id=conv.id)]
             store.prefer_reply(session=s, user_id=1, message_id=good[1].sibling_ids[0])
-    config = {**LENIENT, "tune": {**LENIENT["tune"], "sft_weight": 0.5}}
-    done = training_cli("run", "--method", "dpo", "--full-finetune", config=config,
-                        tmp_path=tmp_path)
+    config = {**LENIENT, "tune": {**LENIENT["tune"], "sft_weight": 0.5, "method": "dpo",
+                                  "full_finetune": True}}
+    # the reference its steps would compute, kept before the round (off its clock)
+    ready = training_cli("prepare", config=config, tmp_path=tmp_path)
+    assert ready.returncode == 0, ready.stdout[-3000:] + ready.stderr[-3000:]
+    assert re.search(r"reference log-probabilities of (\d+) of \1 training pairs", ready.stdout)
+    done = training_cli("run", config=config, tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [version] = Registry().versions()
     assert version.meta["method"] == "dpo" and version.meta["kind"] == "full"
     [report] = (Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json")
     tuning = json.loads(report.read_text())["tuning"]
     assert tuning["loss_type"] == ["sigmoid", "sft"] and tuning["loss_weights"] == [1.0, 0.5]
+    assert tuning["reference"]["source"] == f"kept for {tiny_model.name}"
+    assert tuning["reference"]["kept"] == tuning["rows"] and "kept for" in \
+        report.with_suffix(".md").read_text()
     # DPO's own loss starts at ln 2; the chosen replies' NLL (the tiny model knows them not
     # at all) is added on top
     assert tuning["first_loss"] > 0.6932 + 0.5

@@ -60,14 +60,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prepare", action="store_true",
                    help="do not prepare the next gate between rounds (see `prepare`)")
     p = sub.add_parser(
-        "prepare", help="compute the serving version's half of the next gate now, off the "
-        "round's clock", description="The serving version's replies to the gate's regression "
-        "questions and held-out prompts, and its and the base model's log-probabilities of the "
-        "held-out votes, kept where the next round's gate reads them: that gate then computes "
-        "only the candidate's, and judges more prompts and votes in its time. What is kept "
-        "already costs nothing. `schedule` runs it between rounds.")
-    p.add_argument("--config", type=Path, help="JSON with RoundConfig fields (its data and "
-                   "gate settings are the round's)")
+        "prepare", help="compute the serving version's half of the next gate, and the "
+        "tuning's reference, now, off the round's clock", description="The serving version's "
+        "replies to the gate's regression questions and held-out prompts, and its and the base "
+        "model's log-probabilities of the held-out votes, kept where the next round's gate "
+        "reads them: that gate then computes only the candidate's, and judges more prompts and "
+        "votes in its time. Also the reference log-probabilities of the training pairs under "
+        "the version the next round tunes (when it will run DPO): its steps then skip the "
+        "reference forward (about a third of a step on a CPU). What is kept already costs "
+        "nothing. `schedule` runs it between rounds.")
+    p.add_argument("--config", type=Path, help="JSON with RoundConfig fields (its data, gate "
+                   "and tune settings are the round's)")
     add_flags(p, RoundConfig, ["max_minutes"])
     return parser
 
@@ -113,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                                 max_checks=args.max_checks, prepare=not args.no_prepare,
                                 log=echo)
         if args.command == "prepare":
-            from training.round import prepare_gate
+            from training.round import prepare_gate, prepared_line
             done = prepare_gate(round_config(args), log=echo, started=STARTED)
-            print(f"prepared in {done['seconds']:.0f}s: {done['c_replies']['items']} of "
-                  f"{done['questions']} questions, {done['b_replies']['items']} of "
-                  f"{done['prompts']} held-out prompts, {done['a_logps']['items']} of "
-                  f"{done['votes']} held-out votes")
+            print(f"prepared in {done['seconds']:.0f}s: {prepared_line(done)}")
             return 0
         if args.command == "status":
             s = status()
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_status(s: dict) -> str:
+    from training.round import prepared_line
+
     lines = [f"serving: {s['current']}   (base: {s['base']})",
              f"machine: {s['machine']['dtype']}, {s['machine']['threads']} threads, llama.cpp "
              f"weight repacking {s['machine']['llama_repack']}", ""]
@@ -158,9 +160,7 @@ def format_status(s: dict) -> str:
                      f"{v['votes'] or 0:>6}  {(v['created_at'] or '')[:19]}")
     if p := s.get("prepared"):
         lines += ["", f"next gate prepared for {p['version']} at {p['finished_at'][:19]}: "
-                  f"{p['c_replies']['items']} of {p['questions']} questions, "
-                  f"{p['b_replies']['items']} of {p['prompts']} held-out prompts, "
-                  f"{p['a_logps']['items']} of {p['votes']} held-out votes"]
+                  f"{prepared_line(p)}"]
     if s["rounds"]:
         lines += ["", "last rounds:"]
         lines += [f"  {r['round']}  {r['decision']:<9} {r['message']}" for r in s["rounds"]]

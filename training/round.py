@@ -11,6 +11,7 @@ Every round, even one that stops early, writes a report (JSON and Markdown) unde
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -25,13 +26,14 @@ from serving.registry import Registry
 from training.config import RoundConfig, TuneConfig
 from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, heldout_share,
                               load_feedback, own_votes, reward_pairs, split)
-from training.evaluate import gate, prepare, share_end
+from training.evaluate import gate, in_time, prepare, share_end
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
 from training.reward import train_reward_model
 from training.synthetic import (check_sample, judge_quality, judged_conversations,
                                 synthetic_pairs)
-from training.tune import tune
+from training.tune import (ReferenceCache, choose_method, dpo_trainer, lora_config,
+                           reference_forward, tune)
 
 # What follows the gate's last reply (its statistics, closing the engines, the metrics, the
 # promotion and the report) takes a second or two; the gate works to the round's end less this
@@ -86,6 +88,57 @@ def read_prepared() -> dict | None:
         return None
 
 
+def reference_dir(registry: Registry) -> Path:
+    return registry.data / "training" / "reference_cache"
+
+
+def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
+                      cfg: TuneConfig, deadline: float, log=print) -> dict:
+    """DPO's reference log-probabilities of the training pairs the next round will tune on
+    (`training.tune.ReferenceCache`), under the version it starts from, within `deadline`
+    (time.monotonic()), in the tuning's own order (what its first steps reach, first). Nothing
+    when the round would not run DPO (thumbs alone: KTO; online DPO samples its own pairs)."""
+    t = time.monotonic()
+    reference = ReferenceCache(reference_dir(registry), start_name, cfg)
+    pairs = train.pairs
+    record = {"version": start_name, "pairs": len(pairs), "written": 0}
+    if cfg.method not in ("auto", "dpo") or choose_method(cfg, train) != "dpo":
+        return {**record, "items": 0, "seconds": 0.0, "why": "the round runs no DPO"}
+    unkept = set(reference.unkept(pairs))
+    if unkept:
+        # a copy of its own: the trainer wraps it (LoRA, TRL's fused head)
+        loaded = registry.load(start_name, ServingConfig(dtype="float32"))
+        with tempfile.TemporaryDirectory() as out:
+            trainer, _ = dpo_trainer(loaded.model, loaded.tokenizer, pairs, cfg, Path(out),
+                                     None if cfg.full_finetune else lora_config(cfg))
+            rows = [i for i in trainer.train_dataset["index"] if i in unkept]
+            # the pairs TRL drops (their prompt alone fills max_length) are kept as None
+            reference_forward(trainer, pairs, sorted(unkept - set(rows)), reference)
+            size = trainer.args.per_device_train_batch_size
+            for chunk in in_time(rows, deadline, chunk=4 * size, at_least=0):
+                reference_forward(trainer, pairs, chunk, reference)
+                reference.save()
+            reference.save()
+        del loaded, trainer
+    left = len(reference.unkept(pairs))
+    record.update(written=len(unkept) - left, items=len(pairs) - left,
+                  seconds=round(time.monotonic() - t, 1))
+    log(f"prepare (reference): {record['written']} pairs' reference log-probabilities of "
+        f"{start_name} written, {record['items']} of {len(pairs)} ready, in "
+        f"{record['seconds']:.0f}s")
+    return record
+
+
+def prepared_line(p: dict) -> str:
+    """What `prepare` made ready, in words (the command line, `status`, the round's report)."""
+    ref = p.get("reference")
+    return (f"{p['c_replies']['items']} of {p['questions']} questions, "
+            f"{p['b_replies']['items']} of {p['prompts']} held-out prompts, "
+            f"{p['a_logps']['items']} of {p['votes']} held-out votes"
+            + (f", reference log-probabilities of {ref['items']} of {ref['pairs']} training "
+               "pairs" if ref and not ref.get("why") else ""))
+
+
 def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
                  started: float | None = None) -> dict:
     """`python -m training prepare`: the serving version's half of the next gate (its replies
@@ -100,7 +153,7 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         registry = Registry()
         name = registry.current_name()
         base_name, _ = resolve_base()
-        _, heldout = split(load_feedback(cfg.data), cfg.data)
+        train, heldout = split(load_feedback(cfg.data), cfg.data)
         fp32 = ServingConfig(dtype="float32")
         current = registry.load(name, fp32)
         base = current if name == base_name else registry.load(base_name, fp32)
@@ -113,6 +166,10 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
                            cache_dir=registry.data / "training" / "gate_cache")
         finally:
             engine.close()
+        del current, base
+        start_name = base_name if cfg.tune.start == "base" else name
+        done["reference"] = prepare_reference(registry, start_name, train, cfg.tune,
+                                              start + cfg.max_minutes * 60, log)
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
                   "heldout": heldout.counts}
         path = prepared_path()
@@ -274,7 +331,8 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
         f"{'full' if cfg.tune.full_finetune else 'LoRA'}, lr {tuning.learning_rate:g})")
     summary, _ = tune(trainee.model, trainee.tokenizer, train, tuning, staging,
                       train_deadline, judge=judge if quality["trusted"] else None,
-                      sampling=cfg.synthetic)
+                      sampling=cfg.synthetic,
+                      reference=ReferenceCache(reference_dir(registry), start_name, cfg.tune))
     report["tuning"] = summary
     del trainee
     timed("tuning", t)
@@ -419,7 +477,12 @@ def markdown(r: dict) -> str:
                      f"{_num(t['mean_judged_margin'])}, replies finished "
                      f"{_num(t['finished_replies'])}" if t["method"] == "online" else "")
                   + (f"; online asked, not run: {t['online_skipped']}"
-                     if t.get("online_skipped") else ""), ""]
+                     if t.get("online_skipped") else "")
+                  + (f"; reference log-probabilities: {ref['source']}"
+                     + (f", {ref['computed_here']} of {ref['pairs']} pairs computed here in "
+                        f"{ref['seconds_here']:.0f} s" if ref.get("computed_here") else "")
+                     if (ref := t.get("reference")) else "")
+                  + (f"; {t['step_s']:.1f} s a step" if t.get("step_s") else ""), ""]
     if "gate" in r:
         g = r["gate"]
         lines += ["## Gate", "", f"Shown better on (a) or (b): {'yes' if g['improved'] else 'no'}"
@@ -432,11 +495,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {c['verdict']} | {c['why']} |")
         if p := r.get("prepared"):
             lines += ["", f"Prepared before the round (`python -m training prepare`, "
-                      f"{p['seconds']:.0f} s, off the round's clock): the serving version's "
-                      f"replies to {p['c_replies']['items']} of {p['questions']} questions and "
-                      f"{p['b_replies']['items']} of {p['prompts']} held-out prompts, "
-                      f"log-probabilities of {p['a_logps']['items']} of {p['votes']} held-out "
-                      "votes."]
+                      f"{p['seconds']:.0f} s, off the round's clock): {prepared_line(p)}."]
         lines.append("")
     lines += ["## Time and memory", "", "| stage | seconds | peak MB |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {r.get('peak_mb', {}).get(k, '')} |"
