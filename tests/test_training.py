@@ -998,6 +998,8 @@ def test_prepare_from_the_command_line_goes_into_the_next_rounds_report(tiny_mod
 
 
 def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
+    from training.schedule import unprepared
+
     fill(16)
     with db.transaction(write=True) as s:  # regenerate picks: pairs to learn from
         for conv in store.list_conversations(session=s, user_id=1):
@@ -1009,6 +1011,9 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
     ready = training_cli("prepare", config=config, tmp_path=tmp_path)
     assert ready.returncode == 0, ready.stdout[-3000:] + ready.stderr[-3000:]
     assert re.search(r"reference log-probabilities of (\d+) of \1 training pairs", ready.stdout)
+    assert not unprepared(RoundConfig.from_dict(config))
+    fill(3, first=100)  # votes after prepare: `schedule` would prepare again
+    assert unprepared(RoundConfig.from_dict(config))
     done = training_cli("run", config=config, tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [version] = Registry().versions()
@@ -1016,9 +1021,10 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
     [report] = (Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json")
     tuning = json.loads(report.read_text())["tuning"]
     assert tuning["loss_type"] == ["sigmoid", "sft"] and tuning["loss_weights"] == [1.0, 0.5]
-    assert tuning["reference"]["source"] == f"kept for {tiny_model.name}"
-    assert tuning["reference"]["kept"] == tuning["rows"] and "kept for" in \
-        report.with_suffix(".md").read_text()
+    ref = tuning["reference"]  # the new pairs computed before training, the rest kept
+    assert ref["source"] == f"kept for {tiny_model.name}" and ref["computed_here"] > 0
+    assert ref["kept"] + ref["computed_here"] == ref["pairs"] == tuning["rows"]
+    assert "reference log-probabilities: kept for" in report.with_suffix(".md").read_text()
     # DPO's own loss starts at ln 2; the chosen replies' NLL (the tiny model knows them not
     # at all) is added on top
     assert tuning["first_loss"] > 0.6932 + 0.5

@@ -67,7 +67,7 @@ def make_parser() -> argparse.ArgumentParser:
         "reads them: that gate then computes only the candidate's, and judges more prompts and "
         "votes in its time. Also the reference log-probabilities of the training pairs under "
         "the version the next round tunes (when it will run DPO): its steps then skip the "
-        "reference forward (about a third of a step on a CPU). What is kept already costs "
+        "reference forward (a fifth of a step on a 2-core CPU). What is kept already costs "
         "nothing. `schedule` runs it between rounds.")
     p.add_argument("--config", type=Path, help="JSON with RoundConfig fields (its data, gate "
                    "and tune settings are the round's)")

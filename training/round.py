@@ -171,7 +171,7 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         done["reference"] = prepare_reference(registry, start_name, train, cfg.tune,
                                               start + cfg.max_minutes * 60, log)
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
-                  "heldout": heldout.counts}
+                  "heldout": heldout.counts, "train": train.counts}
         path = prepared_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

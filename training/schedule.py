@@ -37,24 +37,27 @@ def new_votes() -> tuple[int, int]:
 
 
 def unprepared(cfg: RoundConfig) -> bool:
-    """Whether the next gate's serving-version half may be incomplete: `prepare_gate` has not
-    run for the serving version, or the held-out votes changed since it did, or its clock
-    stopped it short. Reads the store only (no model)."""
+    """Whether what `prepare_gate` makes may be incomplete: it has not run for the serving
+    version, or the held-out or training votes changed since it did, or its clock stopped it
+    short (of the gate's half or of the tuning's reference). Reads the store only (no model)."""
     record = read_prepared()
     if record is None or record.get("version") != Registry().current_name():
         return True
-    _, heldout = split(load_feedback(cfg.data), cfg.data)
+    train, heldout = split(load_feedback(cfg.data), cfg.data)
+    reference = record.get("reference") or {"items": 0, "pairs": 1}
     short = any(record.get(part, {}).get("items", 0) < record.get(total, 0) for part, total in
-                (("c_replies", "questions"), ("b_replies", "prompts"), ("a_logps", "votes")))
-    return short or record.get("heldout") != heldout.counts
+                (("c_replies", "questions"), ("b_replies", "prompts"), ("a_logps", "votes"))) \
+        or ("why" not in reference and reference["items"] < reference["pairs"])
+    return short or record.get("heldout") != heldout.counts or \
+        record.get("train") != train.counts
 
 
 def run_schedule(cfg: RoundConfig, *, min_new_votes: int, interval_s: float,
                  max_checks: int | None = None, prepare: bool = True, log=print) -> int:
     """Check, maybe run a round, sleep; `max_checks` checks (forever when None). Between
     rounds (a check with too few new votes), with `prepare`, the next gate's serving-version
-    half is computed (`prepare_gate`) when the serving version or the held-out votes changed
-    since it last was. Returns the last round's exit code (0 when no round ran)."""
+    half and the tuning's reference are computed (`prepare_gate`) when the serving version or
+    the votes changed since they last were. Returns the last round's exit code (0 when no round ran)."""
     checks, code = 0, 0
     while True:
         count, newest = new_votes()
