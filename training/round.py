@@ -170,6 +170,7 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         start_name = base_name if cfg.tune.start == "base" else name
         done["reference"] = prepare_reference(registry, start_name, train, cfg.tune,
                                               start + cfg.max_minutes * 60, log)
+        done["seconds"] = round(done["seconds"] + done["reference"]["seconds"], 1)
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
                   "heldout": heldout.counts, "train": train.counts}
         path = prepared_path()
