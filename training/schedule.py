@@ -41,13 +41,14 @@ def unprepared(cfg: RoundConfig) -> bool:
     version, or the held-out or training votes changed since it did, or its clock stopped it
     short (of the gate's half or of the tuning's reference). Reads the store only (no model)."""
     record = read_prepared()
-    if record is None or record.get("version") != Registry().current_name():
+    if record is None or record.get("version") != Registry().current_name() \
+            or "reference" not in record:  # written before prepare kept the reference
         return True
     train, heldout = split(load_feedback(cfg.data), cfg.data)
-    reference = record.get("reference") or {"items": 0, "pairs": 1}
+    ref = record["reference"]  # short, unless the round runs no DPO ("why")
     short = any(record.get(part, {}).get("items", 0) < record.get(total, 0) for part, total in
                 (("c_replies", "questions"), ("b_replies", "prompts"), ("a_logps", "votes"))) \
-        or ("why" not in reference and reference["items"] < reference["pairs"])
+        or ("why" not in ref and ref["items"] < ref["pairs"])
     return short or record.get("heldout") != heldout.counts or \
         record.get("train") != train.counts
 
@@ -57,7 +58,8 @@ def run_schedule(cfg: RoundConfig, *, min_new_votes: int, interval_s: float,
     """Check, maybe run a round, sleep; `max_checks` checks (forever when None). Between
     rounds (a check with too few new votes), with `prepare`, the next gate's serving-version
     half and the tuning's reference are computed (`prepare_gate`) when the serving version or
-    the votes changed since they last were. Returns the last round's exit code (0 when no round ran)."""
+    the votes changed since they last were. Returns the last round's exit code (0 when no
+    round ran)."""
     checks, code = 0, 0
     while True:
         count, newest = new_votes()
