@@ -1228,22 +1228,36 @@ def test_synthetic_pairs_are_made_only_when_the_tuning_can_reach_them():
     cannot take all the users' own pairs (the made pairs would be shuffled among them and
     mostly unseen); nothing is assumed when no step was measured or there are no pairs. The
     step cost: the reward model's step times the ratio the latest DPO round in this data folder
-    measured, else times the setting."""
+    measured with its reference got the same way (kept by `training prepare`, or computed in
+    each step), else times that way's setting."""
+    from training.config import SyntheticConfig
     from training.round import reports_dir, tuning_reach, tuning_step_estimate
 
-    assert tuning_step_estimate(None, 3.0) == {"step_s": None,
-                                                "source": "no reward-model step measured"}
-    assert tuning_step_estimate(6.0, 3.0)["step_s"] == 18.0  # no earlier round: the setting
+    cfg = SyntheticConfig(tuning_step_ratio=3.0, tuning_step_ratio_kept=2.0)
+    assert tuning_step_estimate(None, cfg) == {"step_s": None,
+                                               "source": "no reward-model step measured"}
+    assert tuning_step_estimate(6.0, cfg)["step_s"] == 18.0  # no earlier round: the setting
+    estimate = tuning_step_estimate(6.0, cfg, kept=True)
+    assert estimate["step_s"] == 12.0 and "tuning_step_ratio_kept" in estimate["source"]
+    kept = {"source": "kept for smollm2-135m-instruct", "pairs": 60}
     rounds = {"r20261130T010000": {"tuning": {"method": "dpo", "step_s": 20.0},
                                    "reward_model": {"step_s": 5.0}},            # ratio 4
+              "r20261130T015000": {"tuning": {"method": "dpo", "step_s": 15.0,
+                                              "reference": kept},
+                                   "reward_model": {"step_s": 6.0}},            # kept: 2.5
               "r20261130T020000": {"tuning": {"method": "kto", "step_s": 9.0},
                                    "reward_model": {"step_s": 6.0}},            # not DPO
+              "r20261130T025000": {"tuning": {"method": "dpo", "step_s": 9.0,
+                                              "reference": {"source": "every step"}},
+                                   "reward_model": {"step_s": None}},           # no judge step
               "r20261130T030000": {"decision": "skipped"}}                      # no steps
     for name, report in rounds.items():
         (reports_dir() / f"{name}.json").write_text(json.dumps(report))
     (reports_dir() / "r20261130T040000.json").write_text("{not json")
-    estimate = tuning_step_estimate(6.0, 3.0)
+    estimate = tuning_step_estimate(6.0, cfg)
     assert estimate["step_s"] == 24.0 and "r20261130T010000" in estimate["source"]
+    estimate = tuning_step_estimate(6.0, cfg, kept=True)
+    assert estimate["step_s"] == 15.0 and "r20261130T015000" in estimate["source"]
 
     assert tuning_reach(40.0, 200.0, 8, 374) == 40      # 5 steps of 8: skip
     assert tuning_reach(40.0, 30.0, 8, 100) == 0        # not even one step

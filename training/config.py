@@ -137,12 +137,17 @@ class SyntheticConfig:
                                           "leaves it (its steps' cost estimated from the "
                                           "reward model's): synthetic pairs, "
                                           "shuffled among them, would mostly go unseen")
-    tuning_step_ratio: float = setting(3.0, "a DPO step's cost in reward-model steps, for "
+    tuning_step_ratio: float = setting(3.0, "a DPO step's cost in reward-model steps when the "
+                                            "step computes its own reference, for "
                                             "only_if_reached until a round in this data folder "
-                                            "has measured both (then that round's ratio). 3: "
-                                            "2.6-3.6 over 18 rounds of bench/loop.py (a "
-                                            "reference pass and the vocabulary's "
+                                            "has measured both that way (then that round's "
+                                            "ratio). 3: 2.6-3.6 over 18 rounds of bench/loop.py "
+                                            "(a reference pass and the vocabulary's "
                                             "log-probabilities besides)", low=0.0, low_open=True)
+    tuning_step_ratio_kept: float = setting(2.2, "the same when the steps read the reference "
+                                                 "`training prepare` kept. 2.2: 2.05-2.34 over "
+                                                 "3 rounds of bench/loop.py (session 31)",
+                                            low=0.0, low_open=True)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from serving.gguf_export import NotConvertible
 from serving.hardware import dtype_reason, threads
 from serving.model import resolve_base
 from serving.registry import Registry
-from training.config import RoundConfig, TuneConfig
+from training.config import RoundConfig, SyntheticConfig, TuneConfig
 from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, heldout_share,
                               load_feedback, own_votes, reward_pairs, split)
 from training.evaluate import gate, in_time, prepare, share_end
@@ -33,7 +33,7 @@ from training.reward import train_reward_model
 from training.synthetic import (check_sample, judge_quality, judged_conversations,
                                 synthetic_pairs)
 from training.tune import (ReferenceCache, choose_method, dpo_trainer, lora_config,
-                           reference_forward, tune)
+                           reference_forward, steps_read_kept, tune)
 
 # What follows the gate's last reply (its statistics, closing the engines, the metrics, the
 # promotion and the report) takes a second or two; the gate works to the round's end less this
@@ -291,6 +291,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     timed("reward_model", t)
 
     t = time.monotonic()
+    reference = ReferenceCache(reference_dir(registry), start_name, cfg.tune)
     report["synthetic"] = {"pairs": 0}
     if cfg.synthetic.samples_per_prompt == 0:
         report["synthetic"]["why"] = "off (synthetic.samples_per_prompt = 0)"
@@ -303,8 +304,8 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
         report["synthetic"]["why"] = ("online tuning: the model samples and the reward model "
                                       "judges pairs at every step instead")
     elif cfg.synthetic.only_if_reached and (reach := tuning_reach(
-            (step := tuning_step_estimate(report["reward_model"].get("step_s"),
-                                          cfg.synthetic.tuning_step_ratio))["step_s"],
+            (step := tuning_step_estimate(report["reward_model"].get("step_s"), cfg.synthetic,
+                                          kept=steps_read_kept(reference, train.pairs)))["step_s"],
             (1 - cfg.synthetic.time_share) * (train_deadline - t), cfg.tune.batch_size,
             len(train.pairs))) is not None:
         report["synthetic"]["why"] = (
@@ -333,7 +334,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     summary, _ = tune(trainee.model, trainee.tokenizer, train, tuning, staging,
                       train_deadline, judge=judge if quality["trusted"] else None,
                       sampling=cfg.synthetic,
-                      reference=ReferenceCache(reference_dir(registry), start_name, cfg.tune))
+                      reference=reference)
     report["tuning"] = summary
     del trainee
     timed("tuning", t)
@@ -391,27 +392,36 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     return finish("promoted", PROMOTED, f"{round_id} now serves (was {current_name}; {why})")
 
 
-def tuning_step_estimate(reward_step_s: float | None, ratio: float) -> dict:
+def tuning_step_estimate(reward_step_s: float | None, cfg: SyntheticConfig,
+                         kept: bool = False) -> dict:
     """What a tuning step will cost, before any is taken: the reward model's step time (just
     measured) times the ratio of the two in the latest earlier DPO round of this data folder
-    (same machine, same settings as a rule), else times `ratio`. {"step_s": None} when the
-    reward model took no step. The running round's own report is written when it finishes, so
-    every report found here is an earlier round's."""
+    whose steps got their reference the same way (`kept`: read from `training prepare`'s cache;
+    else computed in each step, about a third dearer), same machine and settings as a rule;
+    else times the setting for that way (`tuning_step_ratio_kept`, `tuning_step_ratio`).
+    {"step_s": None} when the reward model took no step. The running round's own report is
+    written when it finishes, so every report found here is an earlier round's."""
     if not reward_step_s:
         return {"step_s": None, "source": "no reward-model step measured"}
+    way = "the reference kept" if kept else "the reference in each step"
     for path in sorted(reports_dir().glob("r*.json"), reverse=True):
         try:
             earlier = json.loads(path.read_text())
             tuned, judged = earlier["tuning"]["step_s"], earlier["reward_model"]["step_s"]
-            if earlier["tuning"].get("method") == "dpo" and tuned and judged:
+            read_kept = str((earlier["tuning"].get("reference") or {}).get(
+                "source", "")).startswith("kept")
+            if earlier["tuning"].get("method") == "dpo" and tuned and judged \
+                    and read_kept == kept:
                 return {"step_s": reward_step_s * tuned / judged,
                         "source": f"{tuned / judged:.1f} reward-model steps, as in round "
-                                  f"{path.stem}"}
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+                                  f"{path.stem} ({way})"}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
             continue  # a report from an older version, or a round that stopped early
+    name, ratio = (("tuning_step_ratio_kept", cfg.tuning_step_ratio_kept) if kept
+                   else ("tuning_step_ratio", cfg.tuning_step_ratio))
     return {"step_s": reward_step_s * ratio,
             "source": f"{ratio:g} reward-model steps of {reward_step_s:.1f} s "
-                      "(synthetic.tuning_step_ratio)"}
+                      f"(synthetic.{name}: {way})"}
 
 
 def tuning_reach(step_s: float | None, seconds: float, batch_size: int,

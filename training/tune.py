@@ -201,8 +201,18 @@ def reference_forward(trainer, pairs: list[dict], indices: list[int],
         reference.values[reference.pair_key(pairs[i])] = None
 
 
+FILL_SHARE = 0.25  # most pairs a round computes its reference for before the steps
+
+
+def steps_read_kept(reference: ReferenceCache | None, pairs: list[dict],
+                    fill_share: float = FILL_SHARE) -> bool:
+    """Whether DPO's steps on `pairs` will read their reference from `reference` (what
+    `use_kept_reference` decides): kept for all of them but at most `fill_share`."""
+    return reference is not None and len(reference.unkept(pairs)) <= fill_share * len(pairs)
+
+
 def use_kept_reference(trainer, pairs: list[dict], reference: ReferenceCache | None,
-                       fill_share: float = 0.25) -> dict:
+                       fill_share: float = FILL_SHARE) -> dict:
     """Gives the trainer's rows their kept reference log-probabilities, so that its steps skip
     the reference forward (TRL reads them from each batch, as after its own
     `precompute_ref_log_probs`). Pairs not kept (votes that came after `training prepare`) are
@@ -210,7 +220,7 @@ def use_kept_reference(trainer, pairs: list[dict], reference: ReferenceCache | N
     that saves more than its time in the steps that reach it); more, and every step computes
     its own reference as before. Returns what was done, for the report."""
     unkept = reference.unkept(pairs) if reference is not None else list(range(len(pairs)))
-    if reference is None or len(unkept) > fill_share * len(pairs):
+    if not steps_read_kept(reference, pairs, fill_share):
         return {"kept": len(pairs) - len(unkept), "computed_here": 0, "pairs": len(pairs),
                 "source": "every step" + ("" if reference is None else (
                     f" ({len(pairs) - len(unkept)} of {len(pairs)} kept; `python -m training "
