@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -856,7 +854,7 @@ def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(t
     from serving.config import ServingConfig
     from training.config import TuneConfig
     from training.round import prepare_reference, reference_dir
-    from training.tune import ReferenceCache, dpo_trainer, tune, use_kept_reference
+    from training.tune import ReferenceCache, tune
 
     fill(24)  # each conversation a liked and a disliked reply: a pair
     train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
@@ -909,17 +907,6 @@ def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(t
                    ReferenceCache(reference_dir(reg), name, cfg).values.items()}
     _, moved = run("moved", kept)
     assert moved[0] != pytest.approx(losses[0], rel=1e-2)
-
-    # a full fine-tune's frozen reference copy is freed when the steps read the kept reference
-    full = replace(cfg, full_finetune=True)  # the same reference as the adapter's: kept
-    loaded = reg.load(None, ServingConfig(dtype="float32"))
-    trainer, _ = dpo_trainer(loaded.model, loaded.tokenizer, train.pairs, full,
-                             reg.staging("full").trainer, None)
-    copy = weakref.ref(trainer.ref_model)
-    used = use_kept_reference(trainer, train.pairs, ReferenceCache(reference_dir(reg), name, full))
-    gc.collect()
-    assert used["source"].endswith("(the frozen reference copy freed)") and copy() is None
-    assert trainer.train().global_step == 3  # and the steps run without it
 
 
 def _kill_when(line_start: str, tmp_path: Path, config: dict) -> None:
@@ -1035,8 +1022,7 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
     tuning = json.loads(report.read_text())["tuning"]
     assert tuning["loss_type"] == ["sigmoid", "sft"] and tuning["loss_weights"] == [1.0, 0.5]
     ref = tuning["reference"]  # the new pairs computed before training, the rest kept
-    assert ref["source"] == f"kept for {tiny_model.name} (the frozen reference copy freed)"
-    assert ref["computed_here"] > 0
+    assert ref["source"] == f"kept for {tiny_model.name}" and ref["computed_here"] > 0
     assert ref["kept"] + ref["computed_here"] == ref["pairs"] == tuning["rows"]
     assert "reference log-probabilities: kept for" in report.with_suffix(".md").read_text()
     # DPO's own loss starts at ln 2; the chosen replies' NLL (the tiny model knows them not

@@ -236,26 +236,9 @@ def use_kept_reference(trainer, pairs: list[dict], reference: ReferenceCache | N
         "ref_chosen_logps", [v[0] for v in values]).add_column(
         "ref_rejected_logps", [v[1] for v in values])
     trainer.precompute_ref_logps = True
-    freed = drop_reference_model(trainer)
     return {"kept": len(pairs) - len(unkept), "computed_here": len(unkept), "pairs": len(pairs),
             "seconds_here": round(time.monotonic() - began, 1),
-            "source": f"kept for {reference.version}"
-                      + (" (the frozen reference copy freed)" if freed else "")}
-
-
-def drop_reference_model(trainer) -> bool:
-    """Frees the frozen copy of the start version that TRL keeps for a full fine-tune's
-    reference (LoRA has none: the adapter switched off is the reference), once its steps read
-    the kept reference instead: as much memory as the model's weights, through the whole
-    tuning. TRL itself makes no copy when it precomputes (`precompute_ref_log_probs`), but it
-    would then compute every pair again at the start; Accelerate holds the prepared copy in its
-    list of models too. True when a copy was freed."""
-    ref = trainer.ref_model
-    if ref is None:
-        return False
-    trainer.ref_model = None
-    trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not ref]
-    return True
+            "source": f"kept for {reference.version}"}
 
 
 def online_trainer(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
