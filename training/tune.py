@@ -205,10 +205,14 @@ FILL_SHARE = 0.25  # most pairs a round computes its reference for before the st
 
 
 def steps_read_kept(reference: ReferenceCache | None, pairs: list[dict],
-                    fill_share: float = FILL_SHARE) -> bool:
+                    fill_share: float = FILL_SHARE, unkept: list[int] | None = None) -> bool:
     """Whether DPO's steps on `pairs` will read their reference from `reference` (what
-    `use_kept_reference` decides): kept for all of them but at most `fill_share`."""
-    return reference is not None and len(reference.unkept(pairs)) <= fill_share * len(pairs)
+    `use_kept_reference` decides): kept for all of them but at most `fill_share`. `unkept`:
+    `reference.unkept(pairs)` when the caller has it already."""
+    if reference is None:
+        return False
+    missing = reference.unkept(pairs) if unkept is None else unkept
+    return len(missing) <= fill_share * len(pairs)
 
 
 def use_kept_reference(trainer, pairs: list[dict], reference: ReferenceCache | None,
@@ -220,7 +224,7 @@ def use_kept_reference(trainer, pairs: list[dict], reference: ReferenceCache | N
     that saves more than its time in the steps that reach it); more, and every step computes
     its own reference as before. Returns what was done, for the report."""
     unkept = reference.unkept(pairs) if reference is not None else list(range(len(pairs)))
-    if not steps_read_kept(reference, pairs, fill_share):
+    if not steps_read_kept(reference, pairs, fill_share, unkept):
         return {"kept": len(pairs) - len(unkept), "computed_here": 0, "pairs": len(pairs),
                 "source": "every step" + ("" if reference is None else (
                     f" ({len(pairs) - len(unkept)} of {len(pairs)} kept; `python -m training "
