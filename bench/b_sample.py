@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from bench.users import make_users, unknown_users
 
-    from bench.gate_replay import (fresh_work, gated_rounds, keep_rows, load_judge, round_data,
-                                   store_user)
+    from bench.gate_replay import fresh_work, gated_rounds, keep_rows, round_data, store_user
+    from training.reward import load_judge
 
     user_name = args.user or store_user(args.store)
     if message := unknown_users([user_name]):

@@ -40,15 +40,6 @@ def store_as_of(db: Path, when: str, copy: Path) -> None:
                     (when.replace("T", " ").split("+")[0],))
 
 
-def load_judge(source: str, tokenizer, adapter: Path, max_length: int):
-    from peft import PeftModel
-
-    from training.reward import RewardModel, score_model
-
-    model = PeftModel.from_pretrained(score_model(source, tokenizer), adapter)
-    return RewardModel(model.merge_and_unload(), tokenizer, max_length)
-
-
 def summary(g: dict) -> dict:
     a, b = g["checks"]["a_heldout_ranking"], g["checks"]["b_reward_model"]
     return {"a_votes": a.get("votes"), "a_votes_available": a.get("votes_available"),
@@ -161,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     from serving.model import resolve_base
     from serving.registry import Registry
     from training.evaluate import gate, prepare
+    from training.reward import load_judge
     from training.synthetic import check_sample, judge_quality
 
     registry, fp32 = Registry(), ServingConfig(dtype="float32")

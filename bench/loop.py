@@ -95,9 +95,9 @@ def judge_on_test(user, prompts: list[dict], current: list[list[str]],
     every reply's thumb (with its 95% interval), and per test prompt, where the user's
     approval of the two versions differs, how often the judge's mean score leans the same way.
     None where the round saved no judge."""
-    from bench.gate_replay import load_judge
     from serving.model import resolve_base
     from serving.registry import Registry
+    from training.reward import load_judge
     from training.stats import auc_interval
 
     t = time.monotonic()

@@ -995,6 +995,64 @@ def test_prepare_from_the_command_line_goes_into_the_next_rounds_report(tiny_mod
     assert report["gate"]["replies_kept"][tiny_model.name] >= questions
     a = report["gate"]["checks"]["a_heldout_ranking"]
     assert a["cached"][tiny_model.name] == a["votes"]  # the base serves: one model, prepared
+    # the reward model too: trained by prepare (its 3 steps), used by the round, kept with
+    # the version like a judge the round trains; its held-out check scored once, in prepare
+    assert re.search(r"a reward model \(3 steps on \d+ pairs\)", done.stdout)
+    judge = report["reward_model"]
+    assert judge["steps"] == 3 and judge["prepared"]["rows_missing"] == 0
+    assert judge["prepared"]["rows"] == report["data"]["train"]["votes"] + \
+        report["data"]["train"]["pairs"]
+    assert judge["judge"]["heldout_votes"] > 0 and "auc" in judge["judge"]
+    assert (version.dir.reward / "adapter_config.json").is_file()
+    assert "trained by `training prepare`" in (Path(os.environ["CHAT_DATA_DIR"]) / "reports" /
+                                               f"{version.name}.md").read_text()
+    assert "the reward model trained by `training prepare`" in ran.stdout
+    assert "training the reward model" not in ran.stdout
+    again = training_cli("prepare", config=LENIENT, tmp_path=tmp_path)  # the same rows:
+    assert "prepare (reward model)" not in again.stdout  # nothing trained again
+
+
+def test_a_prepared_judge_serves_the_rounds_whose_training_rows_it_mostly_saw(tmp_path):
+    """`PreparedJudge`: usable while it lacks at most `prepared_max_missing` of the training
+    rows and was trained the same way; prepare itself (max_missing 0) trains again on any new
+    row. A folder without its adapter or with a broken record holds no judge."""
+    from training.config import RewardModelConfig
+    from training.dataset import FeedbackData
+    from training.reward import PreparedJudge
+
+    def vote(i, label=True):
+        return {"prompt": [{"role": "user", "content": f"q{i}"}],
+                "completion": [{"role": "assistant", "content": f"a{i}"}], "label": label}
+
+    train = FeedbackData(votes=[vote(i) for i in range(8)])
+    cfg = RewardModelConfig()
+    made = tmp_path / "made"
+    (made / "adapter").mkdir(parents=True)
+    judge = PreparedJudge.write(tmp_path / "judge", made, {
+        "fingerprint": PreparedJudge.fingerprint("base", cfg),
+        "rows": PreparedJudge.row_keys(train), "summary": {"steps": 5},
+        "finished_at": "now", "seconds": 1.0})
+    assert judge.unusable("base", cfg, train, 0.0) is None
+    more = FeedbackData(votes=train.votes + [vote(8), vote(9)])  # 2 of 10 unseen
+    assert judge.missing(more) == (2, 10)
+    assert judge.unusable("base", cfg, more, 0.25) is None
+    assert "never saw 2 of the 10" in judge.unusable("base", cfg, more, 0.0)
+    assert "never saw 3 of the 11" in judge.unusable(
+        "base", cfg, FeedbackData(votes=more.votes + [vote(10)]), 0.25)
+    flipped = FeedbackData(votes=[vote(0, label=False)] + train.votes[1:])  # a changed vote
+    assert judge.missing(flipped) == (1, 8)
+    assert "other settings" in judge.unusable("base", replace(cfg, learning_rate=1e-4),
+                                              train, 0.25)
+    assert "other settings" in judge.unusable("other", cfg, train, 0.25)
+    # what only the check reads leaves it usable
+    assert judge.unusable("base", replace(cfg, check_conversations=8), train, 0.25) is None
+    assert judge.summary(more)["prepared"] == {"finished_at": "now", "seconds": 1.0,
+                                                "rows_missing": 2, "rows": 10}
+    (tmp_path / "judge" / "judge.json").write_text("{not json")
+    assert "has not trained one" in PreparedJudge(tmp_path / "judge").unusable(
+        "base", cfg, train, 1.0)
+    assert "has not trained one" in PreparedJudge(tmp_path / "none").unusable(
+        "base", cfg, train, 1.0)
 
 
 def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):

@@ -67,6 +67,16 @@ class RewardModelConfig:
                                             "scores (votes of both labels spread evenly, then "
                                             "pairs); its time comes out of the reward model's "
                                             "share, so it must not grow with the store", low=8)
+    prepare: bool = setting(True, "`python -m training prepare` also trains the reward model "
+                                  "(off the round's clock, for as long as its epochs ask and "
+                                  "its time allows), and a round uses it instead of training "
+                                  "its own in a share of its time, which then goes to the "
+                                  "tuning")
+    prepared_max_missing: float = setting(0.25, "a round uses the prepared reward model while "
+                                                "it lacks at most this share of the round's "
+                                                "training votes and pairs (votes that came "
+                                                "after it was trained); more, and the round "
+                                                "trains its own", low=0.0, high=1.0)
 
 
 @dataclass

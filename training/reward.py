@@ -7,7 +7,11 @@ pairs with it, and the gate uses it to compare two models' replies.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -15,7 +19,8 @@ from datasets import Dataset
 from serving.hardware import autocast
 from serving.registry import VersionDir
 from training.config import RewardModelConfig, TuneConfig
-from training.dataset import chars, length_grouped
+from training.dataset import FeedbackData, chars, length_grouped
+from training.evaluate import Kept
 from training.tune import Deadline, common_args, lora_config
 
 
@@ -134,3 +139,110 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
                    "train_loss": result.training_loss, "stopped_by_deadline": stop.hit,
                    "step_s": stop.step_s,
                    "scoring_reserve_s": round(reserve_s, 1)}
+
+
+def load_judge(source: str, tokenizer, adapter: Path, max_length: int) -> RewardModel:
+    """A reward model saved by `train_reward_model` (its LoRA adapter and score head in
+    `adapter`), back on the base checkpoint at `source`."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(score_model(source, tokenizer), adapter)
+    return RewardModel(model.merge_and_unload(), tokenizer, max_length)
+
+
+class KeptScores:
+    """A judge whose scores are kept per conversation (`Kept`): what it scored once (the
+    held-out votes of its check, when `training prepare` trained it) costs nothing again."""
+
+    def __init__(self, judge: RewardModel, kept: Kept) -> None:
+        self.judge, self.kept = judge, kept
+
+    def score(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+        return self.kept.get([Kept.key(c) for c in conversations], conversations,
+                             lambda todo: self.judge.score(todo, batch_size))
+
+
+class PreparedJudge:
+    """The reward model `python -m training prepare` trains between rounds, off the round's
+    clock, on the training votes and pairs of the moment, so that the round spends the reward
+    model's share of its time on the tuning instead. Kept in one folder:
+
+        adapter/       the judge (`train_reward_model`'s adapter and score head)
+        judge.json     how it was trained (`fingerprint`: base checkpoint, reward settings,
+                       precision) and on what (a key per training vote and pair), its summary
+        scores.json    its scores of the held-out conversations it was checked on
+
+    A round uses it while it lacks at most `reward.prepared_max_missing` of the round's
+    training rows (votes that came after it was trained) and was trained the same way; the
+    split never moves a training conversation into the held-out ones, so the conversations
+    the round checks it on (and its gate judges with it) are ones it never saw."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        try:
+            self.record = json.loads((folder / "judge.json").read_text())
+            assert isinstance(self.record, dict) and (folder / "adapter").is_dir()
+        except (OSError, ValueError, AssertionError):
+            self.record = None
+
+    @staticmethod
+    def fingerprint(source: str, cfg: RewardModelConfig) -> str:
+        """What makes two judges trained on the same rows alike: everything but how many
+        conversations its check scores."""
+        settings = {k: v for k, v in asdict(cfg).items()
+                    if k not in ("check_conversations", "prepare", "prepared_max_missing")}
+        return Kept.key(str(source), settings, TuneConfig().bf16)
+
+    @staticmethod
+    def row_keys(train: FeedbackData) -> list[str]:
+        """One key per training vote (its conversation and label) and pair."""
+        return [Kept.key(v["prompt"], v["completion"], bool(v["label"])) for v in train.votes] \
+            + [Kept.key(p["prompt"], p["chosen"], p["rejected"]) for p in train.pairs]
+
+    def missing(self, train: FeedbackData) -> tuple[int, int]:
+        """(training rows the judge never saw, training rows)."""
+        keys = self.row_keys(train)
+        seen = set(self.record["rows"]) if self.record else set()
+        return sum(k not in seen for k in keys), len(keys)
+
+    def unusable(self, source: str, cfg: RewardModelConfig, train: FeedbackData,
+                 max_missing: float) -> str | None:
+        """Why a round (or a prepare, with `max_missing` 0) cannot use this judge; None when
+        it can."""
+        if self.record is None:
+            return "`training prepare` has not trained one"
+        if self.record.get("fingerprint") != self.fingerprint(source, cfg):
+            return "prepared with other settings or another base model"
+        lacking, rows = self.missing(train)
+        if lacking > max_missing * rows:
+            return (f"it never saw {lacking} of the {rows} training votes and pairs (more than "
+                    f"reward.prepared_max_missing, {max_missing:.0%})")
+        return None
+
+    def summary(self, train: FeedbackData) -> dict:
+        """Its training summary, as a round's report holds a judge's, and how it was made."""
+        lacking, rows = self.missing(train)
+        return {**self.record["summary"], "prepared": {
+            "finished_at": self.record["finished_at"], "seconds": self.record["seconds"],
+            "rows_missing": lacking, "rows": rows}}
+
+    def load(self, source: str, tokenizer, max_length: int) -> KeptScores:
+        return KeptScores(load_judge(source, tokenizer, self.folder / "adapter", max_length),
+                          Kept(self.folder, "scores"))
+
+    def copy_to(self, out: VersionDir) -> None:
+        """Into a version's folder, where the round's judge is kept (`reward/`)."""
+        shutil.copytree(self.folder / "adapter", out.reward)
+
+    @classmethod
+    def write(cls, folder: Path, made: Path, record: dict) -> "PreparedJudge":
+        """`made` (a folder holding `adapter/` and `scores.json`) with `record` becomes the
+        prepared judge, replacing the one before."""
+        (made / "judge.json").write_text(json.dumps(record) + "\n")
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        made.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return cls(folder)

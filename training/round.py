@@ -11,6 +11,7 @@ Every round, even one that stops early, writes a report (JSON and Markdown) unde
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -22,14 +23,14 @@ from serving.config import ServingConfig, data_dir
 from serving.gguf_export import NotConvertible
 from serving.hardware import dtype_reason, threads
 from serving.model import resolve_base
-from serving.registry import Registry
+from serving.registry import Registry, VersionDir
 from training.config import RoundConfig, SyntheticConfig, TuneConfig
 from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, heldout_share,
                               load_feedback, own_votes, reward_pairs, split)
-from training.evaluate import gate, in_time, prepare, share_end
+from training.evaluate import Kept, gate, in_time, prepare, share_end
 from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
-from training.reward import train_reward_model
+from training.reward import KeptScores, PreparedJudge, train_reward_model
 from training.synthetic import (check_sample, judge_quality, judged_conversations,
                                 synthetic_pairs)
 from training.tune import (ReferenceCache, choose_method, dpo_trainer, lora_config,
@@ -129,6 +130,57 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
     return record
 
 
+def judge_dir(registry: Registry) -> Path:
+    return registry.data / "training" / "judge"
+
+
+def prepare_judge(registry: Registry, base_source: str, tokenizer, train: FeedbackData,
+                  heldout: FeedbackData, cfg: RoundConfig, deadline: float, log=print) -> dict:
+    """The next round's reward model (`training.reward.PreparedJudge`), trained now on the
+    training votes and pairs of the moment for as long as its epochs ask and `deadline`
+    (time.monotonic()) allows, and checked on the held-out votes as a round checks its own;
+    nothing when one was trained on these very rows, or when less time is left than a round
+    would give it (the round then trains its own)."""
+    t = time.monotonic()
+    kept = PreparedJudge(judge_dir(registry))
+    if not cfg.reward.prepare:
+        return {"why": "off (reward.prepare false)", "seconds": 0.0}
+    if kept.unusable(base_source, cfg.reward, train, max_missing=0.0) is None:
+        return {**kept.summary(train), "written": False, "seconds": 0.0}
+    own_share_s = cfg.reward_share * (1 - cfg.gate_share) * cfg.max_minutes * 60
+    if (left := deadline - t) < own_share_s:
+        return {"why": f"{max(0.0, left):.0f} s left, less than a round gives its reward model "
+                       f"({own_share_s:.0f} s): the round trains its own", "seconds": 0.0}
+    pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
+    checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
+    judge_dir(registry).parent.mkdir(parents=True, exist_ok=True)
+    made = Path(tempfile.mkdtemp(prefix="judge.", dir=judge_dir(registry).parent))
+    try:
+        judge, summary = train_reward_model(
+            base_source, tokenizer, pairs, cfg.reward, VersionDir(made), deadline,
+            to_score=judged_conversations(checked))
+        shutil.rmtree(made / "trainer", ignore_errors=True)
+        scores = Kept(made, "scores")
+        quality, _ = judge_quality(KeptScores(judge, scores), checked,
+                                   confidence=cfg.gate.confidence,
+                                   samples=cfg.gate.bootstrap_samples, seed=cfg.gate.seed)
+        scores.save()
+        (made / "reward").rename(made / "adapter")
+        seconds = round(time.monotonic() - t, 1)
+        kept = PreparedJudge.write(judge_dir(registry), made, {
+            "fingerprint": PreparedJudge.fingerprint(base_source, cfg.reward),
+            "rows": PreparedJudge.row_keys(train), "summary": summary, "check": quality,
+            "finished_at": datetime.now(timezone.utc).isoformat(), "seconds": seconds})
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+    record = {**kept.summary(train), "written": True, "seconds": seconds}
+    auc = quality.get("auc")
+    log(f"prepare (reward model): {summary['steps']} steps on {len(pairs)} pairs in "
+        f"{seconds:.0f}s" + (f"; held-out AUC {auc['estimate']:.2f} [{auc['low']:.2f}, "
+                              f"{auc['high']:.2f}]" if auc else ""))
+    return record
+
+
 def prepared_line(p: dict) -> str:
     """What `prepare` made ready, in words (the command line, `status`, the round's report)."""
     ref = p.get("reference")
@@ -136,7 +188,9 @@ def prepared_line(p: dict) -> str:
             f"{p['b_replies']['items']} of {p['prompts']} held-out prompts, "
             f"{p['a_logps']['items']} of {p['votes']} held-out votes"
             + (f", reference log-probabilities of {ref['items']} of {ref['pairs']} training "
-               "pairs" if ref and not ref.get("why") else ""))
+               "pairs" if ref and not ref.get("why") else "")
+            + (f", a reward model ({judge['steps']} steps on {judge['pairs']} pairs)"
+               if (judge := p.get("judge")) and not judge.get("why") else ""))
 
 
 def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
@@ -166,11 +220,16 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
                            cache_dir=registry.data / "training" / "gate_cache")
         finally:
             engine.close()
+        tokenizer = current.tokenizer
         del current, base
         start_name = base_name if cfg.tune.start == "base" else name
+        deadline = start + cfg.max_minutes * 60
         done["reference"] = prepare_reference(registry, start_name, train, cfg.tune,
-                                              start + cfg.max_minutes * 60, log)
-        done["seconds"] = round(done["seconds"] + done["reference"]["seconds"], 1)
+                                              deadline, log)
+        done["judge"] = prepare_judge(registry, resolve_base()[1], tokenizer, train, heldout,
+                                      cfg, deadline, log)
+        done["seconds"] = round(done["seconds"] + done["reference"]["seconds"]
+                                + done["judge"]["seconds"], 1)
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
                   "heldout": heldout.counts, "train": train.counts}
         path = prepared_path()
@@ -275,15 +334,27 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
 
     t = time.monotonic()
     pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
-    log(f"training the reward model on {len(pairs)} pairs")
     start_name = base_name if cfg.tune.start == "base" else current_name
     trainee = registry.load(start_name, fp32)
-    # The reward model may not starve the tuning: it gets its share of the training time left.
-    reward_deadline = share_end(t, train_deadline, cfg.reward_share)
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
-    judge, report["reward_model"] = train_reward_model(
-        base_source, trainee.tokenizer, pairs, cfg.reward, staging, reward_deadline,
-        to_score=judged_conversations(checked))
+    prepared_judge = PreparedJudge(judge_dir(registry))
+    why_not = "off (reward.prepare false)" if not cfg.reward.prepare else \
+        prepared_judge.unusable(base_source, cfg.reward, train, cfg.reward.prepared_max_missing)
+    if why_not is None:  # trained by `training prepare`, off the clock
+        log("the reward model trained by `training prepare`")
+        judge = prepared_judge.load(base_source, trainee.tokenizer, cfg.reward.max_length)
+        prepared_judge.copy_to(staging)
+        report["reward_model"] = prepared_judge.summary(train)
+    else:
+        log(f"training the reward model on {len(pairs)} pairs (none prepared to use: "
+            f"{why_not})")
+        # The reward model may not starve the tuning: it gets its share of the training
+        # time left.
+        reward_deadline = share_end(t, train_deadline, cfg.reward_share)
+        judge, report["reward_model"] = train_reward_model(
+            base_source, trainee.tokenizer, pairs, cfg.reward, staging, reward_deadline,
+            to_score=judged_conversations(checked))
+        report["reward_model"]["prepared"] = {"why_not": why_not}
     quality, calibration = judge_quality(judge, checked, confidence=cfg.gate.confidence,
                                          samples=cfg.gate.bootstrap_samples, seed=cfg.gate.seed)
     quality["heldout_available"] = {"votes": len(heldout.votes), "pairs": len(heldout.pairs)}
@@ -478,6 +549,7 @@ def markdown(r: dict) -> str:
                   f"({r['reward_model'].get('pairs_with_margin', 0)} with a margin from what "
                   "users said), "
                   f"{r['reward_model']['steps']} steps, loss {r['reward_model']['train_loss']:.4f}"
+                  + _prepared_judge_line(r["reward_model"].get("prepared"))
                   + _judge_line(r["reward_model"].get("judge")),
                   _synthetic_line(r.get("synthetic")),
                   f"- tuning: {t['method'].upper()} ({t['kind']}), {t['steps']} steps, loss "
@@ -513,6 +585,13 @@ def markdown(r: dict) -> str:
               for k, v in r["timings_s"].items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def _prepared_judge_line(p: dict | None) -> str:
+    if not p or "why_not" in p:
+        return ""
+    return (f" (trained by `training prepare` in {p['seconds']:.0f} s, off the round's clock; "
+            f"it lacks {p['rows_missing']} of the round's {p['rows']} training votes and pairs)")
 
 
 def _judge_line(q: dict | None) -> str:

@@ -39,16 +39,19 @@ def new_votes() -> tuple[int, int]:
 def unprepared(cfg: RoundConfig) -> bool:
     """Whether what `prepare_gate` makes may be incomplete: it has not run for the serving
     version, or the held-out or training votes changed since it did, or its clock stopped it
-    short (of the gate's half or of the tuning's reference). Reads the store only (no model)."""
+    short (of the gate's half or of the tuning's reference, or before the reward model).
+    Reads the store only (no model)."""
     record = read_prepared()
     if record is None or record.get("version") != Registry().current_name() \
             or "reference" not in record:  # written before prepare kept the reference
         return True
     train, heldout = split(load_feedback(cfg.data), cfg.data)
     ref = record["reference"]  # short, unless the round runs no DPO ("why")
+    judge = record.get("judge")  # its clock may have left the reward model to the round
     short = any(record.get(part, {}).get("items", 0) < record.get(total, 0) for part, total in
                 (("c_replies", "questions"), ("b_replies", "prompts"), ("a_logps", "votes"))) \
-        or ("why" not in ref and ref["items"] < ref["pairs"])
+        or ("why" not in ref and ref["items"] < ref["pairs"]) \
+        or (cfg.reward.prepare and (judge is None or "why" in judge))
     return short or record.get("heldout") != heldout.counts or \
         record.get("train") != train.counts
 
