@@ -206,8 +206,9 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
     with round_lock():
         registry = Registry()
         name = registry.current_name()
-        base_name, _ = resolve_base()
+        base_name, base_source = resolve_base()
         train, heldout = split(load_feedback(cfg.data), cfg.data)
+        deadline = start + cfg.max_minutes * 60
         fp32 = ServingConfig(dtype="float32")
         current = registry.load(name, fp32)
         base = current if name == base_name else registry.load(base_name, fp32)
@@ -215,19 +216,17 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         try:
             log(f"preparing the next gate for {name}: {heldout.counts['votes']} held-out votes")
             done = prepare(current=current, base=base, current_engine=engine,
-                           heldout=heldout, cfg=cfg.gate, log=log,
-                           deadline=start + cfg.max_minutes * 60,
+                           heldout=heldout, cfg=cfg.gate, log=log, deadline=deadline,
                            cache_dir=registry.data / "training" / "gate_cache")
         finally:
             engine.close()
         tokenizer = current.tokenizer
         del current, base
         start_name = base_name if cfg.tune.start == "base" else name
-        deadline = start + cfg.max_minutes * 60
         done["reference"] = prepare_reference(registry, start_name, train, cfg.tune,
                                               deadline, log)
-        done["judge"] = prepare_judge(registry, resolve_base()[1], tokenizer, train, heldout,
-                                      cfg, deadline, log)
+        done["judge"] = prepare_judge(registry, base_source, tokenizer, train, heldout, cfg,
+                                      deadline, log)
         done["seconds"] = round(done["seconds"] + done["reference"]["seconds"]
                                 + done["judge"]["seconds"], 1)
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -333,7 +332,6 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     staging.config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     t = time.monotonic()
-    pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
     start_name = base_name if cfg.tune.start == "base" else current_name
     trainee = registry.load(start_name, fp32)
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
@@ -346,6 +344,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
         prepared_judge.copy_to(staging)
         report["reward_model"] = prepared_judge.summary(train)
     else:
+        pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
         log(f"training the reward model on {len(pairs)} pairs (none prepared to use: "
             f"{why_not})")
         # The reward model may not starve the tuning: it gets its share of the training
