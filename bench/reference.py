@@ -83,14 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
             if arm == "kept":  # as `prepare` does, on a copy of its own
                 other = registry.load(None, ServingConfig(dtype="float32"))
                 trainer, _ = dpo_trainer(other.model, other.tokenizer, pairs, cfg,
-                                         Path(tmp) / "prepare", lora_config(cfg))
+                                         Path(tmp) / "prepare", lora_config(cfg, other.model))
                 began = time.perf_counter()
                 reference_forward(trainer, pairs, list(range(len(pairs))), kept)
                 prepare_s = time.perf_counter() - began
                 del other, trainer
             times = StepTimes()
             trainer, _ = dpo_trainer(loaded.model, loaded.tokenizer, pairs, cfg,
-                                     Path(tmp) / arm, lora_config(cfg), callbacks=[times])
+                                     Path(tmp) / arm, lora_config(cfg, loaded.model),
+                                     callbacks=[times])
             used = use_kept_reference(trainer, pairs, kept if arm == "kept" else None)
             trainer.train()
             runs[arm] = {"reference": used["source"],

@@ -56,6 +56,9 @@ class RewardModelConfig:
     batch_size: int = setting(4, "pairs per step", low=1)
     max_length: int = setting(512, "tokens per sequence (longer are truncated)", low=16)
     lora_r: int = setting(16, "LoRA rank", low=1)
+    lora_layers: float = setting(1.0, "share of the transformer blocks, counted from the top, "
+                                      "that get LoRA adapters (as tune.lora_layers)",
+                                 low=0.0, high=1.0, low_open=True)
     max_steps: int = setting(-1, "stop after this many steps (-1: epochs decide)",
                              low=1, special=(-1,))
     reason_margin: float = setting(0.0, "margin a pair's chosen reply must win by, times the "
@@ -97,6 +100,11 @@ class TuneConfig:
     lora_r: int = setting(16, "LoRA rank", low=1)
     lora_alpha: int = setting(32, "LoRA scaling", low=1)
     lora_dropout: float = setting(0.0, "LoRA dropout", low=0.0, high=1.0, high_open=True)
+    lora_layers: float = setting(1.0, "share of the transformer blocks, counted from the top, "
+                                      "that get LoRA adapters; the blocks below are frozen and "
+                                      "a step's backward pass stops above them (0.5: a LoRA "
+                                      "step 1.7x faster on 2 cores)",
+                                 low=0.0, high=1.0, low_open=True)
     learning_rate: float = setting(1.5e-3, "learning rate (LoRA; use ~5e-6 for full fine-tuning). "
                                            "1.5e-3: on the same votes 5e-4 moved the tips and "
                                            "example users +10 and +2 points in a 10-minute "

@@ -107,7 +107,8 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
 
     tune_like = TuneConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs,
                            max_steps=cfg.max_steps, max_length=cfg.max_length,
-                           lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
+                           lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
+                           lora_layers=cfg.lora_layers)
     # The score head is new: its initial weights come from the global RNG, which the trainer
     # seeds only after the model exists. Unseeded, two rounds on the same votes trained judges
     # of held-out AUC 0.92 and 0.64 (13-14 steps from a different start).
@@ -129,7 +130,7 @@ def train_reward_model(source: str, tokenizer, pairs: list[dict], cfg: RewardMod
     stop = Deadline(deadline - reserve_s)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ordered),
                             processing_class=tokenizer,
-                            peft_config=lora_config(tune_like, task_type="SEQ_CLS"),
+                            peft_config=lora_config(tune_like, model, task_type="SEQ_CLS"),
                             callbacks=[stop])
     result = trainer.train()
     trainer.model.save_pretrained(out.reward)

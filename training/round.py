@@ -111,7 +111,7 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
         loaded = registry.load(start_name, ServingConfig(dtype="float32"))
         with tempfile.TemporaryDirectory() as out:
             trainer, _ = dpo_trainer(loaded.model, loaded.tokenizer, pairs, cfg, Path(out),
-                                     None if cfg.full_finetune else lora_config(cfg))
+                                     None if cfg.full_finetune else lora_config(cfg, loaded.model))
             rows = [i for i in trainer.train_dataset["index"] if i in unkept]
             # the pairs TRL drops (their prompt alone fills max_length) are kept as None
             reference_forward(trainer, pairs, sorted(unkept - set(rows)), reference)

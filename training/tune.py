@@ -8,6 +8,7 @@ frozen reference copy, as TRL does by default.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -61,11 +62,31 @@ def choose_method(cfg: TuneConfig, train: FeedbackData, judge=None) -> str:
     return "dpo" if len(train.pairs) >= cfg.min_dpo_pairs else "kto"
 
 
-def lora_config(cfg: TuneConfig, task_type: str = "CAUSAL_LM"):
+# how PEFT finds a transformer block's index in a module's name (its COMMON_LAYERS_PATTERN)
+_BLOCK = re.compile(r"\.(layers|h|block|blocks|layer)\.(\d+)\.")
+
+
+def lora_config(cfg: TuneConfig, model, task_type: str = "CAUSAL_LM"):
+    """LoRA on every linear layer of `model`'s transformer blocks, or (`cfg.lora_layers` under 1)
+    on those of its top blocks only: the blocks below carry nothing to train, so the backward
+    pass stops above them."""
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules="all-linear", task_type=task_type)
+    common = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                  task_type=task_type)
+    if cfg.lora_layers >= 1.0:
+        return LoraConfig(target_modules="all-linear", **common)
+    linear = [(m.group(1), int(m.group(2)), name.rsplit(".", 1)[-1])
+              for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and (m := _BLOCK.search(name))]
+    if not linear:
+        raise ValueError("lora_layers below 1 needs a model whose blocks PEFT can count "
+                         f"(named like '.layers.0.'); {type(model).__name__} has none")
+    blocks = 1 + max(i for _, i, _ in linear)
+    first = blocks - max(1, round(cfg.lora_layers * blocks))
+    return LoraConfig(target_modules=sorted({leaf for _, _, leaf in linear}),
+                      layers_to_transform=list(range(first, blocks)),
+                      layers_pattern=linear[0][0], **common)
 
 
 def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
@@ -92,7 +113,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
     from transformers import set_seed
 
     method = choose_method(cfg, train, judge)
-    peft = None if cfg.full_finetune else lora_config(cfg)
+    peft = None if cfg.full_finetune else lora_config(cfg, model)
     set_seed(cfg.seed)  # the adapter's initial weights: TRL makes them before the trainer seeds
     stop = Deadline(deadline)
     if method == "kto":
