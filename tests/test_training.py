@@ -927,6 +927,58 @@ def _kill_when(line_start: str, tmp_path: Path, config: dict) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def test_lora_on_the_top_blocks_leaves_the_blocks_below_as_they_were(tiny_model):
+    """`tune.lora_layers` (and the reward model's) under 1: adapters on the top share of the
+    transformer blocks only, so the backward pass stops above the rest. A DPO tuning's merged
+    weights then change in the top block and nowhere below it; with every block adapted
+    (`lora_layers` 1) the lowest changes too. A model whose blocks PEFT cannot count is refused
+    with a message, not adapted somewhere unexpected."""
+    import torch
+
+    from serving.config import ServingConfig
+    from training.config import RewardModelConfig, TuneConfig
+    from training.reward import score_model
+    from training.tune import lora_config, tune
+
+    fill(16)
+    train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
+    reg = Registry()
+
+    def changed(share: float) -> set[str]:
+        cfg = TuneConfig(method="dpo", max_steps=2, batch_size=4, lora_r=2, lora_alpha=4,
+                         bf16=False, learning_rate=1e-2, lora_layers=share)
+        loaded = reg.load(None, ServingConfig(dtype="float32"))
+        before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        out = reg.staging(f"share-{share}")
+        summary, _ = tune(loaded.model, loaded.tokenizer, train, cfg, out,
+                          time.monotonic() + 600)
+        assert summary["steps"] == 2
+        after = load_file(out.model / "model.safetensors")
+        return {k for k, v in after.items() if not torch.equal(v, before[k])}
+
+    top = changed(0.5)  # the tiny model has 2 blocks: the top one adapted
+    assert top and all(".layers.1." in k for k in top)
+    assert any(".layers.0." in k for k in changed(1.0))
+
+    # the reward model: adapters on the top block, and its new score head, trained
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    judge = score_model(str(tiny_model), tokenizer)
+    cfg = RewardModelConfig(lora_r=2, lora_layers=0.5)
+    peft = lora_config(TuneConfig(lora_r=cfg.lora_r, lora_layers=cfg.lora_layers), judge,
+                       task_type="SEQ_CLS")
+    assert peft.layers_to_transform == [1]
+    from peft import get_peft_model
+
+    trained = [n for n, p in get_peft_model(judge, peft).named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trained)
+    assert all(".layers.1." in n for n in trained if "lora_" in n)
+    with pytest.raises(ValueError, match="blocks PEFT can count"):
+        lora_config(TuneConfig(lora_layers=0.5), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    # the setting's range: above 0, at most 1, refused by name otherwise
+    with pytest.raises(ValueError, match="lora_layers"):
+        RoundConfig.from_dict({"tune": {"lora_layers": 0}})
+
+
 def test_a_round_killed_in_training_or_promotion_leaves_a_whole_version(tiny_model, tmp_path):
     fill(24)
     _kill_when("tuning", tmp_path, LENIENT)

@@ -100,10 +100,13 @@ class TuneConfig:
     lora_r: int = setting(16, "LoRA rank", low=1)
     lora_alpha: int = setting(32, "LoRA scaling", low=1)
     lora_dropout: float = setting(0.0, "LoRA dropout", low=0.0, high=1.0, high_open=True)
-    lora_layers: float = setting(1.0, "share of the transformer blocks, counted from the top, "
+    lora_layers: float = setting(0.5, "share of the transformer blocks, counted from the top, "
                                       "that get LoRA adapters; the blocks below are frozen and "
-                                      "a step's backward pass stops above them (0.5: a LoRA "
-                                      "step 1.7x faster on 2 cores)",
+                                      "a step's backward pass stops above them. 0.5: a DPO "
+                                      "step 14.0 s instead of 17.9 on 2 cores, and with 2 "
+                                      "epochs tips' round-1 votes moved +30 points, against "
+                                      "+15 at 1 epoch and +25 with every block "
+                                      "(bench/variants.py, session 34); 1: every block",
                                  low=0.0, high=1.0, low_open=True)
     learning_rate: float = setting(1.5e-3, "learning rate (LoRA; use ~5e-6 for full fine-tuning). "
                                            "1.5e-3: on the same votes 5e-4 moved the tips and "
@@ -124,7 +127,13 @@ class TuneConfig:
                                      "chosen replies (RPO), which keeps the model fluent; 0: off",
                                 low=0.0)
     batch_size: int = setting(4, "rows (KTO) or pairs (DPO) per step; KTO takes at least 2", low=1)
-    epochs: float = setting(1.0, "passes over the data", low=0.0, low_open=True)
+    epochs: float = setting(2.0, "passes over the data, as far as the clock allows; the "
+                                 "learning rate decays linearly over them. 2: a small store's "
+                                 "pairs ran out before a 10-minute round did; on the same "
+                                 "votes 2 gained +50 and +30 points where 1 gained +39 and +15 "
+                                 "(example with every block adapted, tips with the top half: "
+                                 "bench/variants.py, sessions 32 and 34)",
+                            low=0.0, low_open=True)
     max_steps: int = setting(-1, "stop after this many steps (-1: epochs decide)",
                              low=1, special=(-1,))
     max_length: int = setting(512, "tokens per row (prompt + reply), longer are truncated", low=16)
