@@ -62,7 +62,8 @@ def choose_method(cfg: TuneConfig, train: FeedbackData, judge=None) -> str:
     return "dpo" if len(train.pairs) >= cfg.min_dpo_pairs else "kto"
 
 
-# how PEFT finds a transformer block's index in a module's name (its COMMON_LAYERS_PATTERN)
+# a transformer block's index in a module's name, under the usual names of the block list
+# (the one found is passed to PEFT as `layers_pattern`)
 _BLOCK = re.compile(r"\.(layers|h|block|blocks|layer)\.(\d+)\.")
 
 
