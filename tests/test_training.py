@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -967,8 +968,6 @@ def test_lora_on_the_top_blocks_leaves_the_blocks_below_as_they_were(tiny_model)
     peft = lora_config(TuneConfig(lora_r=cfg.lora_r, lora_layers=cfg.lora_layers), judge,
                        task_type="SEQ_CLS")
     assert peft.layers_to_transform == [1]
-    from peft import get_peft_model
-
     trained = [n for n, p in get_peft_model(judge, peft).named_parameters() if p.requires_grad]
     assert any("score" in n for n in trained)
     assert all(".layers.1." in n for n in trained if "lora_" in n)
