@@ -149,8 +149,10 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
         return {**kept.summary(train), "written": False, "seconds": 0.0}
     own_share_s = cfg.reward_share * (1 - cfg.gate_share) * cfg.max_minutes * 60
     if (left := deadline - t) < own_share_s:
-        return {"why": f"{max(0.0, left):.0f} s left, less than a round gives its reward model "
-                       f"({own_share_s:.0f} s): the round trains its own", "seconds": 0.0}
+        why = (f"{max(0.0, left):.0f} s left, less than a round gives its reward model "
+               f"({own_share_s:.0f} s): the round trains its own")
+        log(f"prepare (reward model): none, {why}")
+        return {"why": why, "seconds": 0.0}
     pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
     judge_dir(registry).parent.mkdir(parents=True, exist_ok=True)
