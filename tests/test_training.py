@@ -855,7 +855,8 @@ def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(t
     from serving.config import ServingConfig
     from training.config import TuneConfig
     from training.round import prepare_reference, reference_dir
-    from training.tune import ReferenceCache, tune
+    from training.tune import (FILL_SHARE, ReferenceCache, dpo_order, dpo_trainer, tune,
+                               use_kept_reference)
 
     fill(24)  # each conversation a liked and a disliked reply: a pair
     train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
@@ -866,19 +867,25 @@ def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(t
     cfg = TuneConfig(method="dpo", max_steps=3, batch_size=4, lora_r=2, lora_alpha=4,
                      bf16=False)
 
-    def run(label: str, reference) -> tuple[dict, list[float]]:
+    def run(label: str, reference, reach: int | None = None) -> tuple[dict, list[float]]:
         loaded = reg.load(None, ServingConfig(dtype="float32"))
         summary, trainer = tune(loaded.model, loaded.tokenizer, train, cfg, reg.staging(label),
-                                time.monotonic() + 600, reference=reference)
+                                time.monotonic() + 600, reference=reference, reach=reach)
         assert summary["steps"] == 3
         return summary["reference"], [h["loss"] for h in trainer.state.log_history
                                       if "loss" in h]
 
     in_step, losses = run("in-step", None)
     assert in_step["source"] == "every step" and len(losses) == 3
+    # only the pairs the next round's steps can reach, first in the tuning's order
+    record = prepare_reference(reg, name, train, cfg, time.monotonic() + 600,
+                               log=lambda line: None, reach={"pairs": 4, "source": "a test"})
+    assert record["written"] == record["items"] == 4 and record["reach"]["pairs"] == 4
+    first = ReferenceCache(reference_dir(reg), name, cfg)
+    assert set(first.unkept(train.pairs)) == set(dpo_order(train.pairs, cfg)[4:])
     record = prepare_reference(reg, name, train, cfg, time.monotonic() + 600,
                                log=lambda line: None)
-    assert record["version"] == name and record["written"] == record["items"] == n
+    assert record["version"] == name and record["written"] == n - 4 and record["items"] == n
     assert not prepare_reference(reg, name, train, cfg, time.monotonic() + 600,
                                  log=lambda line: None)["written"]  # kept: nothing again
     kept = ReferenceCache(reference_dir(reg), name, cfg)
@@ -903,11 +910,34 @@ def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(t
     assert most_missing["source"].startswith(f"every step ({n - n // 2} of {n} kept")
     assert again == pytest.approx(losses, rel=1e-4)
 
+
     # the steps read what is kept (a reference moved by 5 nats moves the loss)
     kept.values = {k: [c + 5.0, r] for k, (c, r) in
                    ReferenceCache(reference_dir(reg), name, cfg).values.items()}
     _, moved = run("moved", kept)
     assert moved[0] != pytest.approx(losses[0], rel=1e-2)
+
+    # kept for a prefix of the tuning's order (what prepare writes when the next round's steps
+    # cannot take every pair): the steps that reach no further read it, the same losses
+    order = dpo_order(train.pairs, cfg)
+    kept = ReferenceCache(reference_dir(reg), name, cfg)
+    for i in order[4:]:
+        kept.values.pop(kept.pair_key(train.pairs[i]), None)
+    kept.values.pop(kept.pair_key(train.pairs[order[2]]), None)  # voted after prepare
+    prefix, prefix_losses = run("prefix", kept, reach=4)  # a step of 4, then those 4 again
+    assert prefix["source"] == f"kept for {name} (the first 4 of {n} rows in the tuning's order)"
+    assert prefix["computed_here"] == 1 and prefix["rows"] == 4
+    assert prefix_losses[0] == pytest.approx(losses[0], rel=1e-4)
+    # the steps reach further than the kept prefix: too many to fill, every step computes
+    assert n - 4 > FILL_SHARE * n
+    assert run("beyond", kept, reach=n)[0]["source"].startswith("every step")
+    # cut to the prefix, the schedule stays the one planned for every row (2 epochs of all)
+    loaded = reg.load(None, ServingConfig(dtype="float32"))
+    planned = replace(cfg, max_steps=-1, epochs=2.0)
+    trainer, _ = dpo_trainer(loaded.model, loaded.tokenizer, train.pairs, planned,
+                             reg.staging("planned").trainer, None)
+    assert use_kept_reference(trainer, train.pairs, kept, reach=4)["rows"] == 4
+    assert len(trainer.train_dataset) == 4 and trainer.args.max_steps == 2 * -(-n // 4)
 
 
 def _kill_when(line_start: str, tmp_path: Path, config: dict) -> None:
@@ -1340,9 +1370,10 @@ def test_synthetic_pairs_are_made_only_when_the_tuning_can_reach_them():
     measured with its reference got the same way (kept by `training prepare`, or computed in
     each step), else times that way's setting."""
     from training.config import SyntheticConfig
-    from training.round import reports_dir, tuning_reach, tuning_step_estimate
+    from training.round import kept_reach, reports_dir, tuning_reach, tuning_step_estimate
 
     cfg = SyntheticConfig(tuning_step_ratio=3.0, tuning_step_ratio_kept=2.0)
+    assert kept_reach(420.0, 4)["pairs"] is None  # no earlier round: every pair
     assert tuning_step_estimate(None, cfg) == {"step_s": None,
                                                "source": "no reward-model step measured"}
     assert tuning_step_estimate(6.0, cfg)["step_s"] == 18.0  # no earlier round: the setting
@@ -1367,6 +1398,11 @@ def test_synthetic_pairs_are_made_only_when_the_tuning_can_reach_them():
     assert estimate["step_s"] == 24.0 and "r20261130T010000" in estimate["source"]
     estimate = tuning_step_estimate(6.0, cfg, kept=True)
     assert estimate["step_s"] == 15.0 and "r20261130T015000" in estimate["source"]
+    # what `training prepare` keeps the reference for: the pairs 420 s of 15-s steps reach,
+    # and a quarter more
+    reach = kept_reach(420.0, 4)
+    assert reach["pairs"] == 4 * 35 and "r20261130T015000" in reach["source"]
+    assert kept_reach(0.0, 4)["pairs"] == 4  # at least one step's batch
 
     assert tuning_reach(40.0, 200.0, 8, 374) == 40      # 5 steps of 8: skip
     assert tuning_reach(40.0, 30.0, 8, 100) == 0        # not even one step

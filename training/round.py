@@ -11,6 +11,7 @@ Every round, even one that stops early, writes a report (JSON and Markdown) unde
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -89,20 +90,31 @@ def read_prepared() -> dict | None:
         return None
 
 
+# `training prepare` stops writing the reference this many times a round's reward-model share
+# before its end when the reward model must be trained again (the judge's check needs that)
+JUDGE_RESERVE = 1.1
+
+
 def reference_dir(registry: Registry) -> Path:
     return registry.data / "training" / "reference_cache"
 
 
 def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
-                      cfg: TuneConfig, deadline: float, log=print) -> dict:
+                      cfg: TuneConfig, deadline: float, log=print,
+                      reach: dict | None = None) -> dict:
     """DPO's reference log-probabilities of the training pairs the next round will tune on
     (`training.tune.ReferenceCache`), under the version it starts from, within `deadline`
-    (time.monotonic()), in the tuning's own order (what its first steps reach, first). Nothing
-    when the round would not run DPO (thumbs alone: KTO; online DPO samples its own pairs)."""
+    (time.monotonic()), in the tuning's own order (what its first steps reach, first), for the
+    first `reach["pairs"]` of them (`kept_reach`: what the next round's steps can take; all
+    when None or not given). Nothing when the round would not run DPO (thumbs alone: KTO;
+    online DPO samples its own pairs)."""
     t = time.monotonic()
     reference = ReferenceCache(reference_dir(registry), start_name, cfg)
     pairs = train.pairs
+    limit = (reach or {}).get("pairs")
     record = {"version": start_name, "pairs": len(pairs), "written": 0}
+    if limit is not None and limit < len(pairs):
+        record["reach"] = reach
     if cfg.method not in ("auto", "dpo") or choose_method(cfg, train) != "dpo":
         return {**record, "items": 0, "seconds": 0.0, "why": "the round runs no DPO"}
     unkept = set(reference.unkept(pairs))
@@ -112,9 +124,10 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
         with tempfile.TemporaryDirectory() as out:
             trainer, _ = dpo_trainer(loaded.model, loaded.tokenizer, pairs, cfg, Path(out),
                                      None if cfg.full_finetune else lora_config(cfg, loaded.model))
-            rows = [i for i in trainer.train_dataset["index"] if i in unkept]
+            order = trainer.train_dataset["index"]
+            rows = [i for i in order[:limit] if i in unkept]
             # the pairs TRL drops (their prompt alone fills max_length) are kept as None
-            reference_forward(trainer, pairs, sorted(unkept - set(rows)), reference)
+            reference_forward(trainer, pairs, sorted(unkept - set(order)), reference)
             size = trainer.args.per_device_train_batch_size
             for chunk in in_time(rows, deadline, chunk=4 * size, at_least=0):
                 reference_forward(trainer, pairs, chunk, reference)
@@ -125,8 +138,9 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
     record.update(written=len(unkept) - left, items=len(pairs) - left,
                   seconds=round(time.monotonic() - t, 1))
     log(f"prepare (reference): {record['written']} pairs' reference log-probabilities of "
-        f"{start_name} written, {record['items']} of {len(pairs)} ready, in "
-        f"{record['seconds']:.0f}s")
+        f"{start_name} written, {record['items']} of {len(pairs)} ready"
+        + (f" (the next round's steps reach about {limit}: {reach['source']})"
+           if "reach" in record else "") + f", in {record['seconds']:.0f}s")
     return record
 
 
@@ -147,7 +161,7 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
         return {"why": "off (reward.prepare false)", "seconds": 0.0}
     if kept.unusable(base_source, cfg.reward, train, max_missing=0.0) is None:
         return {**kept.summary(train), "written": False, "seconds": 0.0}
-    own_share_s = cfg.reward_share * (1 - cfg.gate_share) * cfg.max_minutes * 60
+    own_share_s = judge_share_s(cfg)
     if (left := deadline - t) < own_share_s:
         why = (f"{max(0.0, left):.0f} s left, less than a round gives its reward model "
                f"({own_share_s:.0f} s): the round trains its own")
@@ -181,6 +195,12 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
         f"{seconds:.0f}s" + (f"; held-out AUC {auc['estimate']:.2f} [{auc['low']:.2f}, "
                               f"{auc['high']:.2f}]" if auc else ""))
     return record
+
+
+def judge_share_s(cfg: RoundConfig) -> float:
+    """The seconds a round gives its own reward model: the least `training prepare` trains one
+    in (less, and the round's own would be no worse)."""
+    return cfg.reward_share * (1 - cfg.gate_share) * cfg.max_minutes * 60
 
 
 def prepared_line(p: dict) -> str:
@@ -225,8 +245,16 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         tokenizer = current.tokenizer
         del current, base
         start_name = base_name if cfg.tune.start == "base" else name
+        # The judge, when it must be trained again, keeps the time a round would give it: a
+        # round without it trains its own in that share of the tuning's time. The reference
+        # is written for the pairs the next round's steps can reach (their share of its clock,
+        # with a prepared judge), not for the whole store.
+        retrain = cfg.reward.prepare and PreparedJudge(judge_dir(registry)).unusable(
+            base_source, cfg.reward, train, max_missing=0.0) is not None
+        reserve = JUDGE_RESERVE * judge_share_s(cfg) if retrain else 0.0
+        reach = kept_reach((1 - cfg.gate_share) * cfg.max_minutes * 60, cfg.tune.batch_size)
         done["reference"] = prepare_reference(registry, start_name, train, cfg.tune,
-                                              deadline, log)
+                                              deadline - reserve, log, reach)
         done["judge"] = prepare_judge(registry, base_source, tokenizer, train, heldout, cfg,
                                       deadline, log)
         done["seconds"] = round(done["seconds"] + done["reference"]["seconds"]
@@ -365,6 +393,8 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     t = time.monotonic()
     reference = ReferenceCache(reference_dir(registry), start_name, cfg.tune)
     report["synthetic"] = {"pairs": 0}
+    reads_kept = steps_read_kept(reference, train.pairs, cfg.tune, kept_reach(
+        train_deadline - t, cfg.tune.batch_size)["pairs"])
     if cfg.synthetic.samples_per_prompt == 0:
         report["synthetic"]["why"] = "off (synthetic.samples_per_prompt = 0)"
     elif not quality["trusted"]:
@@ -377,7 +407,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
                                       "judges pairs at every step instead")
     elif cfg.synthetic.only_if_reached and (reach := tuning_reach(
             (step := tuning_step_estimate(report["reward_model"].get("step_s"), cfg.synthetic,
-                                          kept=steps_read_kept(reference, train.pairs)))["step_s"],
+                                          kept=reads_kept))["step_s"],
             (1 - cfg.synthetic.time_share) * (train_deadline - t), cfg.tune.batch_size,
             len(train.pairs))) is not None:
         report["synthetic"]["why"] = (
@@ -405,8 +435,10 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
         f"{'full' if cfg.tune.full_finetune else 'LoRA'}, lr {tuning.learning_rate:g})")
     summary, _ = tune(trainee.model, trainee.tokenizer, train, tuning, staging,
                       train_deadline, judge=judge if quality["trusted"] else None,
-                      sampling=cfg.synthetic,
-                      reference=reference)
+                      sampling=cfg.synthetic, reference=reference,
+                      reach=(reach := kept_reach(train_deadline - t, tuning.batch_size))["pairs"])
+    if "reference" in summary:
+        summary["reference"]["reach_source"] = reach["source"]
     report["tuning"] = summary
     del trainee
     timed("tuning", t)
@@ -464,6 +496,24 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     return finish("promoted", PROMOTED, f"{round_id} now serves (was {current_name}; {why})")
 
 
+def earlier_dpo_steps(kept: bool):
+    """(round, tuning step seconds, reward-model step seconds or None) of the earlier DPO
+    rounds of this data folder whose steps got their reference the same way (`kept`: read from
+    `training prepare`'s cache; else computed in each step), latest first. The running round's
+    own report is written when it finishes, so every report found here is an earlier round's."""
+    for path in sorted(reports_dir().glob("r*.json"), reverse=True):
+        try:
+            earlier = json.loads(path.read_text())
+            tuned = earlier["tuning"]["step_s"]
+            judged = (earlier.get("reward_model") or {}).get("step_s")
+            read_kept = str((earlier["tuning"].get("reference") or {}).get(
+                "source", "")).startswith("kept")
+            if earlier["tuning"].get("method") == "dpo" and tuned and read_kept == kept:
+                yield path.stem, float(tuned), (float(judged) if judged else None)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a report from an older version, or a round that stopped early
+
+
 def tuning_step_estimate(reward_step_s: float | None, cfg: SyntheticConfig,
                          kept: bool = False) -> dict:
     """What a tuning step will cost, before any is taken: the reward model's step time (just
@@ -471,29 +521,37 @@ def tuning_step_estimate(reward_step_s: float | None, cfg: SyntheticConfig,
     whose steps got their reference the same way (`kept`: read from `training prepare`'s cache;
     else computed in each step, about a third dearer), same machine and settings as a rule;
     else times the setting for that way (`tuning_step_ratio_kept`, `tuning_step_ratio`).
-    {"step_s": None} when the reward model took no step. The running round's own report is
-    written when it finishes, so every report found here is an earlier round's."""
+    {"step_s": None} when the reward model took no step."""
     if not reward_step_s:
         return {"step_s": None, "source": "no reward-model step measured"}
     way = "the reference kept" if kept else "the reference in each step"
-    for path in sorted(reports_dir().glob("r*.json"), reverse=True):
-        try:
-            earlier = json.loads(path.read_text())
-            tuned, judged = earlier["tuning"]["step_s"], earlier["reward_model"]["step_s"]
-            read_kept = str((earlier["tuning"].get("reference") or {}).get(
-                "source", "")).startswith("kept")
-            if earlier["tuning"].get("method") == "dpo" and tuned and judged \
-                    and read_kept == kept:
-                return {"step_s": reward_step_s * tuned / judged,
-                        "source": f"{tuned / judged:.1f} reward-model steps, as in round "
-                                  f"{path.stem} ({way})"}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
-            continue  # a report from an older version, or a round that stopped early
+    for stem, tuned, judged in earlier_dpo_steps(kept):
+        if judged:
+            return {"step_s": reward_step_s * tuned / judged,
+                    "source": f"{tuned / judged:.1f} reward-model steps, as in round "
+                              f"{stem} ({way})"}
     name, ratio = (("tuning_step_ratio_kept", cfg.tuning_step_ratio_kept) if kept
                    else ("tuning_step_ratio", cfg.tuning_step_ratio))
     return {"step_s": reward_step_s * ratio,
             "source": f"{ratio:g} reward-model steps of {reward_step_s:.1f} s "
                       f"(synthetic.{name}: {way})"}
+
+
+REACH_MARGIN = 1.25  # the pairs a kept reference is written for, over the steps' estimated reach
+
+
+def kept_reach(seconds: float, batch_size: int) -> dict:
+    """How many training pairs, in the tuning's order, DPO steps reading a kept reference can
+    take in `seconds`, with a margin of REACH_MARGIN: at the step time of the latest earlier
+    round of this data folder that read it kept. What `training prepare` writes the reference
+    for, and what the round fills before its steps. {"pairs": None} when no such round is on
+    record: every pair counts."""
+    for stem, tuned, _ in earlier_dpo_steps(kept=True):
+        steps = math.ceil(REACH_MARGIN * max(0.0, seconds) / tuned)
+        return {"pairs": max(1, steps) * batch_size,
+                "source": f"{seconds:.0f} s at {tuned:.1f} s a step (round {stem}), "
+                          f"x{REACH_MARGIN:g}"}
+    return {"pairs": None, "source": "no earlier round read a kept reference: every pair"}
 
 
 def tuning_reach(step_s: float | None, seconds: float, batch_size: int,

@@ -8,6 +8,7 @@ frozen reference copy, as TRL does by default.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -105,12 +106,14 @@ def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
 
 def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
          deadline: float, judge=None, sampling: SyntheticConfig | None = None,
-         reference: ReferenceCache | None = None) -> dict:
+         reference: ReferenceCache | None = None, reach: int | None = None) -> dict:
     """Train `model` (the current version) on `train`; saves into the version folder `out`
     (the merged weights, and the LoRA adapter) and returns a summary. `judge` (a trusted
     `RewardModel`) and `sampling` (reply length and temperature) serve the online method; without
     a judge it falls back to auto. `reference`: `model`'s log-probabilities of the pairs, kept
-    by `training prepare` (DPO then runs no reference forward in its steps)."""
+    by `training prepare` (DPO then runs no reference forward in its steps); `reach`: how many
+    pairs its steps can take before `deadline`, as estimated (`training.round.kept_reach`;
+    None: all of them), of which those not kept are computed first (`use_kept_reference`)."""
     from transformers import set_seed
 
     method = choose_method(cfg, train, judge)
@@ -137,7 +140,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
     else:
         trainer, extra = dpo_trainer(model, tokenizer, train.pairs, cfg, out.trainer, peft,
                                      callbacks=[stop])
-        extra["reference"] = use_kept_reference(trainer, train.pairs, reference)
+        extra["reference"] = use_kept_reference(trainer, train.pairs, reference, reach=reach)
     result = trainer.train()
     trained = trainer.model
     if peft is not None:
@@ -173,14 +176,21 @@ def dpo_trainer(model, tokenizer, pairs: list[dict], cfg: TuneConfig, out: Path,
     losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} \
         if cfg.sft_weight > 0 else {}
     args = DPOConfig(**common_args(cfg, out, batch), beta=cfg.beta, **losses)
-    order = length_grouped(list(range(len(pairs))), batch, cfg.seed, length=lambda i: chars(
-        pairs[i]["prompt"]) + max(chars(pairs[i]["chosen"]), chars(pairs[i]["rejected"])))
     data = Dataset.from_list([{"prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"],
-                               "rejected": pairs[i]["rejected"], "index": i} for i in order])
+                               "rejected": pairs[i]["rejected"], "index": i}
+                              for i in dpo_order(pairs, cfg)])
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft, callbacks=list(callbacks))
     return trainer, {"rows": len(pairs), "loss_type": list(args.loss_type),
                      "loss_weights": args.loss_weights}
+
+
+def dpo_order(pairs: list[dict], cfg: TuneConfig) -> list[int]:
+    """The positions of `pairs` in the order DPO's steps take them (length-grouped batches of
+    `cfg.batch_size`, shuffled by `cfg.seed`): what its first steps reach comes first."""
+    batch = max(1, min(cfg.batch_size, len(pairs)))
+    return length_grouped(list(range(len(pairs))), batch, cfg.seed, length=lambda i: chars(
+        pairs[i]["prompt"]) + max(chars(pairs[i]["chosen"]), chars(pairs[i]["rejected"])))
 
 
 class ReferenceCache(Kept):
@@ -226,45 +236,73 @@ def reference_forward(trainer, pairs: list[dict], indices: list[int],
 FILL_SHARE = 0.25  # most pairs a round computes its reference for before the steps
 
 
-def steps_read_kept(reference: ReferenceCache | None, pairs: list[dict],
-                    fill_share: float = FILL_SHARE, unkept: list[int] | None = None) -> bool:
-    """Whether DPO's steps on `pairs` will read their reference from `reference` (what
-    `use_kept_reference` decides): kept for all of them but at most `fill_share`. `unkept`:
-    `reference.unkept(pairs)` when the caller has it already."""
+def fill_before_steps(reference: ReferenceCache | None, pairs: list[dict], order: list[int],
+                      reach: int | None = None,
+                      fill_share: float = FILL_SHARE) -> list[int] | None:
+    """The pairs whose reference a round computes before DPO's steps so that the steps read
+    theirs kept (`use_kept_reference`): those not kept among the first `reach` of `order` (the
+    tuning's order; all of it when `reach` is None: what the clock lets the steps take, as
+    estimated). None when they are more than `fill_share` of those: every step then computes
+    its own (each pair computed first costs a forward that saves more than its time only in
+    the steps that reach it)."""
     if reference is None:
-        return False
-    missing = reference.unkept(pairs) if unkept is None else unkept
-    return len(missing) <= fill_share * len(pairs)
+        return None
+    span = order if reach is None else order[:max(1, reach)]
+    missing = [i for i in span if reference.pair_key(pairs[i]) not in reference.values]
+    return missing if len(missing) <= fill_share * len(span) else None
+
+
+def steps_read_kept(reference: ReferenceCache | None, pairs: list[dict], cfg: TuneConfig,
+                    reach: int | None = None, fill_share: float = FILL_SHARE) -> bool:
+    """Whether DPO's steps on `pairs` will read their reference from `reference` (what
+    `use_kept_reference` decides; `reach` as in `fill_before_steps`)."""
+    return fill_before_steps(reference, pairs, dpo_order(pairs, cfg), reach,
+                             fill_share) is not None
 
 
 def use_kept_reference(trainer, pairs: list[dict], reference: ReferenceCache | None,
-                       fill_share: float = FILL_SHARE) -> dict:
+                       fill_share: float = FILL_SHARE, reach: int | None = None) -> dict:
     """Gives the trainer's rows their kept reference log-probabilities, so that its steps skip
     the reference forward (TRL reads them from each batch, as after its own
-    `precompute_ref_log_probs`). Pairs not kept (votes that came after `training prepare`) are
-    computed here first when they are at most `fill_share` of the pairs (each costs a forward
-    that saves more than its time in the steps that reach it); more, and every step computes
-    its own reference as before. Returns what was done, for the report."""
-    unkept = reference.unkept(pairs) if reference is not None else list(range(len(pairs)))
-    if not steps_read_kept(reference, pairs, fill_share, unkept):
-        return {"kept": len(pairs) - len(unkept), "computed_here": 0, "pairs": len(pairs),
+    `precompute_ref_log_probs`). Pairs not kept among the first `reach` rows (votes that came
+    after `training prepare`) are computed here first, when `fill_before_steps` says so; else
+    every step computes its own reference, as before. When only a prefix of the rows has a
+    reference (`training prepare` keeps what the next round can reach), the steps take that
+    prefix, over again if the clock allows more, on the schedule planned for all the rows.
+    Returns what was done, for the report."""
+    order = list(trainer.train_dataset["index"])
+    fill = fill_before_steps(reference, pairs, order, reach, fill_share)
+    if fill is None:
+        kept = 0 if reference is None else len(pairs) - len(reference.unkept(pairs))
+        return {"kept": kept, "computed_here": 0, "pairs": len(pairs),
                 "source": "every step" + ("" if reference is None else (
-                    f" ({len(pairs) - len(unkept)} of {len(pairs)} kept; `python -m training "
-                    "prepare` before the round keeps them all)"))}
+                    f" ({kept} of {len(pairs)} kept; `python -m training prepare` before the "
+                    "round keeps them)"))}
     began = time.monotonic()
-    if unkept:
-        reference_forward(trainer, pairs, unkept, reference)
+    if fill:
+        reference_forward(trainer, pairs, fill, reference)
         reference.save()
-    # a row TRL kept has a value; its dropped ones were never rows
-    values = [reference.values[reference.pair_key(pairs[i])]
-              for i in trainer.train_dataset["index"]]
+    # the longest prefix of rows with a reference (a row TRL kept has a value; its dropped
+    # ones were never rows)
+    rows = next((n for n, i in enumerate(order)
+                 if reference.pair_key(pairs[i]) not in reference.values), len(order))
+    if rows < len(order):
+        size = trainer.args.per_device_train_batch_size
+        if trainer.args.max_steps <= 0:  # the schedule of all the rows, as without a cut
+            trainer.args.max_steps = math.ceil(trainer.args.num_train_epochs
+                                               * math.ceil(len(order) / size))
+        trainer.train_dataset = trainer.train_dataset.select(range(rows))
+    values = [reference.values[reference.pair_key(pairs[i])] for i in order[:rows]]
     trainer.train_dataset = trainer.train_dataset.add_column(
         "ref_chosen_logps", [v[0] for v in values]).add_column(
         "ref_rejected_logps", [v[1] for v in values])
     trainer.precompute_ref_logps = True
-    return {"kept": len(pairs) - len(unkept), "computed_here": len(unkept), "pairs": len(pairs),
-            "seconds_here": round(time.monotonic() - began, 1),
-            "source": f"kept for {reference.version}"}
+    return {"kept": len(pairs) - len(reference.unkept(pairs)) - len(fill),
+            "computed_here": len(fill), "pairs": len(pairs), "rows": rows,
+            "reach": reach, "seconds_here": round(time.monotonic() - began, 1),
+            "source": f"kept for {reference.version}" + (
+                f" (the first {rows} of {len(order)} rows in the tuning's order)"
+                if rows < len(order) else "")}
 
 
 def online_trainer(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
