@@ -16,7 +16,8 @@ from serving.config import ServingConfig
 from serving.registry import Registry
 from training.config import SyntheticConfig
 from training.dataset import FeedbackData
-from training.synthetic import check_sample, judge_quality, judged_conversations, synthetic_pairs
+from training.synthetic import (check_sample, judge_quality, judged_conversations, judged_pairs,
+                                synthetic_pairs)
 
 
 class LengthJudge:
@@ -53,6 +54,25 @@ def test_best_and_worst_of_each_prompt_become_a_pair_past_the_margin(engine):
                              temperature=1.5)
     none, report = synthetic_pairs(engine, LengthJudge(), TRAIN, strict, time.monotonic() + 120)
     assert none == [] and report["pairs_below_margin"] > 0
+
+
+def test_the_chosen_reply_is_the_best_fluent_one_when_asked():
+    """A judge that likes lists may score a list looping to the token cap highest: with
+    `fluent_chosen` the pair takes the best reply that passes the gate's fluency check."""
+    loop = "- a tip\n" * 12
+    one, two, three = ([{"role": "user", "content": q}] for q in ("One?", "Two?", "Three?"))
+    scored = [(one, "a plain answer", 1.0), (one, "- a list\n- of two", 5.0), (one, loop, 9.0),
+              (two, "short", 0.0), (two, loop, 8.0), (two, loop + "- more\n", 9.0),
+              (three, "only one reply", 3.0)]
+    pairs, gaps, passed_over = judged_pairs(scored, 0.0, fluent_chosen=True)
+    assert passed_over == 2 and len(gaps) == 1  # "Two?" has no fluent reply but its worst
+    [pair] = pairs
+    assert pair["prompt"] == one and pair["chosen"][0]["content"] == "- a list\n- of two"
+    assert pair["rejected"][0]["content"] == "a plain answer"
+    pairs, gaps, passed_over = judged_pairs(scored, 0.0, fluent_chosen=False)
+    assert passed_over == 0
+    assert [p["chosen"][0]["content"] for p in pairs] == [loop, loop + "- more\n"]
+    assert judged_pairs(scored, 1e6, fluent_chosen=False)[0] == []  # nothing past the margin
 
 
 def test_past_its_deadline_sampling_stops_and_keeps_nothing_half_done(engine):

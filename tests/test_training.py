@@ -26,6 +26,7 @@ from training.dataset import (KTO_RATIO_RANGE, check_enough, interleave, kto_wei
 
 GOOD = "Yes. Short and clear."
 BAD = "Well, um, so, you know, it depends, maybe, perhaps, who can say really, well, um."
+LOOP = "Yes. " + "Step one, then step two. " * 6  # fails the gate's fluency check
 FAST = {"tune": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "bf16": False},
         "reward": {"max_steps": 3, "batch_size": 4},
         "gate": {"max_heldout_prompts": 4, "reply_max_new_tokens": 8,
@@ -96,6 +97,39 @@ def test_dataset_rules_split_and_weights(tiny_model):
     rows = interleave([{"label": i % 5 == 0} for i in range(40)])
     batches = [rows[i:i + 8] for i in range(0, 40, 8)]  # KTO batches of 8, taken in order
     assert all({r["label"] for r in b} == {True, False} for b in batches)
+
+
+def test_training_leaves_out_liked_loops_and_pairs_preferring_them_not_the_users_evidence():
+    from training.dataset import fluency_failure
+
+    assert fluency_failure(LOOP) == "repetition loop" and fluency_failure("") == "empty"
+    assert fluency_failure(GOOD) is None and fluency_failure(BAD) is None
+    fill(12)  # GOOD liked over BAD
+    fill(6, good=LOOP, first=12)  # a looping reply liked over BAD: a pair preferring a loop
+    fill(6, good=LOOP, liked_good=False, first=18)  # a disliked loop: BAD preferred over it
+    fill(4, good=LOOP, bad=LOOP + " Again.", first=24)  # both loop: teaches nothing on loops
+    data = load_feedback()
+    cfg = DataConfig(heldout_fraction=0.3, heldout_min_votes=0)
+    kept, held = split(data, cfg)
+    every, held_too = split(data, replace(cfg, drop_disfluent=False))
+    assert held == held_too and any(fluency_failure(v["completion"][0]["content"]) and
+                                    v["label"] for v in held.votes)  # the users' evidence
+    assert every.left_out == {} and kept.left_out["liked_votes"] > 0
+
+    def text(row, part):
+        return row[part][0]["content"]
+    liked_loops = [v for v in every.votes
+                   if v["label"] and fluency_failure(text(v, "completion"))]
+    assert {v["message_id"] for v in kept.votes} == \
+        {v["message_id"] for v in every.votes} - {v["message_id"] for v in liked_loops}
+    preferring = [p for p in every.pairs
+                  if fluency_failure(text(p, "chosen")) and not fluency_failure(text(p, "rejected"))]
+    assert preferring and kept.pairs == [p for p in every.pairs if p not in preferring]
+    assert kept.left_out == {"liked_votes": len(liked_loops), "pairs": len(preferring)}
+    # what stays: disliked loops, and pairs against a loop or between two loops
+    assert any(not v["label"] and fluency_failure(text(v, "completion")) for v in kept.votes)
+    assert any(fluency_failure(text(p, "rejected")) for p in kept.pairs)
+    assert kept.counts["votes"] == every.counts["votes"] - len(liked_loops)
 
 
 def test_a_small_store_holds_out_more_and_no_training_conversation_is_held_out_later():
@@ -299,6 +333,7 @@ def assert_merged_equals_parent_plus_adapter(reg: Registry, version) -> None:
 
 def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
     fill(24)
+    fill(4, good=LOOP, first=24)  # liked loops: left out of training, and the report says so
     done = training_cli("run", config=LENIENT, tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reg = Registry()
@@ -318,6 +353,10 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
                         .read_text())
     assert report["decision"] == "promoted" and report["tuning"]["steps"] == 4
     assert report["data"]["heldout_share"] == 0.3  # FAST: the plain fraction
+    every = split(load_feedback(), DataConfig(**FAST["data"], drop_disfluent=False))[0]
+    loops = sum(v["completion"][0]["content"] == LOOP for v in every.votes)
+    assert loops and report["data"]["left_out"] == {"liked_votes": loops, "pairs": loops}
+    assert report["data"]["train"]["votes"] == len(every.votes) - loops
     # The judge was checked on held-out votes before any synthetic pair was made from it.
     judge = report["reward_model"]["judge"]
     assert judge["heldout_votes"] > 0 and 0 <= judge["auc"]["low"] <= judge["auc"]["high"] <= 1
@@ -331,6 +370,7 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
         assert report["synthetic"]["pairs"] == 0 and "chance" in report["synthetic"]["why"]
     md = next((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.md")).read_text()
     assert "Decision: promoted" in md and "Held out for the gate: 30% of the conversations" in md
+    assert f"Left out of training as empty or looping (data.drop_disfluent): {loops} liked" in md
     status = json.loads(training_cli("status", "--json").stdout)
     assert status["current"] == version.name and status["rounds"][0]["decision"] == "promoted"
 

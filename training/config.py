@@ -37,6 +37,13 @@ class DataConfig:
     min_per_label: int = setting(2, "fewest liked and fewest disliked replies for a round", low=1)
     max_pairs_per_prompt: int = setting(4, "cap on liked x disliked pairs made from one prompt",
                                         low=1)
+    drop_disfluent: bool = setting(
+        True, "leave out of training the liked replies that are empty or loop "
+              "(training.dataset.fluency_failure, the test of the gate's fluency check) and the "
+              "pairs that prefer such a reply to a fluent one; the synthetic pairs' chosen "
+              "reply is then the best-scored fluent one. Structured (session 36): 3 of its 61 "
+              "training pairs preferred a looping list, and its +32 candidate was rejected for "
+              "7 looping replies against 1")
     min_disliked_share: float = setting(
         0.1, "a round trains only while users may still dislike at least this share of the "
              "serving version's replies: the top of the interval (gate.confidence) of the "

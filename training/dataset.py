@@ -15,6 +15,10 @@ Rules, applied in this order:
   told apart by a wider margin (`reward.reason_margin`).
 - The held-out split is by conversation, from a salted hash of its id: deterministic, and no
   conversation is on both sides.
+- Training leaves out what would teach a loop (`data.drop_disfluent`): the liked replies that
+  are empty or repeat themselves (`fluency_failure`, the gate's own fluency test) and the pairs
+  that prefer such a reply to a fluent one. A disliked loop stays: it teaches the right thing.
+  The held-out votes are the users' evidence and stay as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from feedback import io
@@ -42,6 +47,7 @@ class NotEnoughFeedback(Exception):
 class FeedbackData:
     votes: list[dict] = field(default_factory=list)
     pairs: list[dict] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)  # what `fluent` dropped
 
     @property
     def counts(self) -> dict[str, int]:
@@ -143,13 +149,39 @@ def is_heldout(conversation_id: int, cfg: DataConfig, share: float) -> bool:
 
 
 def split(data: FeedbackData, cfg: DataConfig) -> tuple[FeedbackData, FeedbackData]:
-    """(train, held-out), by conversation, at `heldout_share` of the store's votes."""
+    """(train, held-out), by conversation, at `heldout_share` of the store's votes; the
+    training side `fluent` when `cfg.drop_disfluent`."""
     share = heldout_share(len(data.votes), cfg)
 
     def part(rows, heldout):
         return [r for r in rows if is_heldout(r["conversation_id"], cfg, share) == heldout]
-    return (FeedbackData(part(data.votes, False), part(data.pairs, False)),
+    train = FeedbackData(part(data.votes, False), part(data.pairs, False))
+    return (fluent(train) if cfg.drop_disfluent else train,
             FeedbackData(part(data.votes, True), part(data.pairs, True)))
+
+
+def fluency_failure(text: str) -> str | None:
+    """Why a reply is not fluent ("empty", "repetition loop"), or None."""
+    words = re.findall(r"\w+", text.lower())
+    if not words:
+        return "empty"
+    grams = [" ".join(words[i:i + 4]) for i in range(len(words) - 3)]
+    if grams and max(Counter(grams).values()) >= 4:
+        return "repetition loop"
+    if len(words) >= 40 and len(set(words)) / len(words) < 0.3:
+        return "repetition loop"
+    return None
+
+
+def fluent(data: FeedbackData) -> FeedbackData:
+    """`data` without its liked replies that fail `fluency_failure` and its pairs whose chosen
+    reply fails it while the rejected one does not; `left_out` counts both."""
+    votes = [v for v in data.votes
+             if not (v["label"] and fluency_failure(v["completion"][-1]["content"]))]
+    pairs = [p for p in data.pairs if not (fluency_failure(p["chosen"][-1]["content"])
+                                           and not fluency_failure(p["rejected"][-1]["content"]))]
+    return FeedbackData(votes, pairs, {"liked_votes": len(data.votes) - len(votes),
+                                       "pairs": len(data.pairs) - len(pairs)})
 
 
 def check_enough(train: FeedbackData, cfg: DataConfig) -> None:

@@ -83,7 +83,7 @@ from serving.config import GenerationSettings
 from serving.hardware import autocast, resolve_dtype
 from serving.model import LoadedModel
 from training.config import GateConfig
-from training.dataset import FeedbackData
+from training.dataset import FeedbackData, fluency_failure
 from training.stats import (Calibration, approval_difference, auc, auc_difference,
                             paired_mean, pooled, sign_test, win_share)
 
@@ -209,19 +209,6 @@ class ReplyCache(Kept):
         return self.get([self._key(c, max_new_tokens, s) for c, s in items], items,
                         lambda missing: replies(self.engine, missing, max_new_tokens,
                                                 self.penalty))
-
-
-def fluency_failure(text: str) -> str | None:
-    """Why a reply is not fluent ("empty", "repetition loop"), or None."""
-    words = re.findall(r"\w+", text.lower())
-    if not words:
-        return "empty"
-    grams = [" ".join(words[i:i + 4]) for i in range(len(words) - 3)]
-    if grams and max(grams.count(g) for g in set(grams)) >= 4:
-        return "repetition loop"
-    if len(words) >= 40 and len(set(words)) / len(words) < 0.3:
-        return "repetition loop"
-    return None
 
 
 def seeds(samples: int) -> list[int | None]:

@@ -159,7 +159,7 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
     kept = PreparedJudge(judge_dir(registry))
     if not cfg.reward.prepare:
         return {"why": "off (reward.prepare false)", "seconds": 0.0}
-    if kept.unusable(base_source, cfg.reward, train, max_missing=0.0) is None:
+    if judge_current(registry, base_source, cfg, train):
         return {**kept.summary(train), "written": False, "seconds": 0.0}
     own_share_s = judge_share_s(cfg)
     if (left := deadline - t) < own_share_s:
@@ -197,10 +197,23 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
     return record
 
 
+def judge_current(registry: Registry, base_source: str, cfg: RoundConfig,
+                  train: FeedbackData) -> bool:
+    """Whether the prepared reward model was trained on exactly these training rows, with this
+    base and these settings (then `prepare` need not train it again)."""
+    return PreparedJudge(judge_dir(registry)).unusable(
+        base_source, cfg.reward, train, max_missing=0.0) is None
+
+
+def training_share_s(cfg: RoundConfig) -> float:
+    """The seconds of a round's clock before its gate: its reward model's and tuning's."""
+    return (1 - cfg.gate_share) * cfg.max_minutes * 60
+
+
 def judge_share_s(cfg: RoundConfig) -> float:
     """The seconds a round gives its own reward model: the least `training prepare` trains one
     in (less, and the round's own would be no worse)."""
-    return cfg.reward_share * (1 - cfg.gate_share) * cfg.max_minutes * 60
+    return cfg.reward_share * training_share_s(cfg)
 
 
 def prepared_line(p: dict) -> str:
@@ -249,10 +262,9 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         # round without it trains its own in that share of the tuning's time. The reference
         # is written for the pairs the next round's steps can reach (their share of its clock,
         # with a prepared judge), not for the whole store.
-        retrain = cfg.reward.prepare and PreparedJudge(judge_dir(registry)).unusable(
-            base_source, cfg.reward, train, max_missing=0.0) is not None
+        retrain = cfg.reward.prepare and not judge_current(registry, base_source, cfg, train)
         reserve = JUDGE_RESERVE * judge_share_s(cfg) if retrain else 0.0
-        reach = kept_reach((1 - cfg.gate_share) * cfg.max_minutes * 60, cfg.tune.batch_size)
+        reach = kept_reach(training_share_s(cfg), cfg.tune.batch_size)
         done["reference"] = prepare_reference(registry, start_name, train, cfg.tune,
                                               deadline - reserve, log, reach)
         done["judge"] = prepare_judge(registry, base_source, tokenizer, train, heldout, cfg,
@@ -341,6 +353,10 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     train, heldout = split(data, cfg.data)
     report["data"] = {"all": data.counts, "train": train.counts, "heldout": heldout.counts,
                       "heldout_share": round(heldout_share(len(data.votes), cfg.data), 4)}
+    if train.left_out:
+        report["data"]["left_out"] = train.left_out
+        log(f"left out of training as empty or looping: {train.left_out['liked_votes']} liked "
+            f"replies, {train.left_out['pairs']} pairs preferring one (data.drop_disfluent)")
     timed("data", t)
     own = report["serving_votes"] = own_votes(data, current_name, confidence=cfg.gate.confidence)
     if (why := liked_enough(own, cfg.data.min_disliked_share)) is not None:
@@ -421,11 +437,12 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
         # all slots busy with the samples (a batch job, as `serving generate`)
         engine = open_engine(registry, current_name, ServingConfig(slots=16))
         try:
-            made, report["synthetic"] = synthetic_pairs(engine, judge, train, cfg.synthetic,
-                                                        sampling_end, log=log)
+            made, report["synthetic"] = synthetic_pairs(
+                engine, judge, train, cfg.synthetic, sampling_end, log=log,
+                fluent_chosen=cfg.data.drop_disfluent)
         finally:
             engine.close()
-        train = FeedbackData(votes=train.votes, pairs=train.pairs + made)
+        train = FeedbackData(train.votes, train.pairs + made, train.left_out)
     log(report["synthetic"].get("why") or f"{report['synthetic']['pairs']} synthetic pairs")
     timed("synthetic", t)
 
@@ -592,6 +609,10 @@ def markdown(r: dict) -> str:
             lines += [f"Held out for the gate: {share:.0%} of the conversations "
                       "(data.heldout_fraction, raised in a small store to hold about "
                       "data.heldout_min_votes votes)", ""]
+        if left := r["data"].get("left_out"):
+            lines += [f"Left out of training as empty or looping (data.drop_disfluent): "
+                      f"{left['liked_votes']} liked replies, {left['pairs']} pairs preferring "
+                      "one", ""]
     if (own := r.get("serving_votes")) and own["disliked_share"]:
         share = own["disliked_share"]
         lines += [f"Votes on `{own['version']}`'s own replies: {own['disliked']} of "

@@ -22,7 +22,7 @@ from statistics import pstdev
 from serving.chat import PromptTooLong, split_system
 from serving.config import GenerationSettings
 from training.config import SyntheticConfig
-from training.dataset import FeedbackData
+from training.dataset import FeedbackData, fluency_failure
 from training.evaluate import alternating
 from training.stats import Calibration, platt
 
@@ -84,9 +84,12 @@ def training_prompts(train: FeedbackData, limit: int) -> list[list[dict]]:
 
 
 def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
-                    deadline: float, log=lambda line: None) -> tuple[list[dict], dict]:
+                    deadline: float, log=lambda line: None, *,
+                    fluent_chosen: bool = False) -> tuple[list[dict], dict]:
     """(pairs for DPO, what was done): `cfg.samples_per_prompt` replies to each training prompt
-    from `engine`, scored by `judge`; best vs worst where they differ by `cfg.margin` s.d."""
+    from `engine`, scored by `judge`; best vs worst where they differ by `cfg.margin` s.d.
+    With `fluent_chosen`, the best is the best-scored reply that passes `fluency_failure`
+    (a judge that likes lists may score a list looping to the token cap highest)."""
     start = time.monotonic()
     prompts = training_prompts(train, cfg.max_prompts)
     settings = GenerationSettings(temperature=cfg.temperature, top_p=0.95,
@@ -117,32 +120,50 @@ def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
     flat = [(p, t) for p, texts in done for t in texts if t.strip()]
     scores = judge.score([p + [{"role": "assistant", "content": t}] for p, t in flat]) \
         if flat else []
-    sd = pstdev(scores) if len(scores) > 1 else 0.0
-    by_prompt: dict[str, list[tuple[float, str, list[dict]]]] = {}
-    for (p, t), s in zip(flat, scores):
-        by_prompt.setdefault(repr(p), []).append((s, t, p))
-    pairs, gaps = [], []
-    for group in by_prompt.values():
-        if len(group) < 2:
-            continue
-        group.sort(key=lambda x: x[0])
-        (low, worst, prompt), (high, best, _) = group[0], group[-1]
-        gap = (high - low) / sd if sd > 0 else 0.0
-        gaps.append(gap)
-        if gap >= cfg.margin and best.strip() != worst.strip():
-            pairs.append({"prompt": prompt,
-                          "chosen": [{"role": "assistant", "content": best}],
-                          "rejected": [{"role": "assistant", "content": worst}],
-                          "source": "synthetic", "reward_gap_sd": round(gap, 3)})
+    pairs, gaps, passed_over = judged_pairs(
+        [(p, t, score) for (p, t), score in zip(flat, scores)], cfg.margin, fluent_chosen)
     report = {"prompts": len(sampled), "prompts_too_long": too_long,
               "prompts_finished": len(done),
               "replies": len(flat), "pairs": len(pairs),
               "pairs_below_margin": len(gaps) - len(pairs), "margin_sd": cfg.margin,
+              "best_disfluent": passed_over,
               "generate_and_score_s": round(time.monotonic() - start, 1),
               "generate_s": round(generated_s, 1)}
     log(f"synthetic pairs: {len(pairs)} of {len(gaps)} prompts past the {cfg.margin} s.d. "
         f"margin ({len(flat)} replies in {report['generate_and_score_s']:.0f}s)")
     return pairs, report
+
+
+def judged_pairs(scored: list[tuple[list[dict], str, float]], margin: float,
+                 fluent_chosen: bool) -> tuple[list[dict], list[float], int]:
+    """(pairs, each prompt's best-minus-worst gap in s.d. of all the scores, how many prompts'
+    best-scored reply was passed over for failing `fluency_failure`) from (prompt, reply,
+    judge's score) rows: per prompt with two replies or more, its best (the best fluent one
+    with `fluent_chosen`, none if none is) against its worst, where they differ by `margin`."""
+    scores = [score for _, _, score in scored]
+    sd = pstdev(scores) if len(scores) > 1 else 0.0
+    by_prompt: dict[str, list[tuple[float, str, list[dict]]]] = {}
+    for p, t, score in scored:
+        by_prompt.setdefault(repr(p), []).append((score, t, p))
+    pairs, gaps, passed_over = [], [], 0
+    for group in by_prompt.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda x: x[0])
+        (low, worst, prompt), top = group[0], group[1:]
+        fluent = [g for g in top if not fluency_failure(g[1])] if fluent_chosen else top
+        passed_over += fluent[-1:] != top[-1:]
+        if not fluent:
+            continue
+        high, best, _ = fluent[-1]
+        gap = (high - low) / sd if sd > 0 else 0.0
+        gaps.append(gap)
+        if gap >= margin and best.strip() != worst.strip():
+            pairs.append({"prompt": prompt,
+                          "chosen": [{"role": "assistant", "content": best}],
+                          "rejected": [{"role": "assistant", "content": worst}],
+                          "source": "synthetic", "reward_gap_sd": round(gap, 3)})
+    return pairs, gaps, passed_over
 
 
 def _wait(reply, timeout: float) -> bool:
