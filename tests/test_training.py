@@ -122,8 +122,8 @@ def test_training_leaves_out_liked_loops_and_pairs_preferring_them_not_the_users
                    if v["label"] and fluency_failure(text(v, "completion"))]
     assert {v["message_id"] for v in kept.votes} == \
         {v["message_id"] for v in every.votes} - {v["message_id"] for v in liked_loops}
-    preferring = [p for p in every.pairs
-                  if fluency_failure(text(p, "chosen")) and not fluency_failure(text(p, "rejected"))]
+    preferring = [p for p in every.pairs if fluency_failure(text(p, "chosen"))
+                  and not fluency_failure(text(p, "rejected"))]
     assert preferring and kept.pairs == [p for p in every.pairs if p not in preferring]
     assert kept.left_out == {"liked_votes": len(liked_loops), "pairs": len(preferring)}
     # what stays: disliked loops, and pairs against a loop or between two loops
@@ -165,9 +165,12 @@ def test_a_small_store_holds_out_more_and_no_training_conversation_is_held_out_l
     # a report from before the setting is replayed as it ran: the plain fraction
     from training.config import as_ran
     before = as_ran({"data": {"heldout_fraction": 0.2}, "tune": {"learning_rate": 1e-3}})
-    assert before == {"data": {"heldout_fraction": 0.2, "heldout_min_votes": 0},
-                      "tune": {"learning_rate": 1e-3}}
-    assert as_ran({"data": {"heldout_min_votes": 100}})["data"]["heldout_min_votes"] == 100
+    assert before == {"data": {"heldout_fraction": 0.2, "heldout_min_votes": 0,
+                               "drop_disfluent": False}, "tune": {"learning_rate": 1e-3}}
+    assert as_ran({"data": {"heldout_min_votes": 100}})["data"] == {
+        "heldout_min_votes": 100, "drop_disfluent": False}  # a round between the two settings
+    now = {"data": {"heldout_min_votes": 100, "drop_disfluent": True}}
+    assert as_ran(now) == now
 
 
 def test_what_users_said_sets_each_pairs_strength_and_the_reward_margin(tiny_model):
@@ -895,6 +898,7 @@ def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(t
     from serving.config import ServingConfig
     from training.config import TuneConfig
     from training.round import prepare_reference, reference_dir
+    from training.schedule import reference_short
     from training.tune import (FILL_SHARE, ReferenceCache, dpo_order, dpo_trainer, tune,
                                use_kept_reference)
 
@@ -921,6 +925,11 @@ def test_dpo_reads_the_reference_prepared_before_the_round_and_learns_the_same(t
     record = prepare_reference(reg, name, train, cfg, time.monotonic() + 600,
                                log=lambda line: None, reach={"pairs": 4, "source": "a test"})
     assert record["written"] == record["items"] == 4 and record["reach"]["pairs"] == 4
+    # the prefix is whole: `schedule` does not prepare again for the pairs beyond it
+    assert record["missing"] == 0 and not reference_short(record)
+    assert reference_short({**record, "missing": 1})  # the clock cut the prefix short
+    assert reference_short({k: v for k, v in record.items() if k != "missing"})  # an older record
+    assert not reference_short({**record, "why": "the round runs no DPO"})
     first = ReferenceCache(reference_dir(reg), name, cfg)
     assert set(first.unkept(train.pairs)) == set(dpo_order(train.pairs, cfg)[4:])
     record = prepare_reference(reg, name, train, cfg, time.monotonic() + 600,

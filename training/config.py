@@ -290,14 +290,18 @@ class RoundConfig:
         return cls(**kwargs)
 
 
+# Settings added since rounds were first recorded, with what a round did before each existed.
+AS_RAN_BEFORE = {"data": {"heldout_min_votes": 0,  # it held out heldout_fraction
+                          "drop_disfluent": False}}  # it trained on every vote and pair
+
+
 def as_ran(config: dict) -> dict:
-    """A round report's recorded config with the settings added since it ran set to what that
-    round did: `data.heldout_min_votes` 0 (it held out `heldout_fraction` of the
-    conversations), so a replay splits its votes as the round did."""
-    data = config.get("data") or {}
-    if "heldout_min_votes" in data:
-        return config
-    return {**config, "data": {**data, "heldout_min_votes": 0}}
+    """A round report's recorded config with each setting added since it ran (`AS_RAN_BEFORE`)
+    set to what that round did, so a replay splits and keeps its votes as the round did."""
+    out = dict(config)
+    for section, before in AS_RAN_BEFORE.items():
+        out[section] = {**before, **(config.get(section) or {})}
+    return out
 
 
 SECTIONS = {"data": DataConfig, "reward": RewardModelConfig, "tune": TuneConfig,

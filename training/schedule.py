@@ -36,6 +36,14 @@ def new_votes() -> tuple[int, int]:
         return store.vote_events_since(session=session, after_id=after)
 
 
+def reference_short(ref: dict) -> bool:
+    """Whether `prepare` left pairs it wanted without a reference: of those the next round
+    reaches (`missing`; a record from before it wrote the reach prefix only: of all)."""
+    if "why" in ref:  # the round runs no DPO
+        return False
+    return ref.get("missing", ref["pairs"] - ref["items"]) > 0
+
+
 def unprepared(cfg: RoundConfig) -> bool:
     """Whether what `prepare_gate` makes may be incomplete: it has not run for the serving
     version, or the held-out or training votes changed since it did, or its clock stopped it
@@ -50,7 +58,7 @@ def unprepared(cfg: RoundConfig) -> bool:
     judge = record.get("judge")  # its clock may have left the reward model to the round
     short = any(record.get(part, {}).get("items", 0) < record.get(total, 0) for part, total in
                 (("c_replies", "questions"), ("b_replies", "prompts"), ("a_logps", "votes"))) \
-        or ("why" not in ref and ref["items"] < ref["pairs"]) \
+        or reference_short(ref) \
         or (cfg.reward.prepare and (judge is None or "why" in judge))
     return short or record.get("heldout") != heldout.counts or \
         record.get("train") != train.counts
