@@ -117,7 +117,7 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
         record["reach"] = reach
     if cfg.method not in ("auto", "dpo") or choose_method(cfg, train) != "dpo":
         return {**record, "items": 0, "seconds": 0.0, "why": "the round runs no DPO"}
-    unkept, missing = set(reference.unkept(pairs)), 0
+    unkept, rows = set(reference.unkept(pairs)), []
     if unkept:
         # a copy of its own: the trainer wraps it (LoRA, TRL's fused head)
         loaded = registry.load(start_name, ServingConfig(dtype="float32"))
@@ -133,12 +133,11 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
                 reference_forward(trainer, pairs, chunk, reference)
                 reference.save()
             reference.save()
-            missing = len(set(rows) & set(reference.unkept(pairs)))
         del loaded, trainer
-    left = len(reference.unkept(pairs))
+    left = set(reference.unkept(pairs))
     # missing: of the pairs wanted (those reached), how many the clock left without one
-    record.update(written=len(unkept) - left, items=len(pairs) - left, missing=missing,
-                  seconds=round(time.monotonic() - t, 1))
+    record.update(written=len(unkept) - len(left), items=len(pairs) - len(left),
+                  missing=len(left.intersection(rows)), seconds=round(time.monotonic() - t, 1))
     log(f"prepare (reference): {record['written']} pairs' reference log-probabilities of "
         f"{start_name} written, {record['items']} of {len(pairs)} ready"
         + (f" (the next round's steps reach about {limit}: {reach['source']})"
