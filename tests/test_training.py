@@ -174,7 +174,7 @@ def test_a_small_store_holds_out_more_and_no_training_conversation_is_held_out_l
 
 
 def test_what_users_said_sets_each_pairs_strength_and_the_reward_margin(tiny_model):
-    from training.dataset import reward_pairs
+    from training.dataset import FeedbackData, reward_pairs
     fill(3)  # bare thumbs: a liked and a disliked reply to each of 3 prompts
     with db.transaction(write=True) as s:  # prompt 1: both votes say why; prompt 2: one does
         store.set_vote(session=s, user_id=1, message_id=2, value=1, reasons=["clear"])
@@ -193,6 +193,11 @@ def test_what_users_said_sets_each_pairs_strength_and_the_reward_margin(tiny_mod
     margins = sorted(r["margin"] for r in reward_pairs(data, DataConfig(), 2.0))
     assert margins == [0.0] * 4 + [1.0, 2.0, 2.0]  # 3 top-ups across prompts: no margin
     assert all("margin" not in r for r in reward_pairs(data, DataConfig(), 0.0))
+    # votes of one label alone make no top-ups (a training side of liked votes only: the
+    # round skips, and `training prepare` must not fail on it): the pairs stand alone
+    liked = FeedbackData([v for v in data.votes if v["label"]], data.pairs)
+    assert len(reward_pairs(liked, DataConfig())) == len(data.pairs) == 4
+    assert reward_pairs(FeedbackData(liked.votes, []), DataConfig()) == []
 
 
 def test_length_grouped_batches_keep_every_row_and_cut_the_padding():

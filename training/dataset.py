@@ -239,7 +239,8 @@ def reward_pairs(data: FeedbackData, cfg: DataConfig, reason_margin: float = 0.0
              "margin": reason_margin * p.get("strength", 0.0)} for p in data.pairs]
     liked = [v for v in data.votes if v["label"]]
     disliked = [v for v in data.votes if not v["label"]]
-    for i in range(max(len(liked), len(disliked)) if len(rows) < len(data.votes) else 0):
+    topped = liked and disliked and len(rows) < len(data.votes)  # a top-up takes both labels
+    for i in range(max(len(liked), len(disliked)) if topped else 0):
         good, bad = liked[i % len(liked)], disliked[i % len(disliked)]
         rows.append({"chosen": good["prompt"] + good["completion"],
                      "rejected": bad["prompt"] + bad["completion"], "margin": 0.0})

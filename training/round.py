@@ -169,6 +169,10 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
         log(f"prepare (reward model): none, {why}")
         return {"why": why, "seconds": 0.0}
     pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
+    if not pairs:
+        why = "no pairs to train on (no preference pairs, and votes of one label only)"
+        log(f"prepare (reward model): none, {why}")
+        return {"why": why, "seconds": 0.0}
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
     judge_dir(registry).parent.mkdir(parents=True, exist_ok=True)
     made = Path(tempfile.mkdtemp(prefix="judge.", dir=judge_dir(registry).parent))
