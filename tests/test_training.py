@@ -1398,6 +1398,69 @@ def test_training_stops_before_a_step_that_would_end_past_its_deadline(monkeypat
     assert control.should_training_stop and stop.hit and clock[0] < 130.0
 
 
+def test_the_clock_schedule_brings_the_learning_rate_to_zero_by_the_deadline(monkeypatch,
+                                                                            tiny_model):
+    """tune.schedule "clock": each step's rate is the lower of the trainer's linear schedule
+    over the planned steps and the share of the time to the deadline still left, so a tuning
+    the clock ends early still ends near a zero rate; "steps" keeps the planned decay alone."""
+    import torch
+    from transformers import TrainerControl, get_linear_schedule_with_warmup
+
+    from serving.config import ServingConfig
+    from training.config import TuneConfig
+    from training.tune import Deadline, tune
+
+    def scheduler():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, get_linear_schedule_with_warmup(optimizer, 0, 100)
+
+    clock = [100.0]
+    with monkeypatch.context() as m:
+        m.setattr(time, "monotonic", lambda: clock[0])
+        for schedule, rates in (("clock", [0.75, 0.5, 0.25]), ("steps", [0.99, 0.98, 0.97])):
+            clock[0] = 100.0
+            optimizer, lr = scheduler()
+            stop = Deadline(140.0, schedule)
+            stop.on_train_begin(None, None, TrainerControl(), lr_scheduler=lr)
+            seen = []
+            for _ in range(3):  # 10 s a step: a quarter of the 40 s each
+                optimizer.step()
+                clock[0] += 10.0
+                lr.step()
+                seen.append(lr.get_last_lr()[0])
+            assert seen == pytest.approx(rates)
+        clock[0] = 100.0
+        optimizer, lr = scheduler()
+        for _ in range(90):  # late in the plan the planned rate is the lower one
+            optimizer.step()
+            lr.step()
+        Deadline(1000.0, "clock").on_train_begin(None, None, TrainerControl(), lr_scheduler=lr)
+        optimizer.step()
+        lr.step()
+        assert lr.get_last_lr()[0] == pytest.approx(0.09)
+        with pytest.raises(TypeError, match="LambdaLR"):
+            Deadline(140.0, "clock").on_train_begin(
+                None, None, TrainerControl(),
+                lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 5))
+
+    # in a real tuning: hundreds of planned steps, a few seconds of clock
+    fill(12)
+    train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
+    reg = Registry()
+    for schedule in ("clock", "steps"):
+        cfg = TuneConfig(method="dpo", epochs=500, batch_size=2, lora_r=2, lora_alpha=4,
+                         learning_rate=1e-3, bf16=False, schedule=schedule)
+        loaded = reg.load(None, ServingConfig(dtype="float32"))
+        summary, _ = tune(loaded.model, loaded.tokenizer, train, cfg, reg.staging(schedule),
+                          time.monotonic() + 6, judge=None)
+        assert summary["stopped_by_deadline"] and summary["steps"] >= 2
+        assert summary["schedule"] == schedule
+        if schedule == "clock":
+            assert summary["learning_rate_at_stop"] < 0.4e-3
+        else:
+            assert summary["learning_rate_at_stop"] > 0.95e-3
+
+
 def test_the_clock_bounds_the_round_and_never_discards_a_judged_candidate(tiny_model, tmp_path):
     fill_split(30)
     config = {**FAST, "max_minutes": 0.05}  # 3 s: training and gate both get less than needed

@@ -147,6 +147,11 @@ class TuneConfig:
                             low=0.0, low_open=True)
     max_steps: int = setting(-1, "stop after this many steps (-1: epochs decide)",
                              low=1, special=(-1,))
+    schedule: str = setting("steps", "steps: the learning rate decays linearly over the "
+                                     "planned steps (epochs or max_steps), wherever the clock "
+                                     "stops them; clock: it also reaches zero by the tuning's "
+                                     "deadline (each step takes the lower of the two)",
+                            choices=("steps", "clock"))
     max_length: int = setting(512, "tokens per row (prompt + reply), longer are truncated", low=16)
     bf16: bool = field(default_factory=machine_bf16, metadata={
         "help": "bfloat16 autocast; default: on where the hardware has native bfloat16 "

@@ -26,12 +26,21 @@ from training.evaluate import Kept
 class Deadline(TrainerCallback):
     """Stops training cleanly once the next step would end past a wall-clock deadline: each
     step-end compares the time left with the slowest of the last few steps (so a 20-second
-    CPU step does not overrun the stage that follows by 20 seconds)."""
+    CPU step does not overrun the stage that follows by 20 seconds).
 
-    def __init__(self, deadline: float) -> None:
+    `schedule="clock"` also makes the learning rate reach zero by the deadline when the clock,
+    not the planned steps, ends the training: each step's rate is the lower of the trainer's
+    own schedule (linear over the planned steps) and the share of the time from the first
+    step to the deadline still left. Without it a round whose clock allows 30 of 88 planned
+    steps stops with its rate still at two thirds of the peak. "steps": the trainer's schedule
+    alone."""
+
+    def __init__(self, deadline: float, schedule: str = "steps") -> None:
+        assert schedule in ("steps", "clock"), f"unknown schedule {schedule!r}"
         self.deadline = deadline
+        self.schedule = schedule
         self.hit = False
-        self._last = time.monotonic()
+        self._last = self._began = time.monotonic()
         self.durations: list[float] = []  # every step's seconds
 
     @property
@@ -40,8 +49,20 @@ class Deadline(TrainerCallback):
         ranked = sorted(self.durations)
         return round(ranked[len(ranked) // 2], 2) if ranked else None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._last = time.monotonic()
+    def time_left_share(self) -> float:
+        """The share of the time from the first step to the deadline still left, in [0, 1]."""
+        span = self.deadline - self._began
+        return 0.0 if span <= 0 else min(1.0, max(0.0, (self.deadline - time.monotonic()) / span))
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self._last = self._began = time.monotonic()
+        if self.schedule == "clock":
+            if not hasattr(lr_scheduler, "lr_lambdas"):  # transformers' schedules are LambdaLR
+                raise TypeError("the clock schedule needs a LambdaLR learning-rate schedule, "
+                                f"not {type(lr_scheduler).__name__}")
+            lr_scheduler.lr_lambdas = [
+                lambda step, planned=planned: min(planned(step), self.time_left_share())
+                for planned in lr_scheduler.lr_lambdas]
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -119,7 +140,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
     method = choose_method(cfg, train, judge)
     peft = None if cfg.full_finetune else lora_config(cfg, model)
     set_seed(cfg.seed)  # the adapter's initial weights: TRL makes them before the trainer seeds
-    stop = Deadline(deadline)
+    stop = Deadline(deadline, cfg.schedule)
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
 
@@ -149,6 +170,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
     trained.save_pretrained(out.model)
     tokenizer.save_pretrained(out.model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     if method == "online":  # per step: the judge's margin between the two samples, and how
         for key, name in (("objective/scores_margin", "mean_judged_margin"),  # many finished
                           ("val/contain_eos_token", "finished_replies")):
@@ -160,6 +182,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
             "learning_rate": cfg.learning_rate,
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses
+            else None, "schedule": cfg.schedule, "learning_rate_at_stop": rates[-1] if rates
             else None, "stopped_by_deadline": stop.hit, "step_s": stop.step_s, **extra}, trainer
 
 
