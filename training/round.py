@@ -158,21 +158,22 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
     would give it (the round then trains its own)."""
     t = time.monotonic()
     kept = PreparedJudge(judge_dir(registry))
+
+    def none(why: str) -> dict:
+        log(f"prepare (reward model): none, {why}")
+        return {"why": why, "seconds": 0.0}
+
     if not cfg.reward.prepare:
         return {"why": "off (reward.prepare false)", "seconds": 0.0}
     if judge_current(registry, base_source, cfg, train):
         return {**kept.summary(train), "written": False, "seconds": 0.0}
     own_share_s = judge_share_s(cfg)
     if (left := deadline - t) < own_share_s:
-        why = (f"{max(0.0, left):.0f} s left, less than a round gives its reward model "
-               f"({own_share_s:.0f} s): the round trains its own")
-        log(f"prepare (reward model): none, {why}")
-        return {"why": why, "seconds": 0.0}
+        return none(f"{max(0.0, left):.0f} s left, less than a round gives its reward model "
+                    f"({own_share_s:.0f} s): the round trains its own")
     pairs = reward_pairs(train, cfg.data, cfg.reward.reason_margin)
     if not pairs:
-        why = "no pairs to train on (no preference pairs, and votes of one label only)"
-        log(f"prepare (reward model): none, {why}")
-        return {"why": why, "seconds": 0.0}
+        return none("no pairs to train on (no preference pairs, and votes of one label only)")
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
     judge_dir(registry).parent.mkdir(parents=True, exist_ok=True)
     made = Path(tempfile.mkdtemp(prefix="judge.", dir=judge_dir(registry).parent))
