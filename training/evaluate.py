@@ -94,31 +94,38 @@ def load_regression_set(path: Path = REGRESSION_SET) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@torch.inference_mode()
 def mean_logps(loaded: LoadedModel, rows: list[dict]) -> list[float]:
     """Mean log-probability of each row's reply given its prompt (chat template applied), in
-    bfloat16 where the machine has it natively. One row at a time, and the vocabulary head only
-    over the reply's positions: padded batches of 8 took 1.0-1.3 s a row on a 2-core Zen 3
-    (236 tokens a row), mostly a log-softmax over every position's whole vocabulary; this takes
-    0.74 s for the same figures (`python -m bench.logps` measures both)."""
-    tok, model = loaded.tokenizer, loaded.model
-    body, head = model.get_decoder(), model.get_output_embeddings()
+    bfloat16 where the machine has it natively; 0 for an empty reply or one the context window
+    cut off. One row at a time, and the vocabulary head only over the reply's positions: padded
+    batches of 8 took 1.0-1.3 s a row on a 2-core Zen 3 (236 tokens a row), mostly a
+    log-softmax over every position's whole vocabulary; this takes 0.74 s for the same figures
+    (`python -m bench.logps` measures both)."""
     out = []
     for r in rows:
-        prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
-        p_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]
-                            [:loaded.context_window]])
-        if ids.shape[1] <= p_len:  # an empty reply, or one the context window cut off
-            out.append(0.0)
-            continue
-        with autocast(model):
-            hidden = body(input_ids=ids).last_hidden_state[0, p_len - 1:-1]
-            logits = head(hidden).float()
-        target = ids[0, p_len:, None]
-        out.append(float((logits.gather(1, target)[:, 0] - logits.logsumexp(-1)).mean()))
+        lps = reply_token_logps(loaded, r)
+        out.append(0.0 if lps is None else float(lps.mean()))
     return out
+
+
+@torch.inference_mode()
+def reply_token_logps(loaded: LoadedModel, row: dict) -> torch.Tensor | None:
+    """The log-probability of each token of `row`'s reply given its prompt and the tokens
+    before it (`mean_logps`' figures before their mean); None for an empty reply or one the
+    context window cut off."""
+    tok, model = loaded.tokenizer, loaded.model
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    prompt = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    p_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]
+                        [:loaded.context_window]])
+    if ids.shape[1] <= p_len:
+        return None
+    with autocast(model):
+        hidden = body(input_ids=ids).last_hidden_state[0, p_len - 1:-1]
+        logits = head(hidden).float()
+    return logits.gather(1, ids[0, p_len:, None])[:, 0] - logits.logsumexp(-1)
 
 
 class Kept:
