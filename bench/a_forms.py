@@ -35,7 +35,8 @@ FORMS = {
 
 
 def rounds_of(store: Path, names: list[str], out: Path) -> list[dict]:
-    """One row per gated round of `store` (those in `names`, unless empty): each form's AUC."""
+    """One row per gated round of `store` (those in `names`, unless empty): each form's AUC.
+    Its scratch copies of the database go to `out/work`, removed at the end."""
     from bench.gate_replay import fresh_work, gated_rounds, round_data
     from serving.config import ServingConfig
     from serving.registry import Registry
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.store} holds no feedback.db and reports folder: give a bench.loop "
                      "user's data folder, e.g. bench/results/loop/tips/data")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = rounds_of(args.store, [r for r in args.rounds.split(",") if r], args.out / "work")
+    rows = rounds_of(args.store, [r for r in args.rounds.split(",") if r], args.out)
     if not rows:
         parser.error(f"no round with a gate among {args.store / 'reports'}")
     path = args.out / "a_forms.json"
