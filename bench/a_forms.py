@@ -9,8 +9,8 @@ version's, averaged over the reply's tokens. A preference that lives in a few wo
 reply (a tip, an example) moves few tokens, and the mean may drown it. For each round of the
 store that reached its gate (or those named), every held-out vote as the round split them
 (`bench.gate_replay.round_data`) is scored token by token by the round's serving version and
-candidate (float32, `training.evaluate.reply_token_logps`), and the per-token shifts are
-summed up in several ways; prints and writes the AUC of each against the users' thumbs
+candidate (as the gate scores them: `training.evaluate.reply_token_logps`), and the per-token
+shifts are summed up in several ways; prints and writes the AUC of each against the users' thumbs
 (`a_forms.json`, rows keyed by store and round; other rows kept). The mean is the gate's (a)
 on the same votes (equal to the round's own where its gate scored every vote). Exploratory: it
 picks no form, and one chosen by looking at these AUCs needs fresh rounds to show it holds.
