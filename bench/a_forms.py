@@ -11,7 +11,7 @@ store that reached its gate (or those named), every held-out vote as the round s
 (`bench.gate_replay.round_data`) is scored token by token by the round's serving version and
 candidate (as the gate scores them: `training.evaluate.reply_token_logps`), and the per-token
 shifts are summed up in several ways; prints and writes the AUC of each against the users' thumbs
-(`a_forms.json`, rows keyed by store and round; other rows kept). The mean is the gate's (a)
+(`a_forms.json`, the rows under the store's folder; other stores' rows kept). The mean is the gate's (a)
 on the same votes (equal to the round's own where its gate scored every vote). Exploratory: it
 picks no form, and one chosen by looking at these AUCs needs fresh rounds to show it holds.
 About 1.1 s a vote on 2 cores.
@@ -20,7 +20,6 @@ About 1.1 s a vote on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -34,16 +33,15 @@ FORMS = {
 }
 
 
-def rounds_of(store: Path, names: list[str], out: Path) -> list[dict]:
+def rounds_of(store: Path, names: list[str], work: Path) -> list[dict]:
     """One row per gated round of `store` (those in `names`, unless empty): each form's AUC.
-    Its scratch copies of the database go to `out/work`, removed at the end."""
-    from bench.gate_replay import fresh_work, gated_rounds, round_data
+    Its scratch copies of the database go to `work`."""
+    from bench.gate_replay import gated_rounds, round_data
     from serving.config import ServingConfig
     from serving.registry import Registry
     from training.evaluate import reply_token_logps
     from training.stats import auc
 
-    work = fresh_work(out, store)
     registry, fp32 = Registry(), ServingConfig(dtype="float32")
     rows = []
     for report in gated_rounds(store, names):
@@ -67,7 +65,6 @@ def rounds_of(store: Path, names: list[str], out: Path) -> list[dict]:
               + f"; the gate's (a) {row['gate_a']['auc']:.3f} on {row['gate_a']['votes']}",
               flush=True)
         rows.append(row)
-    shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -81,18 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.store / "feedback.db").is_file() or not (args.store / "reports").is_dir():
         parser.error(f"{args.store} holds no feedback.db and reports folder: give a bench.loop "
                      "user's data folder, e.g. bench/results/loop/tips/data")
+    from bench.gate_replay import fresh_work, keep_rows
+
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = rounds_of(args.store, [r for r in args.rounds.split(",") if r], args.out)
+    work = fresh_work(args.out, args.store)
+    rows = rounds_of(args.store, [r for r in args.rounds.split(",") if r], work)
     if not rows:
+        shutil.rmtree(work, ignore_errors=True)
         parser.error(f"no round with a gate among {args.store / 'reports'}")
-    path = args.out / "a_forms.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
-    results.update({f"{args.store}:{r['round']}": r for r in rows})
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return keep_rows(args.out / "a_forms.json", str(args.store), rows, work)
 
 
 if __name__ == "__main__":
