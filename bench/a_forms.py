@@ -11,9 +11,9 @@ store that reached its gate (or those named), every held-out vote as the round s
 (`bench.gate_replay.round_data`) is scored token by token by the round's serving version and
 candidate (as the gate scores them: `training.evaluate.reply_token_logps`), and the per-token
 shifts are summed up in several ways; prints and writes the AUC of each against the users' thumbs
-(`a_forms.json`, the rows under the store's folder; other stores' rows kept). The mean is the gate's (a)
-on the same votes (equal to the round's own where its gate scored every vote). Exploratory: it
-picks no form, and one chosen by looking at these AUCs needs fresh rounds to show it holds.
+(`a_forms.json`, the rows under the store's folder; other stores' rows kept). The mean is the
+gate's (a) on the same votes (equal to the round's own where its gate scored every vote).
+Exploratory: it picks no form, and one chosen by looking at these AUCs needs fresh rounds to show it holds.
 About 1.1 s a vote on 2 cores.
 """
 
