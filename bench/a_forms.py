@@ -13,8 +13,8 @@ candidate (as the gate scores them: `training.evaluate.reply_token_logps`), and 
 shifts are summed up in several ways; prints and writes the AUC of each against the users' thumbs
 (`a_forms.json`, the rows under the store's folder; other stores' rows kept). The mean is the
 gate's (a) on the same votes (equal to the round's own where its gate scored every vote).
-Exploratory: it picks no form, and one chosen by looking at these AUCs needs fresh rounds to show it holds.
-About 1.1 s a vote on 2 cores.
+Exploratory: it picks no form, and one chosen by looking at these AUCs needs fresh rounds to
+show it holds. About 1.1 s a vote on 2 cores.
 """
 
 from __future__ import annotations
