@@ -42,6 +42,8 @@ def store_as_of(db: Path, when: str, copy: Path) -> None:
 
 def summary(g: dict) -> dict:
     a, b = g["checks"]["a_heldout_ranking"], g["checks"]["b_reward_model"]
+    c = g["checks"]["c_regression"]
+    fluency = c.get("fluency") or {}
     return {"a_votes": a.get("votes"), "a_votes_available": a.get("votes_available"),
             "a_confidence": (a.get("difference") or {}).get("p_better"),
             "a_cached": a.get("cached"), "b_prompts": b.get("prompts"),
@@ -54,6 +56,13 @@ def summary(g: dict) -> dict:
             "b_verdict": b.get("verdict"), "b_win_rate": b.get("win_rate"),
             "b_direction": b.get("direction"), "b_difference": b.get("difference"),
             "b_approval": [b.get("approval_current"), b.get("approval_candidate")],
+            # (c): correct answers (candidate, current) and empty or looping replies
+            # (candidate, current, of how many pairs): a gate can pass (a) and (b) and fail here
+            "c_correct": [(c.get("candidate") or {}).get("correct"),
+                          (c.get("current") or {}).get("correct")],
+            "c_questions": c.get("questions"), "c_verdict": c.get("verdict"),
+            "fluency": [fluency.get("candidate_failures"), fluency.get("current_failures"),
+                        fluency.get("replies")],
             "pooled": (g.get("pooled") or {}).get("confidence"), "passed": g["passed"],
             "seconds": g.get("seconds"), "replies_kept": g.get("replies_kept")}
 
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['a_votes_available']} votes, confidence {_p(o['a_confidence'])} -> "
               f"{_p(r['a_confidence'])}; (b) {o['b_verdict']} {_p(o['b_confidence'])} -> "
               f"{r['b_verdict']} {_p(r['b_confidence'])}; "
-              f"pooled {_p(o['pooled'])} -> {_p(r['pooled'])}; "
+              f"pooled {_p(o['pooled'])} -> {_p(r['pooled'])}; (c) {_c(o)} -> {_c(r)}; "
               f"{'passed' if o['passed'] else 'rejected'} -> "
               f"{'passed' if r['passed'] else 'rejected'}", flush=True)
         del current, base, candidate, judge
@@ -227,6 +236,14 @@ def gate_settings(parser, pairs: list[str]) -> dict:
 
 def _p(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def _c(s: dict) -> str:
+    """(c) in a summary: its correct answers and empty or looping replies, each candidate vs
+    current, and its verdict."""
+    (correct, was), (loops, had, pairs) = s["c_correct"], s["fluency"]
+    return (f"{correct} vs {was} of {s['c_questions']}, looping {loops} vs {had} of {pairs}, "
+            f"{s['c_verdict']}")
 
 
 if __name__ == "__main__":
