@@ -553,9 +553,13 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         def work(rows: list) -> int:  # replies to write and to judge (the current's may be kept)
             return 3 * k * len(rows) + kept[0].unkept(rows, cfg.judged_max_new_tokens, k)
 
+        # a chunk holds about `min_heldout_prompts` replies of each version whatever k (one
+        # wave of the engine's 8 slots): chunks of 8 prompts x 2 sampled replies took 35 s, and
+        # with 27 s of the gate left (b) stopped at 8 prompts where 4 more would have fitted
+        # (session 40's replays of tips' round 1)
         for rows in in_time(asked, deadline, at_least=cfg.min_heldout_prompts, cost=work,
-                            chunk=cfg.min_heldout_prompts if deadline < float("inf") else
-                            len(asked)):
+                            chunk=-(-cfg.min_heldout_prompts // k) if deadline < float("inf")
+                            else len(asked)):
             o, c = (kp.answers(rows, cfg.judged_max_new_tokens, k) for kp in kept)
             each = [p for p in rows for _ in range(k)]  # a prompt's replies together
             scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
