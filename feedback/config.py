@@ -14,11 +14,30 @@ DATABASE_URL_ENV = "CHAT_DATABASE_URL"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
+def make_folder(path: Path) -> Path:
+    """`path` as a folder, made with its parents where missing. Where a part of it is in the
+    way (a file, or a link to something that does not exist: a disk not mounted), raises
+    NotADirectoryError naming that part, not mkdir's bare "File exists"."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        for part in reversed([path, *path.parents]):
+            if part.is_symlink() and not part.exists():
+                raise NotADirectoryError(
+                    f"{part} is a link to {os.readlink(part)}, which does not exist (a disk "
+                    f"not mounted?): make it exist, or remove the link to start that folder "
+                    f"afresh") from exc
+            if part.exists() and not part.is_dir():
+                raise NotADirectoryError(f"{part} is a file, not a folder: {path} cannot be "
+                                         f"made there") from exc
+        raise
+    return path
+
+
 def data_dir() -> Path:
     """The data directory, created on first use."""
-    path = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_folder(Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+                       .resolve())
 
 
 def database_url() -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from feedback.config import make_folder
 from serving.config import EMBEDDED, ServingConfig, data_dir, model_setting
 from serving.hardware import resolve_dtype
 
@@ -62,7 +63,7 @@ def embedded_checkpoint(root: Path | None = None) -> Path:
     target = base / EMBEDDED_NAME
     if (target / "config.json").is_file():
         return target
-    base.mkdir(parents=True, exist_ok=True)
+    make_folder(base)
     with FileLock(str(base / f".{EMBEDDED_NAME}.lock")):
         if (target / "config.json").is_file():
             return target

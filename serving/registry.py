@@ -22,6 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from feedback.config import make_folder
 from serving.config import EMBEDDED, GGUF_QUANTS, ServingConfig, data_dir, model_setting
 from serving.model import LoadedModel, base_name, embedded_gguf_path, load, load_base
 
@@ -116,7 +117,7 @@ class Registry:
     def __init__(self, root: Path | None = None) -> None:
         self.data = data_dir()
         self.root = Path(root or self.data / "versions")
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_folder(self.root)
         self.setting = model_setting()
         self._tokenizer = None
 
@@ -267,8 +268,7 @@ class Registry:
         if quant not in GGUF_QUANTS:
             raise ValueError(f"gguf_quant must be one of {', '.join(GGUF_QUANTS)}, not {quant!r}")
         if name == self.base_name:
-            folder = self.data / "models" / "base"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = make_folder(self.data / "models" / "base")
             target = folder / f"{name}.{quant.lower()}.gguf"
         else:
             target = self.get(name).dir.gguf(quant)

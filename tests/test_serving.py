@@ -385,6 +385,36 @@ def test_rollback_to_a_path_is_refused_by_the_cli(tiny_model):
     assert "Traceback" not in done.stderr and "now serves" not in done.stdout
 
 
+def test_a_data_folder_in_the_way_is_named_not_a_bare_file_exists(data_dir, tmp_path,
+                                                                   monkeypatch):
+    from serving.model import embedded_checkpoint
+
+    # its models folder a link to a disk that is not there: the embedded model's conversion
+    # and the base's GGUF name the link and where it points
+    data_dir.mkdir(parents=True)
+    (data_dir / "models").symlink_to(tmp_path / "unmounted" / "models")
+    for make in (lambda: embedded_checkpoint(data_dir),
+                 lambda: Registry().gguf_path(quant="Q8_0")):
+        with pytest.raises(NotADirectoryError, match=re.escape(
+                f"{data_dir / 'models'} is a link to {tmp_path / 'unmounted' / 'models'}, "
+                f"which does not exist")):
+            make()
+    assert not (tmp_path / "unmounted").exists()  # nothing made behind the link
+    # the versions folder a file: the CLIs say so and exit 1, without a traceback
+    (data_dir / "versions").rmdir()  # made, empty, by the Registry above
+    (data_dir / "versions").write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "training", "rollback", "base"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"{data_dir / 'versions'} is a file, not a folder" in done.stderr
+    assert "Traceback" not in done.stderr
+    # the data folder itself a file: named too
+    monkeypatch.setenv("CHAT_DATA_DIR", str(data_dir / "versions"))
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        Registry()
+    assert (data_dir / "versions").read_text() == "not a folder"  # left as it was
+
+
 @pytest.mark.parametrize("content", [b"deleted-version\n", b"\xff\xfe\x00bad", b"../../etc\n"])
 def test_an_unusable_current_serves_the_base_and_says_how_to_fix_it(tiny_model, content):
     reg = Registry()
