@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 
-from bench import a_check, b_budget, b_sample, ceiling, gate_replay, judge_lr, reasons, variants
+from bench import (a_check, b_budget, b_sample, ceiling, gate_replay, judge_lr, reasons,
+                   reply_batching, variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -45,8 +46,8 @@ def test_prompt_set_and_users():
 
 def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
     """An unknown user, a negative round count, a --report without a run, a gate setting that
-    does not exist or is out of range, results that are not there: a message naming the
-    problem at once, nothing written (before, an unknown user failed after minutes of the base
+    does not exist or is out of range, results that are not there, no questions to ask: a
+    message naming the problem at once, nothing written (before, an unknown user failed after minutes of the base
     model's replies, and --report on an empty folder with a traceback)."""
     out = tmp_path / "loop"
     cases = [
@@ -65,7 +66,9 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
          "expected NAME=VALUE"),
         (gate_replay.main, ["--store", str(tmp_path), "--gate", "judged=2"],
          "unknown setting 'gate.judged'"),
-        (b_budget.main, ["--results", str(tmp_path / "none.json")], "cannot read")]
+        (b_budget.main, ["--results", str(tmp_path / "none.json")], "cannot read"),
+        (reply_batching.main, ["--questions", "0", "--out", str(tmp_path / "batching")],
+         "--questions must be at least 1")]
     for command, argv, message in cases:
         with pytest.raises(SystemExit) as exited:
             command(argv)
