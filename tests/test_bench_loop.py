@@ -47,8 +47,8 @@ def test_prompt_set_and_users():
 def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
     """An unknown user, a negative round count, a --report without a run, a gate setting that
     does not exist or is out of range, results that are not there, no questions to ask: a
-    message naming the problem at once, nothing written (before, an unknown user failed after minutes of the base
-    model's replies, and --report on an empty folder with a traceback)."""
+    message naming the problem at once, nothing written (before, an unknown user failed after
+    minutes of the base model's replies, and --report on an empty folder with a traceback)."""
     out = tmp_path / "loop"
     cases = [
         (main, ["--users", "concise,nobody", "--out", str(out)], "unknown users ['nobody']"),
