@@ -35,9 +35,11 @@ def make_folder(path: Path) -> Path:
 
 
 def data_dir() -> Path:
-    """The data directory, created on first use."""
-    return make_folder(Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
-                       .resolve())
+    """The data directory, created on first use (checked before its links are followed: a
+    link to nothing is named, not followed to a folder made where the disk should be)."""
+    path = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+    make_folder(path.absolute())
+    return path.resolve()
 
 
 def database_url() -> str:

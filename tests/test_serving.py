@@ -408,11 +408,17 @@ def test_a_data_folder_in_the_way_is_named_not_a_bare_file_exists(data_dir, tmp_
     assert done.returncode == 1, done.stderr
     assert f"{data_dir / 'versions'} is a file, not a folder" in done.stderr
     assert "Traceback" not in done.stderr
-    # the data folder itself a file: named too
+    # the data folder itself a file, or a link to nothing: named too, nothing made
     monkeypatch.setenv("CHAT_DATA_DIR", str(data_dir / "versions"))
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         Registry()
     assert (data_dir / "versions").read_text() == "not a folder"  # left as it was
+    (tmp_path / "linked").symlink_to(tmp_path / "unmounted" / "data")
+    monkeypatch.setenv("CHAT_DATA_DIR", str(tmp_path / "linked"))
+    with pytest.raises(NotADirectoryError, match=re.escape(
+            f"{tmp_path / 'linked'} is a link to {tmp_path / 'unmounted' / 'data'}, which")):
+        Registry()
+    assert not (tmp_path / "unmounted").exists()
 
 
 @pytest.mark.parametrize("content", [b"deleted-version\n", b"\xff\xfe\x00bad", b"../../etc\n"])
