@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from serving.config import ServingConfig
     from serving.registry import Registry
     from training.config import GateConfig
-    from training.evaluate import answers, regression_questions
+    from training.evaluate import answered, answers, regression_questions
 
     cfg, registry = GateConfig(), Registry()
     regression, questions = regression_questions()
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"way": name, "slots": slots, "chunk": chunk,
                      "seconds": round(time.monotonic() - start, 1),
                      "differ_from_first": sum(a != b for a, b in zip(first, got)),
-                     "correct": sum(any(a in r.lower() for a in it["answers"])
-                                    for it, r in zip(regression, got)),
+                     "correct": sum(map(answered, regression, got)),
                      "replies": got})
     result = {"version": registry.current_name(), "questions": len(questions),
               "max_new_tokens": cfg.reply_max_new_tokens,

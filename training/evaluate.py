@@ -94,6 +94,11 @@ def load_regression_set(path: Path = REGRESSION_SET) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def answered(item: dict, reply: str) -> bool:
+    """Whether `reply` answers the regression item: it holds one of its (lower-case) answers."""
+    return any(a in reply.lower() for a in item["answers"])
+
+
 def mean_logps(loaded: LoadedModel, rows: list[dict]) -> list[float]:
     """Mean log-probability of each row's reply given its prompt (chat template applied), in
     bfloat16 where the machine has it natively; 0 for an empty reply or one the context window
@@ -595,8 +600,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     for cache in kept:
         cache.save()
     items = regression[:len(cur_replies)]
-    cur_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cur_replies)]
-    cand_ok = [any(a in r.lower() for a in it["answers"]) for it, r in zip(items, cand_replies)]
+    cur_ok = [answered(it, r) for it, r in zip(items, cur_replies)]
+    cand_ok = [answered(it, r) for it, r in zip(items, cand_replies)]
     pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                           for o, c in zip(cur_replies, cand_replies)]
     diff = paired_mean([int(c) - int(o) for c, o in zip(cand_ok, cur_ok)], **stats)
