@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             if not (args.votes_out or args.pairs_out):
                 raise FeedbackError("Say where to write: --votes-out FILE and/or --pairs-out FILE.")
+            if args.votes_out and args.pairs_out and \
+                    args.votes_out.resolve() == args.pairs_out.resolve():
+                raise FeedbackError(f"--votes-out and --pairs-out are both {args.votes_out}: "
+                                    f"the pairs would overwrite the votes; give two files.")
             with transaction(url=args.database_url) as session:
                 if args.votes_out:
                     n = io.write_jsonl(io.iter_vote_rows(session=session), args.votes_out)

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
-from feedback.config import database_url
+from feedback.config import database_url, make_folder
 from feedback.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,11 @@ def make_engine(url: str) -> Engine:
             "The database URL cannot be used: the operator should fix CHAT_DATABASE_URL "
             "(e.g. sqlite:///path/feedback.db or postgresql+psycopg://user@host/db).",
             f"...@{safe}: {exc}" if "@" in url else f"{safe}: {exc}") from None
+    except NotADirectoryError as exc:  # a SQLite file's folder: a file or a dangling link
+        raise StoreUnavailable(
+            "The database's folder cannot be made (something else is in its place) and nothing "
+            "was saved: the operator should fix CHAT_DATA_DIR or CHAT_DATABASE_URL.",
+            str(exc)) from None
 
 
 def _make_engine(url: str) -> Engine:
@@ -70,7 +75,7 @@ def _make_engine(url: str) -> Engine:
         if "timeout" not in parsed.query:
             connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            make_folder(Path(parsed.database).expanduser().parent)
         engine = create_engine(url, connect_args=connect_args)
         _configure_sqlite(engine)
         return engine

@@ -20,6 +20,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from feedback import store
+from feedback.config import make_folder
 from feedback.errors import InvalidInput
 from feedback.jsonl import read_jsonl
 from feedback.models import Conversation, Message, Preference, User, Vote, VoteEvent, utcnow
@@ -240,16 +241,27 @@ def iter_pair_rows(*, session: Session) -> Iterator[dict[str, Any]]:
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]], path: Path) -> int:
-    """Write rows to `path` atomically (a temp file renamed into place); returns the count."""
+    """Write rows to `path` atomically (a temp file renamed into place); returns the count.
+    A path that cannot be a file (a folder, a file or a link to nothing where a folder goes,
+    no permission) raises InvalidInput naming it, and leaves no temp file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InvalidInput(f"{path} is a folder: give the file to write, e.g. "
+                           f"{path / 'rows.jsonl'}")
     tmp = path.with_suffix(path.suffix + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
+    try:
+        make_folder(path.parent)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        tmp.replace(path)
+    except OSError as exc:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write {path}: {exc.strerror if exc.filename else exc}") \
+            from exc
     return n
 
 

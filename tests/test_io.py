@@ -118,6 +118,33 @@ def test_cli_usage_errors(tmp_path):
     assert cli("--help").returncode == 0
 
 
+def test_export_names_an_output_it_cannot_write_and_leaves_nothing_behind(tmp_path):
+    assert cli("import", str(write_lines(tmp_path / "in.jsonl", GOOD))).returncode == 0
+    w = tmp_path / "w"  # the default store (CHAT_DATA_DIR) is beside it
+    w.mkdir()
+    (w / "a-file").write_text("kept")
+    (w / "out").mkdir()
+    (w / "gone").symlink_to(tmp_path / "unmounted")
+    for args, says in [
+            (["--votes-out", str(w / "out")], f"{w / 'out'} is a folder"),
+            (["--votes-out", str(w / "a-file" / "v.jsonl")],
+             f"{w / 'a-file'} is a file, not a folder"),
+            (["--pairs-out", str(w / "gone" / "p.jsonl")],
+             f"{w / 'gone'} is a link to {tmp_path / 'unmounted'}, which does not exist"),
+            (["--votes-out", str(w / "both.jsonl"), "--pairs-out", f"{w}/./both.jsonl"],
+             "the pairs would overwrite the votes")]:
+        done = cli("export", *args)
+        assert done.returncode == 1 and says in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    # nothing written, made or left half-written
+    assert sorted(p.name for p in w.iterdir()) == ["a-file", "gone", "out"]
+    assert (w / "a-file").read_text() == "kept" and not any((w / "out").iterdir())
+    assert not (tmp_path / "unmounted").exists()
+    # a folder that is missing is made, as before
+    assert cli("export", "--votes-out", str(w / "new" / "v.jsonl")).returncode == 0
+    assert len((w / "new" / "v.jsonl").read_text().splitlines()) == 3
+
+
 def test_each_exported_prompt_has_the_system_prompt_its_reply_was_written_under(db_url):
     """Changing the system prompt mid-conversation must not rewrite older replies' prompts."""
     with db.transaction(write=True, url=db_url) as s:

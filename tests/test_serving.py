@@ -388,6 +388,7 @@ def test_rollback_to_a_path_is_refused_by_the_cli(tiny_model):
 def test_a_data_folder_in_the_way_is_named_not_a_bare_file_exists(data_dir, tmp_path,
                                                                    monkeypatch):
     from serving.model import embedded_checkpoint
+    from training.evaluate import Kept
 
     # its models folder a link to a disk that is not there: the embedded model's conversion
     # and the base's GGUF name the link and where it points
@@ -400,11 +401,35 @@ def test_a_data_folder_in_the_way_is_named_not_a_bare_file_exists(data_dir, tmp_
                 f"which does not exist")):
             make()
     assert not (tmp_path / "unmounted").exists()  # nothing made behind the link
+    # the rounds' own folders: the lock's and schedule's a link to nothing, the reports' a file
+    def training(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training", *command], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    (data_dir / "training").symlink_to(tmp_path / "unmounted" / "training")
+    for command in ("run", "schedule", "prepare"):
+        done = training(command)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{data_dir / 'training'} is a link to {tmp_path / 'unmounted'}" in done.stderr
+    (data_dir / "training").unlink()
+    (data_dir / "reports").write_text("not a folder")
+    done = training("run")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{data_dir / 'reports'} is a file, not a folder" in done.stderr
+    (data_dir / "reports").unlink()
+    # the gate's kept replies and log-probabilities: their folder a link to nothing
+    (data_dir / "training").mkdir(exist_ok=True)  # made by the run above
+    (data_dir / "training" / "gate_cache").symlink_to(tmp_path / "unmounted" / "gate")
+    kept = Kept(data_dir / "training" / "gate_cache", "smollm2")
+    kept.values["a"] = 1.0
+    with pytest.raises(NotADirectoryError, match=re.escape(
+            f"{data_dir / 'training' / 'gate_cache'} is a link to")):
+        kept.save()
+    assert not (tmp_path / "unmounted").exists()
     # the versions folder a file: the CLIs say so and exit 1, without a traceback
     (data_dir / "versions").rmdir()  # made, empty, by the Registry above
     (data_dir / "versions").write_text("not a folder")
-    done = subprocess.run([sys.executable, "-m", "training", "rollback", "base"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = training("rollback", "base")
     assert done.returncode == 1, done.stderr
     assert f"{data_dir / 'versions'} is a file, not a folder" in done.stderr
     assert "Traceback" not in done.stderr

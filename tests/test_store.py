@@ -265,6 +265,18 @@ def test_an_unusable_database_url_is_one_clear_line_in_the_cli(url):
     assert "CHAT_DATABASE_URL" in done.stderr and "secret" not in done.stderr
 
 
+def test_a_sqlite_folder_in_the_way_is_named_and_nothing_is_made(tmp_path):
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+    (tmp_path / "a-file").write_text("kept")
+    for folder, says in ((tmp_path / "gone", "is a link to"),
+                         (tmp_path / "a-file", "is a file, not a folder")):
+        with pytest.raises(StoreUnavailable, match="folder cannot be made") as caught:
+            with db.transaction(url=f"sqlite:///{folder / 'feedback.db'}"):
+                pass
+        assert f"{folder} {says}" in caught.value.detail
+    assert not (tmp_path / "unmounted").exists() and (tmp_path / "a-file").read_text() == "kept"
+
+
 def test_sixteen_processes_opening_a_blank_database_all_succeed(tmp_path):
     """First use races: every process migrates under BEGIN IMMEDIATE, so none fails with
     'database is locked' and the schema is made once."""

@@ -78,6 +78,7 @@ from pathlib import Path
 
 import torch
 
+from feedback.config import make_folder
 from serving.chat import split_system
 from serving.config import GenerationSettings
 from serving.hardware import autocast, resolve_dtype
@@ -164,7 +165,7 @@ class Kept:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.values))
         os.replace(tmp, self.path)

@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from feedback.config import make_folder
 from serving.config import data_dir
 
 
@@ -23,7 +24,7 @@ class RoundBusy(Exception):
 
 def lock_path() -> Path:
     path = data_dir() / "training" / "round.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     return path
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from feedback.config import make_folder
 from serving.backends import backend_setting, open_engine
 from serving.config import ServingConfig, data_dir
 from serving.gguf_export import NotConvertible
@@ -63,8 +64,7 @@ def new_round_id() -> str:
 
 def reports_dir() -> Path:
     path = data_dir() / "reports"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_folder(path)
 
 
 def run_round(cfg: RoundConfig | None = None, *, log=print,
@@ -175,7 +175,7 @@ def prepare_judge(registry: Registry, base_source: str, tokenizer, train: Feedba
     if not pairs:
         return none("no pairs to train on (no preference pairs, and votes of one label only)")
     checked = check_sample(heldout, cfg.reward.check_conversations, cfg.gate.seed)
-    judge_dir(registry).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(judge_dir(registry).parent)
     made = Path(tempfile.mkdtemp(prefix="judge.", dir=judge_dir(registry).parent))
     try:
         judge, summary = train_reward_model(
@@ -280,7 +280,7 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
                   "heldout": heldout.counts, "train": train.counts}
         path = prepared_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from feedback import store
 from feedback.db import transaction
+from feedback.config import make_folder
 from serving.config import data_dir
 from serving.registry import Registry
 from training.config import RoundConfig
@@ -24,7 +25,7 @@ from training.round import (BUSY, LIKED_ENOUGH, PROMOTED, REJECTED, prepare_gate
 
 def state_path() -> Path:
     path = data_dir() / "training" / "schedule.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     return path
 
 
