@@ -93,7 +93,14 @@ def base_name(setting: str | None = None) -> str:
     if setting == EMBEDDED:
         return EMBEDDED_NAME
     path = Path(setting).expanduser()
-    return path.name if path.exists() else setting.replace("/", "--")
+    if path.exists():
+        return path.name
+    # a hub id is "name" or "owner/name"; anything else is a folder that is not there
+    if setting.startswith(("/", ".", "~")) or setting.count("/") > 1:
+        raise ModelUnavailable(f"CHAT_MODEL is {setting!r}, a folder that does not exist: set "
+                               f"it to a local transformers folder, a hub id where the network "
+                               f"allows, or unset it for the embedded model.")
+    return setting.replace("/", "--")
 
 
 def resolve_base(setting: str | None = None, root: Path | None = None) -> tuple[str, str]:

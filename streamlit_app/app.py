@@ -15,6 +15,8 @@ from feedback.config import data_dir
 from feedback.errors import FeedbackError
 from serving.config import GenerationSettings, model_setting
 from serving.backends import follow_current, open_engine
+from serving.hardware import BadSetting
+from serving.model import ModelUnavailable
 from serving.registry import Registry
 from serving.setting import help_of, limits
 from streamlit_app import keys
@@ -42,8 +44,18 @@ def get_in_flight(data: str) -> InFlight:
 
 
 st.set_page_config(page_title="Chat", page_icon="💬")
-engine = get_engine(model_setting(), str(data_dir()))
-serving_problem = Registry().current_problem()  # for the operator: CURRENT is unusable
+try:
+    engine = get_engine(model_setting(), str(data_dir()))
+    serving_problem = Registry().current_problem()  # for the operator: CURRENT is unusable
+except (ModelUnavailable, BadSetting, OSError) as exc:
+    # what the operator set cannot serve (a model not found, a data folder behind a link to
+    # nothing, a setting out of range): said on the page, not as a traceback; nothing was
+    # cached, so the page tries again on the next load once it is fixed
+    st.title("💬 Chat")
+    st.error(f"The chat cannot start: {exc}")
+    st.caption("The operator fixes this where the app runs (its settings are in the README), "
+               "then this page works on the next load.")
+    st.stop()
 
 
 def chat() -> ChatSession:

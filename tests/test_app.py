@@ -221,6 +221,32 @@ def test_an_unreachable_database_is_said_on_the_page(tiny_model, monkeypatch):
     assert "127.0.0.1" not in shown and "nobody" not in shown  # no connection details
 
 
+@pytest.mark.parametrize("wrong", ["data folder a link to nothing", "backend", "model"])
+def test_a_setting_that_cannot_serve_is_said_on_the_page_until_it_is_fixed(
+        tiny_model, tmp_path, monkeypatch, wrong):
+    if wrong == "backend":
+        monkeypatch.setenv("CHAT_BACKEND", "llama")
+        says = "CHAT_BACKEND must be one of"
+    elif wrong == "model":
+        monkeypatch.setenv("CHAT_MODEL", str(tmp_path / "no-such-model"))
+        says = "a folder that does not exist"
+    else:
+        monkeypatch.setenv("CHAT_DATA_DIR", str(tmp_path / "gone"))
+        (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+        says = f"{tmp_path / 'gone'} is a link to {tmp_path / 'unmounted'}, which does not exist"
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    assert says in at.error[0].value and "The chat cannot start" in at.error[0].value
+    assert not at.chat_input and not (tmp_path / "unmounted").exists()
+    # fixed where the app runs: the next load serves, nothing of the failure kept
+    monkeypatch.setenv("CHAT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CHAT_MODEL", str(tiny_model))
+    monkeypatch.delenv("CHAT_BACKEND", raising=False)
+    at = open_page()
+    assert not at.error and at.chat_input
+
+
 def test_replies_render_as_markdown_with_nothing_executable(tiny_model):
     """A reply (here an edit, the one way to put chosen text in the model's turn) keeps its
     code block, list and table; HTML, directives, LaTeX and non-http links stay text."""
