@@ -34,6 +34,18 @@ def make_folder(path: Path) -> Path:
     return path
 
 
+def output_file(path: Path) -> Path:
+    """`path` checked as a file to write, before any work is done: not a folder, and its folder
+    made (`make_folder`: what is in the way named). Raises IsADirectoryError or
+    NotADirectoryError with a message that says which."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the file to write, e.g. "
+                                f"{path / 'out.jsonl'}")
+    make_folder(path.parent)
+    return path
+
+
 def data_dir() -> Path:
     """The data directory, created on first use (checked before its links are followed: a
     link to nothing is named, not followed to a folder made where the disk should be)."""

@@ -20,7 +20,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from feedback import store
-from feedback.config import make_folder
+from feedback.config import output_file
 from feedback.errors import InvalidInput
 from feedback.jsonl import read_jsonl
 from feedback.models import Conversation, Message, Preference, User, Vote, VoteEvent, utcnow
@@ -245,20 +245,18 @@ def write_jsonl(rows: Iterator[dict[str, Any]], path: Path) -> int:
     A path that cannot be a file (a folder, a file or a link to nothing where a folder goes,
     no permission) raises InvalidInput naming it, and leaves no temp file behind."""
     path = Path(path)
-    if path.is_dir():
-        raise InvalidInput(f"{path} is a folder: give the file to write, e.g. "
-                           f"{path / 'rows.jsonl'}")
     tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
+    n, made = 0, False
     try:
-        make_folder(path.parent)
+        output_file(path)
         with open(tmp, "w", encoding="utf-8") as fh:
+            made = True
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
         tmp.replace(path)
     except OSError as exc:
-        if tmp.parent.is_dir():
+        if made:
             tmp.unlink(missing_ok=True)
         raise InvalidInput(f"cannot write {path}: {exc.strerror if exc.filename else exc}") \
             from exc

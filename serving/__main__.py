@@ -20,6 +20,7 @@ from tqdm import tqdm
 from serving.chat import PromptTooLong
 from serving.config import GenerationSettings, InvalidSettings, ServingConfig
 from serving.model import ModelUnavailable
+from feedback.config import output_file
 from feedback.errors import InvalidInput
 from feedback.jsonl import read_jsonl
 from feedback.store import MAX_MESSAGE_CHARS
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = GenerationSettings(**given(args, SAMPLING)).validate()
         rows = read_conversations(args.inp)
+        output_file(args.out)  # before any reply is generated: nothing written is lost
+        if args.out.resolve() == args.inp.resolve():
+            raise InputError(f"--out is --in ({args.inp}): the replies would overwrite the "
+                             f"conversations they answer; give another file.")
         config = ServingConfig(**{"slots": GENERATE_SLOTS, **given(args, ENGINE)},
                                dtype=resolve_dtype(args.dtype) if args.dtype else "auto")
         engine = open_engine(Registry(), args.version, config, backend=args.backend)
@@ -136,18 +141,28 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         bar = tqdm(total=len(rows), unit="reply", disable=not sys.stderr.isatty(),
                    desc=f"{engine.version} ({engine.kind})")
-        with open(tmp, "w", encoding="utf-8") as fh, bar:
-            for row, reply in zip(rows, replies):
-                reply.wait()
-                bar.update()
-                tokens = sum(r.n_tokens for r in replies)
-                bar.set_postfix_str(f"{tokens / max(time.monotonic() - start, 1e-9):.0f} tok/s")
-                fh.write(json.dumps({
-                    "id": row["id"], "messages": row["messages"], "reply": reply.text,
-                    "model_version": reply.version, "finish_reason": reply.finish_reason,
-                    "trimmed": reply.trimmed, "generation_settings": reply.settings.to_dict(),
-                }, ensure_ascii=False) + "\n")
-        tmp.replace(args.out)
+        made = False
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh, bar:
+                made = True
+                for row, reply in zip(rows, replies):
+                    reply.wait()
+                    bar.update()
+                    tokens = sum(r.n_tokens for r in replies)
+                    bar.set_postfix_str(
+                        f"{tokens / max(time.monotonic() - start, 1e-9):.0f} tok/s")
+                    fh.write(json.dumps({
+                        "id": row["id"], "messages": row["messages"], "reply": reply.text,
+                        "model_version": reply.version, "finish_reason": reply.finish_reason,
+                        "trimmed": reply.trimmed,
+                        "generation_settings": reply.settings.to_dict(),
+                    }, ensure_ascii=False) + "\n")
+            tmp.replace(args.out)
+        except OSError as exc:  # a disk full, say: no half-written file left behind
+            if made:
+                tmp.unlink(missing_ok=True)
+            print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
+            return 1
     finally:
         engine.close()
     tokens = sum(r.n_tokens for r in replies)

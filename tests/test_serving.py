@@ -171,6 +171,20 @@ def test_generate_cli_batches_and_records_the_version(tiny_model, tmp_path):
                          timeout=300)
     assert bad.returncode == 1 and "line 2" in bad.stderr
 
+    # an output it cannot write is named before any reply is generated, and nothing is lost
+    src.write_text(json.dumps(conv("ok")) + "\n")
+    (tmp_path / "a-file").write_text("kept")
+    for out, says in [(tmp_path, f"{tmp_path} is a folder"),
+                      (tmp_path / "a-file" / "out.jsonl", f"{tmp_path / 'a-file'} is a file"),
+                      (tmp_path / "." / "in.jsonl", "the replies would overwrite")]:
+        bad = subprocess.run([sys.executable, "-m", "serving", "generate", "--in", str(src),
+                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert bad.returncode == 1 and says in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert src.read_text() == json.dumps(conv("ok")) + "\n"
+    assert (tmp_path / "a-file").read_text() == "kept" and not list(tmp_path.glob("*.tmp"))
+
 
 def test_registry_current_moves_atomically_and_defaults_to_base(tiny_model):
     reg = Registry()
