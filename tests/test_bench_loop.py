@@ -9,8 +9,8 @@ import sqlite3
 
 import pytest
 
-from bench import (a_check, b_budget, b_sample, ceiling, gate_replay, judge_lr, reasons,
-                   reply_batching, variants)
+from bench import (a_check, b_budget, b_forms, b_sample, ceiling, gate_replay, judge_lr,
+                   reasons, reply_batching, variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
 
@@ -68,7 +68,11 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
          "unknown setting 'gate.judged'"),
         (b_budget.main, ["--results", str(tmp_path / "none.json")], "cannot read"),
         (reply_batching.main, ["--questions", "0", "--out", str(tmp_path / "batching")],
-         "--questions must be at least 1")]
+         "--questions must be at least 1"),
+        (b_forms.main, ["--results", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")],
+         "is not a folder of results"),
+        (b_forms.main, ["--results", str(tmp_path), "--out", str(tmp_path / "b.json")],
+         "no loop.json")]
     for command, argv, message in cases:
         with pytest.raises(SystemExit) as exited:
             command(argv)
@@ -263,6 +267,32 @@ def test_reasons_bench_trains_both_judges_on_the_same_votes(tiny_model, tmp_path
     assert plain["steps"] == margin["steps"] == 2 and plain["pairs"] == margin["pairs"]
     assert plain["pairs_with_margin"] == 0
     assert -1 <= row["auc_difference"]["low"] <= row["auc_difference"]["high"] <= 1
+
+
+def test_b_forms_counts_each_measured_round_once_by_its_change(tmp_path, capsys):
+    """`bench.b_forms`: a promoted round's change is the next approval, a rejected one's its
+    measured candidate's; a round without its candidate measured, or kept twice, is left out;
+    each form of (b) decides by the gate's rule."""
+    def rnd(candidate, decision, a, direction, size, **extra):
+        return {"training": {"decision": decision, "candidate": candidate, "gate": {
+            "a_difference": {"p_better": a}, "b_direction": {"p_better": direction},
+            "b_difference": {"p_better": size}}}, **extra}
+    row = {"approval": [0.2, 0.6, 0.6, 0.6],
+           "rounds": [rnd("r1", "promoted", 0.5, 0.5, 0.99),  # +40: only the size shows it
+                      rnd("r2", "rejected", 0.85, 0.85, 0.85,  # +5: pooled 0.93 either way
+                          rejected_candidate={"approval": 0.65}),
+                      rnd("r3", "rejected", 0.1, 0.99, 0.1)]}  # not measured: left out
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "loop.json").write_text(json.dumps({"users": {"u": row}}))
+    out = tmp_path / "b_forms.json"
+    assert b_forms.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    kept = json.loads(out.read_text())
+    assert [(r["round"], round(r["change"], 2)) for r in kept["rounds"]] == [(1, 0.4), (2, 0.05)]
+    by = {t["change"]: t for t in kept["table"]}
+    assert (by["+30 or more"]["direction"], by["+30 or more"]["size"]) == (0, 1)
+    assert by["at most +5"]["direction"] == by["at most +5"]["size"] == 1
+    assert "2 recorded rounds" in capsys.readouterr().out
 
 
 def test_the_ceiling_replay_adds_up_a_versions_votes_and_counts_a_run_once(tmp_path, capsys):
