@@ -293,6 +293,10 @@ def test_no_round_trains_while_users_like_nearly_all_the_serving_versions_replie
     ([1, 2], "must be a JSON object"),
     ("{not json", "is not valid JSON"),
     (None, "--max-minutes must be above 0"),
+    (["schedule", "--min-new-votes", "0"], "--min-new-votes must be at least 1"),
+    (["schedule", "--interval-minutes", "-1"], "--interval-minutes must be a finite number"),
+    (["schedule", "--interval-minutes", "nan"], "--interval-minutes must be a finite number"),
+    (["schedule", "--max-checks", "0"], "--max-checks must be at least 1"),
 ])
 def test_a_wrong_round_config_is_a_usage_error_naming_the_field(tiny_model, tmp_path, config,
                                                                  says):
@@ -300,6 +304,8 @@ def test_a_wrong_round_config_is_a_usage_error_naming_the_field(tiny_model, tmp_
     path = tmp_path / "round.json"
     if config is None:
         done = training_cli("run", "--max-minutes", "0")
+    elif isinstance(config, list) and config[0] == "schedule":  # refused before any check
+        done = training_cli(*config)
     else:
         path.write_text(config if isinstance(config, str) else json.dumps(config))
         done = training_cli("run", "--config", str(path))

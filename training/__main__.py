@@ -111,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             return run_round(round_config(args), log=echo, started=STARTED).exit_code
         if args.command == "schedule":
             from training.schedule import run_schedule
+            for flag, value, bad, rule in (
+                    ("--min-new-votes", args.min_new_votes, args.min_new_votes < 1,
+                     "at least 1"),
+                    ("--interval-minutes", args.interval_minutes,
+                     not 0 < args.interval_minutes < float("inf"), "a finite number above 0"),
+                    ("--max-checks", args.max_checks,
+                     args.max_checks is not None and args.max_checks < 1, "at least 1")):
+                if bad:  # before any check: a wrong flag never loops or runs a round
+                    raise ConfigError(f"{flag} must be {rule}, not {value}.")
             return run_schedule(round_config(args), min_new_votes=args.min_new_votes,
                                 interval_s=args.interval_minutes * 60,
                                 max_checks=args.max_checks, prepare=not args.no_prepare,
