@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from feedback import store
-from feedback.db import transaction
 from feedback.config import make_folder
+from feedback.db import transaction
 from serving.config import data_dir
 from serving.registry import Registry
 from training.config import RoundConfig
