@@ -10,11 +10,12 @@ expects, calibrated on held-out votes, candidate minus current). Every `loop.jso
 and what the candidate did for its user on the unseen test prompts (the served approval after a
 promoted round, a rejected candidate's own where `--measure-rejected` measured it). For each
 form of (b), the direction, the size, and both pooled, this counts by how much the candidate
-raised approval the rounds the gate's rule would call better: (a) or (b) alone with its interval
-above no change (a one-sided confidence above 0.975 at the gate's 95%), or both pooled (`training.stats.pooled`) at `pooled_confidence`. Recorded gates ran
-the code of their day ((a)'s form changed in session 21), so this compares the forms of (b) on
-the same rounds, not today's gate; (c) is left out. Rows of a run kept in two folders are
-counted once. Reads only; a benchmark of a rule, not a test.
+raised approval the rounds the gate's rule would call better: (a) or (b) alone with its
+interval above no change (a one-sided confidence above 0.975 at the gate's 95%), or both
+pooled (`training.stats.pooled`) at `pooled_confidence`. Recorded gates ran the code of their
+day ((a)'s form changed in session 21), so this compares the forms of (b) on the same rounds,
+not today's gate; (c) is left out. Rows of a run kept in two folders are counted once. Reads
+only; a benchmark of a rule, not a test.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Shared by `python -m feedback import` and `python -m serving generate`. A line that is not
 UTF-8, not JSON, nested too deep, holds an integer too long to convert, or a string with a
 lone surrogate (`"\\ud800"`, which no database can store) is refused with its line number;
-nothing is read past a refusal, so callers can stay all-or-nothing.
+nothing is read past a refusal, so callers can stay all-or-nothing. A UTF-8 byte-order mark
+opening the file is skipped (JSON allows a reader to), anywhere else it is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
-                line = raw.decode("utf-8")
+                # a byte-order mark opening the file (Windows tools write one) is not data
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise InvalidInput(f"line {lineno}: not UTF-8 text (byte {exc.start + 1}); "
                                    "save the file as UTF-8.") from None

@@ -118,6 +118,17 @@ def test_cli_usage_errors(tmp_path):
     assert cli("--help").returncode == 0
 
 
+def test_a_byte_order_mark_opening_the_file_is_skipped_elsewhere_refused(tmp_path):
+    lines = [json.dumps(r).encode() for r in GOOD]
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + b"\xef\xbb\xbf" + lines[1] + b"\n")
+    done = cli("import", str(src))  # a BOM inside the file: refused, nothing imported
+    assert done.returncode == 1 and "line 2" in done.stderr and "BOM" in done.stderr
+    src.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")  # as Windows writes it
+    done = cli("import", str(src))
+    assert done.returncode == 0 and "2 conversations" in done.stdout, done.stderr
+
+
 def test_export_names_an_output_it_cannot_write_and_leaves_nothing_behind(tmp_path):
     assert cli("import", str(write_lines(tmp_path / "in.jsonl", GOOD))).returncode == 0
     w = tmp_path / "w"  # the default store (CHAT_DATA_DIR) is beside it
