@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from serving.config import GenerationSettings, InvalidSettings, ServingConfig
 from serving.model import ModelUnavailable
 from feedback.config import output_file
 from feedback.errors import InvalidInput
+from feedback.io import write_jsonl
 from feedback.jsonl import read_jsonl
 from feedback.store import MAX_MESSAGE_CHARS
 from serving.backends import BACKEND_ENV, BACKENDS
@@ -138,30 +138,24 @@ def main(argv: list[str] | None = None) -> int:
             except PromptTooLong as exc:
                 print(f"error: conversation {row['id']}: {exc}", file=sys.stderr)
                 return 1
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         bar = tqdm(total=len(rows), unit="reply", disable=not sys.stderr.isatty(),
                    desc=f"{engine.version} ({engine.kind})")
-        made = False
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh, bar:
-                made = True
-                for row, reply in zip(rows, replies):
-                    reply.wait()
-                    bar.update()
-                    tokens = sum(r.n_tokens for r in replies)
-                    bar.set_postfix_str(
-                        f"{tokens / max(time.monotonic() - start, 1e-9):.0f} tok/s")
-                    fh.write(json.dumps({
-                        "id": row["id"], "messages": row["messages"], "reply": reply.text,
-                        "model_version": reply.version, "finish_reason": reply.finish_reason,
-                        "trimmed": reply.trimmed,
-                        "generation_settings": reply.settings.to_dict(),
-                    }, ensure_ascii=False) + "\n")
-            tmp.replace(args.out)
-        except OSError as exc:  # a disk full, say: no half-written file left behind
-            if made:
-                tmp.unlink(missing_ok=True)
-            print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
+
+        def written():  # each reply as it finishes, in the input's order
+            for row, reply in zip(rows, replies):
+                reply.wait()
+                bar.update()
+                tokens = sum(r.n_tokens for r in replies)
+                bar.set_postfix_str(f"{tokens / max(time.monotonic() - start, 1e-9):.0f} tok/s")
+                yield {"id": row["id"], "messages": row["messages"], "reply": reply.text,
+                       "model_version": reply.version, "finish_reason": reply.finish_reason,
+                       "trimmed": reply.trimmed, "generation_settings": reply.settings.to_dict()}
+
+        try:  # written whole or not at all (a disk full, say: no half-written file left)
+            with bar:
+                write_jsonl(written(), args.out)
+        except InvalidInput as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
     finally:
         engine.close()
