@@ -1351,6 +1351,31 @@ def test_b_goes_by_the_judges_direction_and_vetoes_only_a_loss_of_approval_it_ex
         Calibration.of((1.0, 2.0), (True, True), **stats)
 
 
+@pytest.mark.parametrize("answers, reply, counts", [
+    (["4", "four"], "2 + 2 = 4.", True),
+    (["4", "four"], "Two plus two is four", True),
+    (["4", "four"], "1. Add them\n2. Count\n3. Check\n4. Done", False),  # a list's numbering
+    (["4", "four"], "**4.** Done", False),
+    (["4", "four"], "In 2024, 14 of 40 said", False),  # inside other numbers
+    (["0", "zero"], "It read 10.0 in 2020", False),
+    (["0", "zero"], "It freezes at 0\u00b0C.", True),
+    (["25"], "about 2.25", False),
+    (["ice"], "That's a nice price", False),  # inside other words
+    (["ice"], "Frozen water is called ice.", True),
+    (["red", "blue", "yellow"], "It is considered covered", False),
+    (["au"], "because the author said", False),
+    (["au"], "Its symbol is Au.", True),
+    (["sun"], "sunlight on Sunday", False),
+    (["whale"], "Blue whales are the largest", True),  # a plural
+    (["delhi"], "The capital is New Delhi.", True),
+    (["h2o"], "Its formula is H\u2082O.", True),  # Unicode's subscript two
+    (["thames"], "- **The Thames** flows", True),  # a bullet's words still count
+])
+def test_a_regression_answer_counts_only_as_a_whole_word_or_number(answers, reply, counts):
+    from training.evaluate import answered
+    assert answered({"question": "?", "answers": answers}, reply) is counts
+
+
 def test_the_regression_set_is_large_enough_to_see_the_loss_retention_forbids():
     from training.config import GateConfig
     from training.evaluate import load_regression_set

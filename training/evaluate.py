@@ -67,12 +67,14 @@ candidate's alone, and what it saves goes to more questions, votes and prompts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
 import re
 import time
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,7 +87,7 @@ from serving.hardware import autocast, resolve_dtype
 from serving.model import LoadedModel
 from training.config import GateConfig
 from training.dataset import FeedbackData, fluency_failure
-from training.stats import (Calibration, approval_difference, auc, auc_difference,
+from training.stats import (Calibration, Interval, approval_difference, auc, auc_difference,
                             paired_mean, pooled, sign_test, win_share)
 
 REGRESSION_SET = Path(__file__).resolve().parent / "regression_set.jsonl"
@@ -95,9 +97,31 @@ def load_regression_set(path: Path = REGRESSION_SET) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# A list's own numbering or bullet at the start of a line ("1. ", "**2.** ", "- "): not an
+# answer, so a reply in a numbered list does not answer "What is 2 + 2?" with its fourth item.
+_LIST_MARKER = re.compile(r"^[ \t>]*[*_]{0,2}(?:\d+[.)]|[-*+\u2022])[*_]{0,2}[ \t]+", re.M)
+
+
+@functools.cache
+def _answer_pattern(answer: str) -> re.Pattern:
+    """An answer as a whole word or number: no letter or digit on either side, no decimal
+    point joining it to more digits, and a word may take a plural ending."""
+    plural = "(?:e?s)?" if answer[-1].isalpha() else ""
+    return re.compile(rf"(?<!\w)(?<!\d[.,]){re.escape(answer)}{plural}(?!\w)(?![.,]\d)")
+
+
 def answered(item: dict, reply: str) -> bool:
-    """Whether `reply` answers the regression item: it holds one of its (lower-case) answers."""
-    return any(a in reply.lower() for a in item["answers"])
+    """Whether `reply` answers the regression item: it holds one of its (lower-case) answers as
+    a whole word or number, its list markers aside (`_LIST_MARKER`), after Unicode's
+    compatibility folding ("H\u2082O" is "h2o").
+
+    Until session 43 any substring counted: "ice" in "nice" or "price", "red" in "considered",
+    "au" in "because", "0" in "2020", "4" in a list's "4.". Nearly every reply of some length
+    answered those questions for both versions, so they told nothing; and a wordier candidate
+    gained answers by its length alone, which hid part of what it forgot (`python -m
+    bench.c_match` replays kept gates both ways)."""
+    text = _LIST_MARKER.sub(" ", unicodedata.normalize("NFKC", reply).lower())
+    return any(_answer_pattern(a).search(text) for a in item["answers"])
 
 
 def mean_logps(loaded: LoadedModel, rows: list[dict]) -> list[float]:
@@ -605,9 +629,8 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     cand_ok = [answered(it, r) for it, r in zip(items, cand_replies)]
     pairs_for_fluency += [(fluency_failure(o), fluency_failure(c))
                           for o, c in zip(cur_replies, cand_replies)]
-    diff = paired_mean([int(c) - int(o) for c, o in zip(cand_ok, cur_ok)], **stats)
+    diff, allowed, accuracy_ok = accuracy_verdict(cur_ok, cand_ok, cfg)
     cur_acc = sum(cur_ok) / len(items)
-    allowed = (1 - cfg.min_retention) * cur_acc
     c = checks["c_regression"]
     c.update({
         "current": {"correct": sum(cur_ok), "accuracy": cur_acc},
@@ -628,11 +651,6 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
                     "candidate_failures": sum(n is not None for _, n in pairs_for_fluency),
                     "only_candidate": worse_fluency, "only_current": better_fluency,
                     "p_value": p_fluency}
-    # Worse: a loss outside the noise (interval wholly below zero) and beyond the allowed one
-    # (its estimate). Requiring the whole interval below the allowed loss, as until session
-    # 15, passed a candidate answering 82 of 120 against 94 ([-0.183, -0.017]): a loss shown,
-    # 2.5 times the allowed one, and not provably beyond it.
-    accuracy_ok = not _loss_shown(diff, allowed)
     fluency_ok = p_fluency >= cfg.fluency_significance
     c["verdict"] = "passed" if accuracy_ok and fluency_ok else "worse"
     c["why"] = (f"accuracy {c['candidate']['correct']}/{len(items)} vs "
@@ -649,6 +667,20 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     return {"checks": checks, "pooled": together, "passed": passed, "enforced": cfg.enforce,
             "improved": improved, "seconds": round(time.monotonic() - start, 1),
             "replies_kept": {k.version: k.hits for k in kept}}
+
+
+def accuracy_verdict(cur_ok: list[bool], cand_ok: list[bool],
+                     cfg: GateConfig) -> tuple[Interval, float, bool]:
+    """(c)'s accuracy on the same questions: the per-question difference with its interval,
+    the allowed loss (1 - `min_retention` of the current accuracy), and whether it passes.
+    Worse: a loss outside the noise (interval wholly below zero) and beyond the allowed one
+    (its estimate). Requiring the whole interval below the allowed loss, as until session 15,
+    passed a candidate answering 82 of 120 against 94 ([-0.183, -0.017]): a loss shown, 2.5
+    times the allowed one, and not provably beyond it."""
+    diff = paired_mean([int(c) - int(o) for c, o in zip(cand_ok, cur_ok)],
+                       confidence=cfg.confidence, samples=cfg.bootstrap_samples, seed=cfg.seed)
+    allowed = (1 - cfg.min_retention) * sum(cur_ok) / len(cur_ok)
+    return diff, allowed, not _loss_shown(diff, allowed)
 
 
 def decide(checks: dict, cfg: GateConfig) -> tuple[dict, bool, bool]:
