@@ -1,7 +1,7 @@
 """(c)'s regression answers matched as the gate matches them now and as it did before session 43.
 
     python -m bench.c_match --store <a bench.loop user's data folder> [--store ...]
-        [--out bench/results/c_match]
+        [--answer] [--out bench/results/c_match]
 
 Nothing is run on a model: every gate kept both versions' greedy replies to the regression
 questions (`<data>/training/gate_cache/<version>.<engine>.replies.json`). For each round in the
@@ -16,12 +16,21 @@ only the current; gained: only the candidate), the retention, the gate's accurac
 one-sided sign test on the lost and gained questions. Also counted: the replies that
 "answered" the old way only, per version (what a reply's length bought). Prints a line per
 round and writes `c_match.json` (rows keyed by store and round; rows of other stores kept).
+
+With `--answer`, every question of today's set instead (240 since session 43, where the
+gates above asked at most 120): each version's missing replies are written first, greedy
+through its own engine as the gate asks them (about 0.4 s a reply on 2 cores), kept in the
+store's gate cache like a gate's own; the row also reads (c) on the first 40, 80, ...
+questions (`by_questions`: what a gate whose time allows that many would have seen). Output:
+`c_match_all.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 
@@ -51,9 +60,32 @@ def judged(items: list[dict], current: list[str], candidate: list[str], match, c
             "accuracy_passes": ok, "sign_test_p": sign_test(lost, gained)}
 
 
-def gates(store: Path) -> list[dict]:
+def answer_all(store: Path, versions: tuple[str, ...], questions: list, cfg) -> None:
+    """Each version's greedy replies to every regression question it has not answered yet,
+    through its serving engine (as the gate asks them), kept in the store's gate cache."""
+    from serving.backends import open_engine
+    from serving.registry import Registry
+    from training.evaluate import ReplyCache
+    os.environ["CHAT_DATA_DIR"] = str(store)
+    registry = Registry()
+    for version in versions:
+        engine = open_engine(registry, version)
+        try:
+            kept = ReplyCache(store / "training" / "gate_cache", version, engine,
+                              cfg.repetition_penalty)
+            missing = kept.unkept(questions, cfg.reply_max_new_tokens)
+            t = time.monotonic()
+            kept.answers(questions, cfg.reply_max_new_tokens)
+            kept.save()
+            print(f"{version}: {missing} replies written in {time.monotonic() - t:.0f}s")
+        finally:
+            engine.close()
+
+
+def gates(store: Path, answer: bool = False) -> list[dict]:
     """One row per round of `store` whose gate asked regression questions both versions'
-    kept replies answer."""
+    kept replies answer: the questions its gate asked, or with `answer` every question of
+    today's set (the replies missing written first)."""
     from training.config import RoundConfig, as_ran
     from training.evaluate import ReplyCache, answered, regression_questions
 
@@ -70,22 +102,30 @@ def gates(store: Path) -> list[dict]:
             continue
         cfg = RoundConfig.from_dict(as_ran(report["config"])).gate
         versions = report["current_version"], report["round"]
+        if answer:
+            answer_all(store, versions, questions, cfg)
         kept = [replies_of(cache, v) for v in versions]
         if None in kept:
             print(f"{store} {report['round']}: a version's kept replies are gone, skipped")
             continue
         keys = ReplyCache(None, "", Engine(), cfg.repetition_penalty)
-        asked = [keys._key(q, cfg.reply_max_new_tokens, None) for q in questions[:c["questions"]]]
+        asked = [keys._key(q, cfg.reply_max_new_tokens, None)
+                 for q in (questions if answer else questions[:c["questions"]])]
         if not all(k in r for k in asked for r in kept):
             print(f"{store} {report['round']}: not every question's replies are kept, skipped")
             continue
         current, candidate = ([r[k] for k in asked] for r in kept)
         items = regression[:len(asked)]
         row = {"store": str(store), "round": report["round"], "current": versions[0],
-               "questions": len(items), "decision": report["decision"],
+               "questions": len(items), "gate_questions": c["questions"],
+               "decision": report["decision"],
                "gate_c": c["verdict"],
                "before": judged(items, current, candidate, substring, cfg),
                "now": judged(items, current, candidate, answered, cfg)}
+        if answer:  # (c) as a gate reads it when its time allows the first n questions
+            row["by_questions"] = {
+                n: judged(items[:n], current[:n], candidate[:n], answered, cfg)
+                for n in range(40, len(items) + 1, 40)}
         row["only_before"] = {
             name: sum(substring(it, r) and not answered(it, r) for it, r in zip(items, replies))
             for name, replies in (("current", current), ("candidate", candidate))}
@@ -110,18 +150,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--store", type=Path, action="append", required=True,
                         help="a bench.loop user's data folder (repeatable)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "c_match")
+    parser.add_argument("--answer", action="store_true",
+                        help="every question of today's set, each version's missing replies "
+                             "written through its engine first (about 0.5 s a reply)")
     args = parser.parse_args(argv)
     for store in args.store:
         if not (store / "reports").is_dir() or not (store / "training" / "gate_cache").is_dir():
             parser.error(f"{store} holds no reports and training/gate_cache folders: give a "
                          "bench.loop user's data folder, e.g. bench/results/loop/tips/data")
-    path = args.out / "c_match.json"
+    path = args.out / ("c_match_all.json" if args.answer else "c_match.json")
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = {}
     for store in args.store:
-        rows = gates(store)
+        rows = gates(store, args.answer)
         results = {k: v for k, v in results.items() if not k.startswith(f"{store}:")}
         results.update({f"{store}:{r['round']}": r for r in rows})
         for r in rows:
