@@ -84,53 +84,58 @@ def answer_all(store: Path, versions: tuple[str, ...], questions: list, cfg) -> 
 
 def gates(store: Path, answer: bool = False) -> list[dict]:
     """One row per round of `store` whose gate asked regression questions both versions'
-    kept replies answer: the questions its gate asked, or with `answer` every question of
-    today's set (the replies missing written first)."""
+    kept replies answer (`gate_row`)."""
+    rows = []
+    for path in sorted((store / "reports").glob("r*.json")):
+        row = gate_row(store, json.loads(path.read_text()), answer)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def gate_row(store: Path, report: dict, answer: bool = False) -> dict | None:
+    """(c) of one round's report read both ways: on the questions its gate asked, or with
+    `answer` on every question of today's set (the replies missing written first). None where
+    the round reached no gate or a version's replies are gone."""
     from training.config import RoundConfig, as_ran
     from training.evaluate import ReplyCache, answered, regression_questions
 
     class Engine:  # the cache's key needs only the engine's kind, not an engine
         kind = "any"
 
-    cache = store / "training" / "gate_cache"
+    c = ((report.get("gate") or {}).get("checks") or {}).get("c_regression") or {}
+    if "questions" not in c:
+        return None
     regression, questions = regression_questions()
-    rows = []
-    for path in sorted((store / "reports").glob("r*.json")):
-        report = json.loads(path.read_text())
-        c = ((report.get("gate") or {}).get("checks") or {}).get("c_regression") or {}
-        if "questions" not in c:
-            continue
-        cfg = RoundConfig.from_dict(as_ran(report["config"])).gate
-        versions = report["current_version"], report["round"]
-        if answer:
-            answer_all(store, versions, questions, cfg)
-        kept = [replies_of(cache, v) for v in versions]
-        if None in kept:
-            print(f"{store} {report['round']}: a version's kept replies are gone, skipped")
-            continue
-        keys = ReplyCache(None, "", Engine(), cfg.repetition_penalty)
-        asked = [keys._key(q, cfg.reply_max_new_tokens, None)
-                 for q in (questions if answer else questions[:c["questions"]])]
-        if not all(k in r for k in asked for r in kept):
-            print(f"{store} {report['round']}: not every question's replies are kept, skipped")
-            continue
-        current, candidate = ([r[k] for k in asked] for r in kept)
-        items = regression[:len(asked)]
-        row = {"store": str(store), "round": report["round"], "current": versions[0],
-               "questions": len(items), "gate_questions": c["questions"],
-               "decision": report["decision"],
-               "gate_c": c["verdict"],
-               "before": judged(items, current, candidate, substring, cfg),
-               "now": judged(items, current, candidate, answered, cfg)}
-        if answer:  # (c) as a gate reads it when its time allows the first n questions
-            row["by_questions"] = {
-                n: judged(items[:n], current[:n], candidate[:n], answered, cfg)
-                for n in range(40, len(items) + 1, 40)}
-        row["only_before"] = {
-            name: sum(substring(it, r) and not answered(it, r) for it, r in zip(items, replies))
-            for name, replies in (("current", current), ("candidate", candidate))}
-        rows.append(row)
-    return rows
+    cfg = RoundConfig.from_dict(as_ran(report["config"])).gate
+    versions = report["current_version"], report["round"]
+    if answer:
+        answer_all(store, versions, questions, cfg)
+    kept = [replies_of(store / "training" / "gate_cache", v) for v in versions]
+    if None in kept:
+        print(f"{store} {report['round']}: a version's kept replies are gone, skipped")
+        return None
+    keys = ReplyCache(None, "", Engine(), cfg.repetition_penalty)
+    asked = [keys._key(q, cfg.reply_max_new_tokens, None)
+             for q in (questions if answer else questions[:c["questions"]])]
+    if not all(k in r for k in asked for r in kept):
+        print(f"{store} {report['round']}: not every question's replies are kept, skipped")
+        return None
+    current, candidate = ([r[k] for k in asked] for r in kept)
+    items = regression[:len(asked)]
+    row = {"store": str(store), "round": report["round"], "current": versions[0],
+           "questions": len(items), "gate_questions": c["questions"],
+           "decision": report["decision"], "gate_c": c["verdict"],
+           "before": judged(items, current, candidate, substring, cfg),
+           "now": judged(items, current, candidate, answered, cfg)}
+    if answer:  # (c) as a gate reads it when its time allows the first n questions
+        row["by_questions"] = {
+            n: judged(items[:n], current[:n], candidate[:n], answered, cfg)
+            for n in range(40, len(items) + 1, 40)}
+    row["only_before"] = {
+        name: sum(substring(it, r) and not answered(it, r) for it, r in zip(items, replies))
+        for name, replies in (("current", current), ("candidate", candidate))}
+    return row
 
 
 def line(r: dict) -> str:

@@ -12,7 +12,9 @@ learns only from that user):
   2. a round of votes: replies to training prompts from `serving`, each voted with a reason chip
      into the `feedback` store as that user (some users also regenerate and pick);
   3. the real `python -m training run` (its gate decides), timed, with its peak memory;
-  4. back to 1 with whatever version is now current.
+  4. off the round's clock: the candidate and the version it started from on every regression
+     question (`--no-retention` skips it; the gate asks as many as its time allows);
+  5. back to 1 with whatever version is now current.
 Prompts: `bench/prompts.jsonl` (310, written for the project); `id % 5 == 0` are test prompts,
 the rest training prompts. Writes `loop.json` and `loop.png` (approval per round per user) into
 the output folder after every round (a run stopped midway keeps the rounds it finished) and
@@ -205,6 +207,7 @@ def run_training_round(round_config: dict | None, max_minutes: float) -> dict:
             "peak_rss_mb": round(max([done["peak_rss_mb"],
                                       *(report.get("peak_mb") or {}).values()])),
             "decision": report.get("decision"), "candidate": report.get("round"),
+            "current": report.get("current_version"),
             "message": report.get("message"), "timings_s": report.get("timings_s"),
             "peak_mb": report.get("peak_mb"),
             "gate": _gate_summary(report.get("gate")), "tuning": report.get("tuning"),
@@ -265,6 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="before each round, `python -m training prepare` (the serving "
                         "version's half of the gate, off the round's clock, as `training "
                         "schedule` does between rounds; timed in the row)")
+    parser.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
+                        help="after each round that reached its gate, both versions' answers "
+                        "to every regression question, off the round's clock (the gate asks "
+                        "as many as its time allows; ~1 min a round: most are kept)")
     parser.add_argument("--report", action="store_true",
                         help="only print the table and redraw the plot from loop.json")
     parser.add_argument("--compare", nargs="+", metavar="LABEL=FOLDER",
@@ -382,6 +389,16 @@ def main(argv: list[str] | None = None) -> dict:
                           f"{auc:.2f} by the user's thumbs; where the user's approval of the "
                           f"two versions differs, it leans the user's way on {check['agrees']} "
                           f"of {check['of']} prompts", flush=True)
+            if args.retention and training.get("gate"):
+                t = time.monotonic()
+                full = retention_all(data)
+                if full:
+                    row["rounds"][-1]["retention_all"] = {
+                        **full, "seconds": round(time.monotonic() - t, 1)}
+                    print(f"{name}: round {r + 1}: the candidate answers {full['candidate']} of "
+                          f"{full['questions']} regression questions against "
+                          f"{full['current']} ({full['retention']:.0%}; lost {full['lost']}, "
+                          f"gained {full['gained']})", flush=True)
             serving = after
             print(f"{name}: round {r + 1}: {counts['votes']} votes ({counts['liked']} liked, "
                   f"{counts['picks']} picks), training {training['decision']} in "
@@ -391,6 +408,18 @@ def main(argv: list[str] | None = None) -> dict:
         save()  # --rounds 0: the base model's approval alone
     print_table(results)
     return results
+
+
+def retention_all(data: Path) -> dict | None:
+    """The latest round's candidate against the version it started from on every regression
+    question (`bench.c_match`: the replies its gate and `prepare` kept, the rest written
+    now): correct counts, lost and gained, retention, the gate's accuracy check and a sign
+    test. The gate's own (c) asks as many as its time allows; this asks them all, so a
+    round's retention is read on the same questions whatever its gate had time for."""
+    from bench.c_match import gate_row
+    reports = sorted((data / "reports").glob("r*.json"))
+    row = gate_row(data, json.loads(reports[-1].read_text()), answer=True) if reports else None
+    return {"questions": row["questions"], **row["now"]} if row else None
 
 
 def earlier_users(path: Path, rerun: list[str]) -> dict:
@@ -453,9 +482,9 @@ def plot(results: dict, path: Path) -> None:
         if tried:  # what a rejected candidate would have scored: hollow, not joined
             ax.scatter(*zip(*tried), marker="o", facecolors="none",
                        edgecolors=line.lines[0].get_color(), s=60)
-        retained = [(i + 1 + shift, 100 * r["training"]["gate"]["c_retention"],
-                     r["training"]["decision"] == "promoted") for i, r in enumerate(row["rounds"])
-                    if (r["training"].get("gate") or {}).get("c_retention") is not None]
+        retained = [(i + 1 + shift, 100 * retention, r["training"]["decision"] == "promoted")
+                    for i, r in enumerate(row["rounds"])
+                    if (retention := retention_of(r)) is not None]
         for served in (True, False):  # each round's candidate: filled served, hollow rejected
             points = [(x, y) for x, y, s in retained if s == served]
             if points:
@@ -473,8 +502,9 @@ def plot(results: dict, path: Path) -> None:
     kept.set_xticks(range(1, measured))
     kept.set_xlabel("round")
     kept.set_ylabel("regression retention (%)")
-    kept.set_title("Regression retention of each round's candidate\n"
-                   "filled: promoted, hollow: rejected", fontsize=10)
+    kept.set_title("Regression retention of each round's candidate\n(every question "
+                   "where measured, else the gate's); filled: promoted, hollow: rejected",
+                   fontsize=10)
     kept.grid(alpha=0.3)
     fig.tight_layout()
     # under the figure: inside the axes, some corner always hid a line or a rejected candidate
@@ -483,8 +513,21 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend under the figure included
 
 
+def retention_of(rnd: dict) -> float | None:
+    """A round's regression retention: on every question where measured (`retention_all`,
+    since session 43), else on those its gate asked."""
+    full = rnd.get("retention_all")
+    return full["retention"] if full else (rnd["training"].get("gate") or {}).get("c_retention")
+
+
 def _pct(v: float | None) -> str:
     return f"{v:.0%}" if v is not None else "-"
+
+
+def all_questions(rnd: dict | None) -> str:
+    """The table's retention on every regression question: '94% of 240', or '-'."""
+    full = (rnd or {}).get("retention_all")
+    return f"{full['retention']:.0%}/{full['questions']}" if full else "-"
 
 
 def print_table(results: dict) -> None:
@@ -492,12 +535,13 @@ def print_table(results: dict) -> None:
     decision and minutes, each stage's seconds, the judge's held-out AUC and pair accuracy, its
     AUC on both versions' test replies by the user's thumbs and how often it leaned the user's
     way where the user's approval of them differed (`judge_on_test`), the synthetic pairs, the
-    tuning steps, peak memory and regression retention. A rejected candidate's own approval,
+    tuning steps, peak memory and regression retention (the gate's, and on every question where
+    measured). A rejected candidate's own approval,
     where measured, follows its row; the machine that ran it, where the row says, ends it."""
     w = max([11, *map(len, results["users"])])
     print(f"\n{'user':<{w}} {'rnd':>3} {'approval before -> after (95%)':<34} {'decision':>9} "
           f"{'min':>5} {'RM s':>5} {'AUC':>5} {'pairacc':>7} {'on test':>10} {'synth':>9} "
-          f"{'tune':>11} {'gate':>5} {'peak MB':>8} {'retain':>6}")
+          f"{'tune':>11} {'gate':>5} {'peak MB':>8} {'retain':>6} {'all Qs':>10}")
     for name, row in results["users"].items():
         ivs = row.get("approval_interval") or [[None, None]] * len(row["approval"])
 
@@ -526,7 +570,7 @@ def print_table(results: dict) -> None:
                   f"{synth.get('pairs', 0):>3}/{times.get('synthetic', 0):>3.0f}s "
                   f"{times.get('tuning', 0):>4.0f}s/{tuning.get('steps', 0):>2} st "
                   f"{times.get('gate', 0):>4.0f}s {t.get('peak_rss_mb', 0):>8} "
-                  f"{_pct(gate.get('c_retention')):>6}")
+                  f"{_pct(gate.get('c_retention')):>6} {all_questions(rnd):>10}")
             if rnd and rnd.get("rejected_candidate"):
                 cand = rnd["rejected_candidate"]
                 lo, hi = cand["approval_interval"]

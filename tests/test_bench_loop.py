@@ -13,6 +13,7 @@ from bench import (a_check, b_budget, b_forms, b_sample, ceiling, gate_replay, j
                    reasons, reply_batching, variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
+from training.evaluate import load_regression_set
 
 FAST_ROUND = {"tune": {"max_steps": 2, "batch_size": 4, "bf16": False},
               "reward": {"max_steps": 2, "batch_size": 4},
@@ -131,6 +132,15 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
             assert check["auc"] is None or 0 <= check["auc"]["estimate"] <= 1
         else:
             assert "judge_on_test" not in r
+        if t.get("gate"):  # both versions on every regression question, off the round's clock
+            full = r["retention_all"]
+            assert full["questions"] == len(load_regression_set()) >= t["gate"]["c_questions"]
+            assert full["candidate"] - full["current"] == full["gained"] - full["lost"]
+            assert t["gate"]["c_correct"][0] <= full["current"] <= full["questions"]
+            assert full["retention"] == (full["candidate"] / full["current"]
+                                         if full["current"] else 1.0)
+        else:
+            assert "retention_all" not in r
 
     # two round configs trained on the same votes (a copy each: the loop's store is untouched)
     store = out / "concise" / "data"
