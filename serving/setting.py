@@ -34,6 +34,8 @@ class Allowed:
             return value in self.choices
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return self.low is None and self.high is None  # a number's range, not a number
+        if value != value:  # NaN compares false both ways: it would pass any range
+            return self.low is None and self.high is None
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         if self.high is not None and (value > self.high
@@ -134,8 +136,21 @@ def add_flags(parser, klass, names: list[str], *, rename: dict[str, str] | None 
         help = f"{f.metadata.get('help', '')} (" + (f"{a.describe()}; " if constrained else "") \
             + f"default {default!r})"
         convert = {"int": int, "float": float, "str": str, "int | None": int}.get(kind, str)
-        parser.add_argument(flag, dest=name, type=convert, default=None, help=help,
-                            choices=allowed(klass, name).choices, metavar=shown.upper())
+        parser.add_argument(flag, dest=name, type=_checked(convert, a), default=None, help=help,
+                            choices=a.choices, metavar=shown.upper())
+
+
+def _checked(convert, a: Allowed):
+    """`convert` for argparse, then the setting's allowed values: a value outside them is a
+    usage error naming the flag ("argument --max-new-tokens: must be in [1, 2048], not 0"),
+    where it used to reach the command as the field's name. Choices are argparse's own."""
+    def parse(text: str):
+        value = convert(text)  # a ValueError: argparse's "invalid int value: 'x'"
+        if a.choices is None and not a.admits(value):
+            raise argparse.ArgumentTypeError(f"must be {a.describe()}, not {value!r}")
+        return value
+    parse.__name__ = convert.__name__
+    return parse
 
 
 def given(args: argparse.Namespace, names: list[str]) -> dict:

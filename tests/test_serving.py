@@ -185,6 +185,17 @@ def test_generate_cli_batches_and_records_the_version(tiny_model, tmp_path):
     assert src.read_text() == json.dumps(conv("ok")) + "\n"
     assert (tmp_path / "a-file").read_text() == "kept" and not list(tmp_path.glob("*.tmp"))
 
+    # a setting out of its range is a usage error naming the flag, before anything is read
+    for flag, value, says in [("--max-new-tokens", "0", "must be in [1, 2048], not 0"),
+                              ("--temperature", "nan", "must be in [0, 2], not nan"),
+                              ("--top-p", "1.5", "must be in (0, 1], not 1.5"),
+                              ("--slots", "0", "must be in [1, 256], not 0"),
+                              ("--seed", "x", "invalid int value: 'x'")]:
+        bad = subprocess.run([sys.executable, "-m", "serving", "generate", "--in", "missing",
+                              "--out", str(tmp_path / "o.jsonl"), flag, value], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and f"argument {flag}: {says}" in bad.stderr, bad.stderr
+
 
 def test_registry_current_moves_atomically_and_defaults_to_base(tiny_model):
     reg = Registry()

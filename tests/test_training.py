@@ -292,7 +292,8 @@ def test_no_round_trains_while_users_like_nearly_all_the_serving_versions_replie
     ({"data": {"min_disliked_share": -0.1}}, "data.min_disliked_share must be in [0, 1]"),
     ([1, 2], "must be a JSON object"),
     ("{not json", "is not valid JSON"),
-    (None, "--max-minutes must be above 0"),
+    ('{"tune": {"learning_rate": NaN}}', "tune.learning_rate must be"),  # JSON's NaN: no range
+    (None, "argument --max-minutes: must be above 0"),
     (["schedule", "--min-new-votes", "0"], "--min-new-votes must be at least 1"),
     (["schedule", "--interval-minutes", "-1"], "--interval-minutes must be a finite number"),
     (["schedule", "--interval-minutes", "nan"], "--interval-minutes must be a finite number"),

@@ -34,9 +34,10 @@ no check decides on a difference inside its own noise.
     replies): what users are served, where one greedy reply can hide what a version does.
     Only for a judge its round trusts: one at chance has no direction to count, and its
     greedy replies leave (a) the time.
-(c) What the model knew: `regression_set.jsonl` (120 short questions with known answers,
-    shipped here; at 40 a candidate answering 28 against 33 was inside the noise) answered
-    the same way; the per-question accuracy difference may not show a loss (its interval
+(c) What the model knew: `regression_set.jsonl` (240 short questions with known answers,
+    shipped here; at 40 a candidate answering 28 against 33 was inside the noise, and at 120
+    one candidate's retention read 88% where all 240 read 94%) answered the same way, an
+    answer counting as a whole word or number (`answered`); the per-question accuracy difference may not show a loss (its interval
     wholly below zero) whose estimate is beyond the allowed one (1 - `min_retention` of the
     current accuracy), and the candidate's extra empty or looping replies (over (b)'s and
     (c)'s replies) must not be significant by a sign test. Without the penalty, greedy
@@ -52,7 +53,8 @@ votes neither check alone saw a candidate that raised the example user's approva
 while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
 The gate works to a deadline: (c) asks at least `min_regression_questions` and more while
-`regression_share` of the time allows (all 120 once the serving version's replies are kept),
+`regression_share` of the time allows (about 150 of the 240 in a 10-minute round on 2 cores
+with the serving version's replies kept),
 and after (a) and (b) more while the rest of the time allows;
 (a) scores held-out votes, both labels alternating, while half the time left allows (at least
 `min_heldout_votes`); votes that earlier gates scored go first, their base and serving-version
@@ -482,9 +484,9 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
     # always, then 20 at a time while its share of the gate's time allows, and after (a) and
     # (b) more while the gate's time allows (in a prepared round's first gate (a) and (b) ran
     # out of votes and prompts with a third of the time left). The serving version's replies
-    # are usually kept, so later gates answer all 120 with the candidate alone; the first gate
-    # answers for both models, and on a slow CPU the whole set would leave (b) and (a) little
-    # time.
+    # are usually kept (by `prepare`, or the gate that promoted it), so a gate writes only the
+    # candidate's; the first gate answers for both models, and on a slow CPU the whole set
+    # would leave (b) and (a) little time.
     regression, questions = regression_questions()
     cur_replies, cand_replies = [], []
     pace: list[float] = []  # (c)'s seconds per reply to write, carried to its second pass
