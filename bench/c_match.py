@@ -3,10 +3,10 @@
     python -m bench.c_match --store <a bench.loop user's data folder> [--store ...]
         [--answer] [--out bench/results/c_match]
 
-Nothing is run on a model: every gate kept both versions' greedy replies to the regression
-questions (`<data>/training/gate_cache/<version>.<engine>.replies.json`). For each round in the
-store's reports that reached its gate, the questions that gate asked (its first N, in the set's
-order) are matched two ways:
+Without `--answer` nothing is run on a model: every gate kept both versions' greedy replies to
+the regression questions (`<data>/training/gate_cache/<version>.<engine>.replies.json`). For
+each round in the store's reports that reached its gate, the questions that gate asked (its
+first N, in the set's order) are matched two ways:
 - before: any substring of the reply, lower-cased, was an answer ("ice" in "nice", "4" in a
   list's "4.");
 - now: `training.evaluate.answered`, whole words and numbers, list markers aside.
@@ -17,8 +17,8 @@ one-sided sign test on the lost and gained questions. Also counted: the replies 
 "answered" the old way only, per version (what a reply's length bought). Prints a line per
 round and writes `c_match.json` (rows keyed by store and round; rows of other stores kept).
 
-With `--answer`, every question of today's set instead (240 since session 43, where the
-gates above asked at most 120): each version's missing replies are written first, greedy
+With `--answer`, every question of today's set instead (240 since session 43; the gates
+before it asked at most 120): each version's missing replies are written first, greedy
 through its own engine as the gate asks them (about 0.4 s a reply on 2 cores), kept in the
 store's gate cache like a gate's own; the row also reads (c) on the first 40, 80, ...
 questions (`by_questions`: what a gate whose time allows that many would have seen). Output:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "c_match")
     parser.add_argument("--answer", action="store_true",
                         help="every question of today's set, each version's missing replies "
-                             "written through its engine first (about 0.5 s a reply)")
+                             "written through its engine first (about 0.4 s a reply)")
     args = parser.parse_args(argv)
     for store in args.store:
         if not (store / "reports").is_dir() or not (store / "training" / "gate_cache").is_dir():

@@ -525,7 +525,7 @@ def _pct(v: float | None) -> str:
 
 
 def all_questions(rnd: dict | None) -> str:
-    """The table's retention on every regression question: '94% of 240', or '-'."""
+    """The table's retention on every regression question ('94%/240'), or '-'."""
     full = (rnd or {}).get("retention_all")
     return f"{full['retention']:.0%}/{full['questions']}" if full else "-"
 

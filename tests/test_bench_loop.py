@@ -9,8 +9,8 @@ import sqlite3
 
 import pytest
 
-from bench import (a_check, b_budget, b_forms, b_sample, ceiling, gate_replay, judge_lr,
-                   reasons, reply_batching, variants)
+from bench import (a_check, b_budget, b_forms, b_sample, c_match, ceiling, gate_replay,
+                   judge_lr, reasons, reply_batching, variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
 from training.evaluate import load_regression_set
@@ -142,8 +142,32 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         else:
             assert "retention_all" not in r
 
-    # two round configs trained on the same votes (a copy each: the loop's store is untouched)
+    # (c) read again from the replies its gates kept: two ways on the questions each gate
+    # asked, and on every question (all kept now, by the loop's own retention above)
     store = out / "concise" / "data"
+    gated = [r for r in row["rounds"] if r["training"].get("gate")]
+    for answer in (False, True):
+        found = c_match.main(["--store", str(store), "--out", str(tmp_path / "c")]
+                             + ["--answer"] * answer)
+        assert len(found) == len(gated)
+        for r, got in zip(gated, sorted(found.values(), key=lambda g: g["round"])):
+            assert got["round"] == r["training"]["candidate"]
+            assert got["questions"] == (len(load_regression_set()) if answer
+                                        else r["training"]["gate"]["c_questions"])
+            if answer:
+                assert {k: got["now"][k] for k in ("current", "candidate", "lost", "gained")} \
+                    == {k: r["retention_all"][k] for k in ("current", "candidate", "lost",
+                                                             "gained")}
+            else:  # the gate's own reading of its questions, by today's matcher
+                assert [got["now"]["current"], got["now"]["candidate"]] == \
+                    r["training"]["gate"]["c_correct"]
+            assert 0 <= got["before"]["current"] <= got["questions"]  # the old matcher too
+    assert json.loads((tmp_path / "c" / "c_match_all.json").read_text()) == \
+        json.loads(json.dumps(found))  # what it returned is what it wrote
+    with pytest.raises(SystemExit):  # not a loop's data folder: named, nothing read
+        c_match.main(["--store", str(tmp_path), "--out", str(tmp_path / "c")])
+
+    # two round configs trained on the same votes (a copy each: the loop's store is untouched)
     votes_before = store_votes(store)
     found = variants.main(["--user", "concise", "--store", str(store), "--variants",
                            json.dumps({"a": {}, "b lr": {"tune": {"learning_rate": 1e-3}}}),
