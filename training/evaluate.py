@@ -37,10 +37,11 @@ no check decides on a difference inside its own noise.
 (c) What the model knew: `regression_set.jsonl` (240 short questions with known answers,
     shipped here; at 40 a candidate answering 28 against 33 was inside the noise, and at 120
     one candidate's retention read 88% where all 240 read 94%) answered the same way, an
-    answer counting as a whole word or number (`answered`); the per-question accuracy difference may not show a loss (its interval
-    wholly below zero) whose estimate is beyond the allowed one (1 - `min_retention` of the
-    current accuracy), and the candidate's extra empty or looping replies (over (b)'s and
-    (c)'s replies) must not be significant by a sign test. Without the penalty, greedy
+    answer counting as a whole word or number (`answered`); the per-question accuracy
+    difference may not show a loss (its interval wholly below zero) whose estimate is beyond
+    the allowed one (1 - `min_retention` of the current accuracy), and the candidate's extra
+    empty or looping replies (over (b)'s and (c)'s replies) must not be significant by a sign
+    test. Without the penalty, greedy
     decoding loops far more than what users are served (temperature 0.7, penalty 1.1), and
     the bold user's +23 candidate was rejected for loops of bold-term lists the page would
     not show as often.
@@ -53,7 +54,7 @@ votes neither check alone saw a candidate that raised the example user's approva
 while both leaned its way (about 0.87 and 0.85, pooled 0.94).
 
 The gate works to a deadline: (c) asks at least `min_regression_questions` and more while
-`regression_share` of the time allows (about 150 of the 240 in a 10-minute round on 2 cores
+`regression_share` of the time allows (140-160 of the 240 in a 10-minute round on 2 cores
 with the serving version's replies kept),
 and after (a) and (b) more while the rest of the time allows;
 (a) scores held-out votes, both labels alternating, while half the time left allows (at least
