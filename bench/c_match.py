@@ -23,6 +23,13 @@ through its own engine as the gate asks them (about 0.4 s a reply on 2 cores), k
 store's gate cache like a gate's own; the row also reads (c) on the first 40, 80, ...
 questions (`by_questions`: what a gate whose time allows that many would have seen). Output:
 `c_match_all.json`.
+
+With `--cap N`, each kept reply is first cut to its first N tokens (the candidate's own
+tokenizer): what (c) would read with `gate.reply_max_new_tokens` N (96 by default) without
+generating again, since a greedy reply with a shorter cap is the longer one's beginning (but
+for the rare reply the batch's arithmetic changes, `bench.reply_batching`). The row also counts
+the replies' tokens in full and within the cap: the decoding a shorter cap saves. Output:
+`c_match_capN.json` (`c_match_all_capN.json` with `--answer`).
 """
 
 from __future__ import annotations
@@ -82,18 +89,19 @@ def answer_all(store: Path, versions: tuple[str, ...], questions: list, cfg) -> 
             engine.close()
 
 
-def gates(store: Path, answer: bool = False) -> list[dict]:
+def gates(store: Path, answer: bool = False, cap: int | None = None) -> list[dict]:
     """One row per round of `store` whose gate asked regression questions both versions'
     kept replies answer (`gate_row`)."""
     rows = []
     for path in sorted((store / "reports").glob("r*.json")):
-        row = gate_row(store, json.loads(path.read_text()), answer)
+        row = gate_row(store, json.loads(path.read_text()), answer, cap)
         if row is not None:
             rows.append(row)
     return rows
 
 
-def gate_row(store: Path, report: dict, answer: bool = False) -> dict | None:
+def gate_row(store: Path, report: dict, answer: bool = False,
+             cap: int | None = None) -> dict | None:
     """(c) of one round's report read both ways: on the questions its gate asked, or with
     `answer` on every question of today's set (the replies missing written first). None where
     the round reached no gate or a version's replies are gone."""
@@ -123,11 +131,20 @@ def gate_row(store: Path, report: dict, answer: bool = False) -> dict | None:
         return None
     current, candidate = ([r[k] for k in asked] for r in kept)
     items = regression[:len(asked)]
+    tokens = None
+    if cap is not None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(store / "versions" / report["round"] / "model")
+        ids = [[tok(r, add_special_tokens=False)["input_ids"] for r in side]
+               for side in (current, candidate)]
+        current, candidate = ([tok.decode(x[:cap]) for x in side] for side in ids)
+        tokens = {"cap": cap, "all": sum(len(x) for side in ids for x in side),
+                  "within_cap": sum(min(len(x), cap) for side in ids for x in side)}
     row = {"store": str(store), "round": report["round"], "current": versions[0],
            "questions": len(items), "gate_questions": c["questions"],
            "decision": report["decision"], "gate_c": c["verdict"],
            "before": judged(items, current, candidate, substring, cfg),
-           "now": judged(items, current, candidate, answered, cfg)}
+           "now": judged(items, current, candidate, answered, cfg), "tokens": tokens}
     if answer:  # (c) as a gate reads it when its time allows the first n questions
         row["by_questions"] = {
             n: judged(items[:n], current[:n], candidate[:n], answered, cfg)
@@ -144,10 +161,12 @@ def line(r: dict) -> str:
         return (f"{name} {m['candidate']} vs {m['current']} ({m['retention']:.0%}; "
                 f"-{m['lost']} +{m['gained']}, p {m['sign_test_p']:.3f}, "
                 f"{'passes' if m['accuracy_passes'] else 'WORSE'})")
-    extra = r["only_before"]
+    extra, tokens = r["only_before"], r.get("tokens")
+    cut = (f"; cut to {tokens['cap']} tokens: {tokens['within_cap']} of {tokens['all']} "
+           "tokens kept" if tokens else "")
     return (f"{Path(r['store']).parent.name} {r['round']}, {r['questions']} questions: "
             f"{one('before')}; {one('now')}; substring-only answers: candidate "
-            f"{extra['candidate']}, current {extra['current']}")
+            f"{extra['candidate']}, current {extra['current']}{cut}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,18 +177,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--answer", action="store_true",
                         help="every question of today's set, each version's missing replies "
                              "written through its engine first (about 0.4 s a reply)")
+    parser.add_argument("--cap", type=int, metavar="N",
+                        help="each kept reply cut to its first N tokens first: (c) at a "
+                             "shorter reply cap, without generating again")
     args = parser.parse_args(argv)
+    if args.cap is not None and args.cap < 1:
+        parser.error(f"--cap must be at least 1, not {args.cap}")
     for store in args.store:
         if not (store / "reports").is_dir() or not (store / "training" / "gate_cache").is_dir():
             parser.error(f"{store} holds no reports and training/gate_cache folders: give a "
                          "bench.loop user's data folder, e.g. bench/results/loop/tips/data")
-    path = args.out / ("c_match_all.json" if args.answer else "c_match.json")
+    name = "c_match_all" if args.answer else "c_match"
+    path = args.out / (f"{name}_cap{args.cap}.json" if args.cap else f"{name}.json")
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = {}
     for store in args.store:
-        rows = gates(store, args.answer)
+        rows = gates(store, args.answer, args.cap)
         results = {k: v for k, v in results.items() if not k.startswith(f"{store}:")}
         results.update({f"{store}:{r['round']}": r for r in rows})
         for r in rows:

@@ -164,8 +164,16 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
             assert 0 <= got["before"]["current"] <= got["questions"]  # the old matcher too
     assert json.loads((tmp_path / "c" / "c_match_all.json").read_text()) == \
         json.loads(json.dumps(found))  # what it returned is what it wrote
-    with pytest.raises(SystemExit):  # not a loop's data folder: named, nothing read
-        c_match.main(["--store", str(tmp_path), "--out", str(tmp_path / "c")])
+    # the same replies cut to their first 2 tokens: what a shorter reply cap would read
+    cut = c_match.main(["--store", str(store), "--out", str(tmp_path / "c"), "--cap", "2"])
+    assert cut.keys() == found.keys()
+    for k, got in cut.items():
+        assert got["tokens"]["cap"] == 2 and got["tokens"]["within_cap"] <= 2 * 2 * \
+            got["questions"] and got["tokens"]["within_cap"] <= got["tokens"]["all"]
+    assert json.loads((tmp_path / "c" / "c_match_cap2.json").read_text()) == cut
+    for bad in (["--store", str(tmp_path)], ["--store", str(store), "--cap", "0"]):
+        with pytest.raises(SystemExit):  # not a loop's data folder, or no tokens: named
+            c_match.main([*bad, "--out", str(tmp_path / "c")])
 
     # two round configs trained on the same votes (a copy each: the loop's store is untouched)
     votes_before = store_votes(store)
