@@ -18,7 +18,7 @@ from pathlib import Path
 
 STARTED = time.monotonic()  # `run --max-minutes` counts from here: the imports take seconds
 
-from serving.setting import add_flags, check_value, given
+from serving.setting import add_flags, given
 from training.config import ConfigError, RoundConfig, TuneConfig
 
 RUN_EXIT_CODES = """exit codes:
@@ -87,13 +87,10 @@ def round_config(args) -> RoundConfig:
             raise ConfigError(f"{args.config} is not valid JSON: {exc}") from exc
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from exc
-    # the flags override the file; each checked against its one declaration
-    for section, klass, names in ((cfg, RoundConfig, ["max_minutes"]),
-                                  (cfg.tune, TuneConfig, ["method", "full_finetune"])):
+    # the flags override the file; `add_flags` checked each against its declaration
+    for section, names in ((cfg, ["max_minutes"]), (cfg.tune, ["method", "full_finetune"])):
         for name, value in given(args, names).items():
-            flag = "--" + name.replace("_", "-")
-            setattr(section, name, check_value(klass, name, value, error=ConfigError,
-                                               label=flag))
+            setattr(section, name, value)
     return cfg
 
 
