@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", default="", help="round ids, comma-separated (default: all)")
     parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt")
     parser.add_argument("--max-prompts", type=int, default=16)
-    parser.add_argument("--user", help="the simulated user (default: the store's folder, USER/data)")
+    parser.add_argument("--user",
+                        help="the simulated user (default: the store's folder, USER/data)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "b_sample")
     args = parser.parse_args(argv)
     from bench.users import make_users, unknown_users

@@ -8,11 +8,12 @@ cores. This trains the judge of one round of a `bench.loop` store (the first tha
 `--round`) again on the same pairs, from the same base checkpoint and seed, in the same time
 (the round's own reward-model seconds, or `--seconds`; as in the round, the learning-rate
 schedule spans the whole epoch and the clock stops it, so the rate stays near its setting),
-once per learning rate, and checks each on the round's own held-out sample (`training.synthetic.check_sample`, `judge_quality`): the AUC on
-held-out votes with its 95% interval, whether the round would trust it (interval above 0.5),
-the held-out pair accuracy and the training loss (a Bradley-Terry loss near ln 2 = 0.693 has
-learned nothing). Writes `judge_lr.json` (keyed by store and round; other rows kept). A
-benchmark, not a test: it reads the store and writes nothing there.
+once per learning rate, and checks each on the round's own held-out sample
+(`training.synthetic.check_sample`, `judge_quality`): the AUC on held-out votes with its 95%
+interval, whether the round would trust it (interval above 0.5), the held-out pair accuracy and
+the training loss (a Bradley-Terry loss near ln 2 = 0.693 has learned nothing). Writes
+`judge_lr.json` (keyed by store and round; other rows kept). A benchmark, not a test: it reads
+the store and writes nothing there.
 """
 
 from __future__ import annotations

@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
         engine.close()
     report["decode_ceiling"] = decode_ceiling(model.path, model.tokenizer, args.flash_attention)
     if args.generate_rows:  # as `python -m serving generate` runs: its default 16 slots
-        batch_engine = open_engine(registry, config=ServingConfig(slots=16, flash_attention=args.flash_attention),
-                                    backend="llama.cpp")
+        batch_engine = open_engine(
+            registry, config=ServingConfig(slots=16, flash_attention=args.flash_attention),
+            backend="llama.cpp")
         try:
             report["generate"] = generate_rows(batch_engine, args.generate_rows, settings)
         finally:

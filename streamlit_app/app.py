@@ -64,7 +64,7 @@ def chat() -> ChatSession:
                        unsaved=ss.setdefault(keys.UNSAVED_VOTES, {}))
 
 
-# ---- actions (widget callbacks): each binds a widget to one ChatSession call ----------------------
+# ---- actions (widget callbacks): each binds a widget to one ChatSession call ---------------------
 
 def acting(action: str, *args, **kwargs) -> bool:
     """Run a ChatSession action; its refusal is shown at the top of the next run."""

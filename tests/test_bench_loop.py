@@ -289,7 +289,8 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert (out / "loop.png").stat().st_size > 0
     # one user's rows from several runs, side by side under labels, running nothing
     side = tmp_path / "side"
-    both = main(["--users", "concise", "--compare", f"now={out}", f"then={out}", "--out", str(side)])
+    both = main(["--users", "concise", "--compare", f"now={out}", f"then={out}",
+                 "--out", str(side)])
     assert both["users"] == {"now": again, "then": again}
     assert json.loads((side / "loop.json").read_text()) == both and (side / "loop.png").is_file()
     for user, entry in (("concise", str(out)), ("concise", f"x={tmp_path / 'nothing'}"),

@@ -1,4 +1,5 @@
-"""`ChatSession`, the user's actions the page and the loop benchmark share, on a real SQLite file."""
+"""`ChatSession`, the user's actions the page and the loop benchmark share, on a real SQLite
+file."""
 
 from __future__ import annotations
 
