@@ -1,14 +1,15 @@
 """Would today's gate decide a store's past rounds the same? Replays each round's gate.
 
     python -m bench.gate_replay --store bench/results/loop/structured/data [--rounds R1,R2]
-        [--gate NAME=VALUE ...] [--out bench/results/gate_replay]
+        [--gate NAME=VALUE ...] [--extra-seconds S] [--out bench/results/gate_replay]
 
 For each round in the store's reports (oldest first; or those named) that registered a
 candidate: the feedback as it stood when the round began (a copy of the database without the
 conversations created later), the round's own split and gate settings, its own judge (the reward
 model saved with its candidate) and its own time (the gate's seconds in the report) go to
 `training.evaluate.gate`, comparing the versions the round compared, through the same engines;
-`--gate` puts settings over the round's own (today's gate with, say, `judged_samples=2`).
+`--gate` puts settings over the round's own (today's gate with, say, `judged_samples=2`), and
+`--extra-seconds` adds to its time (what a larger `gate_share` would have given it).
 The rounds share one fresh log-probability folder, as a store's own rounds do, so a replay of
 rounds 1 and 2 shows what round 2's (a) gains from round 1's. Prints and writes, per round, the
 original gate's (a) votes, one-sided confidences and decision beside the replay's
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prepare", action="store_true",
                         help="before each gate, what `python -m training prepare` computes of "
                              "its serving version (off its clock): the gate as it runs after it")
+    parser.add_argument("--extra-seconds", type=seconds, default=0.0, metavar="S",
+                        help="seconds added to each round's own gate time (default 0)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gate_replay")
     args = parser.parse_args(argv)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             confidence=cfg.gate.confidence, samples=cfg.gate.bootstrap_samples,
             seed=cfg.gate.seed)
         engines = [open_engine(registry, n) for n in (current_name, candidate_name)]
-        budget = report["timings_s"]["gate"]
+        budget = report["timings_s"]["gate"] + args.extra_seconds
         try:
             prepared = prepare(current=current, base=base, current_engine=engines[0],
                                heldout=heldout, cfg=cfg.gate, log=print,
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
             for engine in engines:
                 engine.close()
         row = {"round": candidate_name, "current": current_name, "budget_s": budget,
+               "extra_s": args.extra_seconds,
                "gate_settings": overrides, "heldout": heldout.counts, "prepared": prepared,
                "original": summary(report["gate"]), "replay": summary(replay)}
         rows.append(row)
@@ -210,6 +214,17 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'passed' if r['passed'] else 'rejected'}", flush=True)
         del current, base, candidate, judge
     return keep_rows(args.out / "gate_replay.json", store_user(args.store), rows, work)
+
+
+def seconds(text: str) -> float:
+    """`--extra-seconds`: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 <= value < float("inf"):  # NaN fails both
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
 
 
 def gate_settings(parser, pairs: list[str]) -> dict:
