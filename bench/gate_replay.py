@@ -223,7 +223,7 @@ def seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
     if not 0 <= value < float("inf"):  # NaN fails both
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+        raise argparse.ArgumentTypeError(f"must be finite and 0 or more, not {text}")
     return value
 
 
