@@ -29,6 +29,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from serving.setting import Allowed, flag_type
+
 
 def store_as_of(db: Path, when: str, copy: Path) -> None:
     """`copy`: the database `db` without the conversations created at or after `when`."""
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prepare", action="store_true",
                         help="before each gate, what `python -m training prepare` computes of "
                              "its serving version (off its clock): the gate as it runs after it")
-    parser.add_argument("--extra-seconds", type=seconds, default=0.0, metavar="S",
+    parser.add_argument("--extra-seconds", default=0.0, metavar="S",
+                        type=flag_type(float, Allowed(low=0.0, high=float("inf"), high_open=True)),
                         help="seconds added to each round's own gate time (default 0)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gate_replay")
@@ -214,17 +217,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'passed' if r['passed'] else 'rejected'}", flush=True)
         del current, base, candidate, judge
     return keep_rows(args.out / "gate_replay.json", store_user(args.store), rows, work)
-
-
-def seconds(text: str) -> float:
-    """`--extra-seconds`: a finite number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
-    if not 0 <= value < float("inf"):  # NaN fails both
-        raise argparse.ArgumentTypeError(f"must be finite and 0 or more, not {text}")
-    return value
 
 
 def gate_settings(parser, pairs: list[str]) -> dict:

@@ -136,11 +136,11 @@ def add_flags(parser, klass, names: list[str], *, rename: dict[str, str] | None 
         help = f"{f.metadata.get('help', '')} (" + (f"{a.describe()}; " if constrained else "") \
             + f"default {default!r})"
         convert = {"int": int, "float": float, "str": str, "int | None": int}.get(kind, str)
-        parser.add_argument(flag, dest=name, type=_checked(convert, a), default=None, help=help,
+        parser.add_argument(flag, dest=name, type=flag_type(convert, a), default=None, help=help,
                             choices=a.choices, metavar=shown.upper())
 
 
-def _checked(convert, a: Allowed):
+def flag_type(convert, a: Allowed):
     """`convert` for argparse, then the setting's allowed values: a value outside them is a
     usage error naming the flag ("argument --max-new-tokens: must be in [1, 2048], not 0"),
     where it used to reach the command as the field's name. Choices are argparse's own."""
