@@ -100,37 +100,48 @@ def gates(store: Path, answer: bool = False, cap: int | None = None) -> list[dic
     return rows
 
 
+def kept_answers(store: Path, versions: tuple[str, ...], cfg, answer: bool = False,
+                 questions: int | None = None) -> tuple[list[dict], list[list[str]]] | str:
+    """The regression items (the first `questions`, default all) and each version's kept
+    greedy replies to them, in order; with `answer` the missing replies are written first.
+    A string saying what is missing where a version's replies are not all kept."""
+    from training.evaluate import ReplyCache, regression_questions
+
+    class Engine:  # the cache's key needs only the engine's kind, not an engine
+        kind = "any"
+
+    regression, asked = regression_questions()
+    asked = asked[:questions]
+    if answer:
+        answer_all(store, versions, asked, cfg)
+    kept = [replies_of(store / "training" / "gate_cache", v) for v in versions]
+    if None in kept:
+        return "a version's kept replies are gone"
+    keys = ReplyCache(None, "", Engine(), cfg.repetition_penalty)
+    asked = [keys._key(q, cfg.reply_max_new_tokens, None) for q in asked]
+    if not all(k in r for k in asked for r in kept):
+        return "not every question's replies are kept"
+    return regression[:len(asked)], [[r[k] for k in asked] for r in kept]
+
+
 def gate_row(store: Path, report: dict, answer: bool = False,
              cap: int | None = None) -> dict | None:
     """(c) of one round's report read both ways: on the questions its gate asked, or with
     `answer` on every question of today's set (the replies missing written first). None where
     the round reached no gate or a version's replies are gone."""
     from training.config import RoundConfig, as_ran
-    from training.evaluate import ReplyCache, answered, regression_questions
-
-    class Engine:  # the cache's key needs only the engine's kind, not an engine
-        kind = "any"
+    from training.evaluate import answered
 
     c = ((report.get("gate") or {}).get("checks") or {}).get("c_regression") or {}
     if "questions" not in c:
         return None
-    regression, questions = regression_questions()
     cfg = RoundConfig.from_dict(as_ran(report["config"])).gate
     versions = report["current_version"], report["round"]
-    if answer:
-        answer_all(store, versions, questions, cfg)
-    kept = [replies_of(store / "training" / "gate_cache", v) for v in versions]
-    if None in kept:
-        print(f"{store} {report['round']}: a version's kept replies are gone, skipped")
+    found = kept_answers(store, versions, cfg, answer, None if answer else c["questions"])
+    if isinstance(found, str):
+        print(f"{store} {report['round']}: {found}, skipped")
         return None
-    keys = ReplyCache(None, "", Engine(), cfg.repetition_penalty)
-    asked = [keys._key(q, cfg.reply_max_new_tokens, None)
-             for q in (questions if answer else questions[:c["questions"]])]
-    if not all(k in r for k in asked for r in kept):
-        print(f"{store} {report['round']}: not every question's replies are kept, skipped")
-        return None
-    current, candidate = ([r[k] for k in asked] for r in kept)
-    items = regression[:len(asked)]
+    items, (current, candidate) = found
     tokens = None
     if cap is not None:
         from transformers import AutoTokenizer

@@ -8,11 +8,14 @@ import json
 import sqlite3
 
 import pytest
+import torch
 
 from bench import (a_check, b_budget, b_forms, b_sample, c_match, ceiling, gate_replay,
-                   judge_lr, reasons, reply_batching, variants)
+                   interpolate, judge_lr, reasons, reply_batching, variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
+from serving.config import ServingConfig
+from serving.registry import Registry
 from training.evaluate import load_regression_set
 
 FAST_ROUND = {"tune": {"max_steps": 2, "batch_size": 4, "bf16": False},
@@ -75,6 +78,15 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
          "argument --extra-seconds: must be in [0, inf), not inf"),
         (gate_replay.main, ["--store", str(tmp_path), "--extra-seconds", "1m"],
          "argument --extra-seconds: invalid float value: '1m'"),
+        (interpolate.main, ["--store", str(tmp_path), "--scales", "0,1,-1"],
+         "argument --scales: every scale must be a finite number >= 0, not -1.0"),
+        (interpolate.main, ["--store", str(tmp_path), "--scales", "nan"],
+         "every scale must be a finite number >= 0, not nan"),
+        (interpolate.main, ["--store", str(tmp_path), "--scales", "0.5,1,0.5"],
+         "a scale is given twice: '0.5,1,0.5'"),
+        (interpolate.main, ["--store", str(tmp_path), "--scales", "half"],
+         "not numbers separated by commas: 'half'"),
+        (interpolate.main, ["--store", str(tmp_path)], "holds no reports and versions folders"),
         (b_budget.main, ["--results", str(tmp_path / "none.json")], "cannot read"),
         (reply_batching.main, ["--questions", "0", "--out", str(tmp_path / "batching")],
          "--questions must be at least 1"),
@@ -277,6 +289,53 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     with pytest.raises(SystemExit):  # no round reached a gate there
         b_sample.main(["--store", str(tmp_path), "--user", "concise",
                        "--out", str(tmp_path / "b_sample")])
+
+    # a round's change scaled: half of it is a version of its own, its weights halfway between
+    # the parent's and the candidate's; 0 and 1 are the parent and the candidate themselves
+    made = [r["training"]["candidate"] for r in row["rounds"] if r["training"]["candidate"]]
+    if made:
+        found = interpolate.main(["--store", str(store), "--user", "concise", "--scales",
+                                  "0,0.5,1", "--test-prompts", "2", "--test-samples", "1",
+                                  "--max-new-tokens", "8", "--out", str(tmp_path / "interp")])
+        assert found == json.loads((tmp_path / "interp" / "interpolate.json").read_text())
+        (irow,) = found.values()
+        cand, parent = made[-1], irow["parent"]
+        assert irow["round"] == cand and (tmp_path / "interp" / "interpolate.png").is_file()
+        assert [s["version"] for s in irow["scales"].values()] == [parent, f"{cand}-x0.5", cand]
+        half = json.loads((store / "versions" / f"{cand}-x0.5" / "meta.json").read_text())
+        assert (half["kind"], half["scale"], half["scaled_from"], half["parent"]) == \
+            ("scaled", 0.5, cand, parent)
+        weights = {}
+        for name in (parent, f"{cand}-x0.5", cand):
+            model = Registry().load(name, ServingConfig(dtype="float32")).model
+            weights[name] = {k: w.detach() for k, w in model.named_parameters()}
+        changed = 0
+        for k, w in weights[cand].items():
+            start = weights[parent][k]
+            changed += not torch.equal(w, start)
+            assert torch.allclose(weights[f"{cand}-x0.5"][k], start + 0.5 * (w - start),
+                                  atol=1e-6)
+        assert changed  # the round changed some weights (its LoRA's blocks)
+        for s in irow["scales"].values():
+            assert s["approval_interval"][0] <= s["approval"] <= s["approval_interval"][1]
+            full = s["retention"]
+            assert full["questions"] == len(load_regression_set())
+            assert full["candidate"] - full["current"] == full["gained"] - full["lost"]
+        zero = irow["scales"]["0"]["retention"]  # the parent against itself
+        assert zero["lost"] == zero["gained"] == 0 and zero["retention"] == 1.0
+        by_round = {r["training"]["candidate"]: r for r in row["rounds"]}
+        if "retention_all" in by_round[cand]:  # the candidate's count is the loop's own
+            assert irow["scales"]["1"]["retention"]["candidate"] == \
+                by_round[cand]["retention_all"]["candidate"]
+        again = interpolate.main(["--store", str(store), "--user", "concise", "--scales", "0.5",
+                                  "--test-prompts", "1", "--test-samples", "1",
+                                  "--max-new-tokens", "4", "--out", str(tmp_path / "interp")])
+        assert json.loads((store / "versions" / f"{cand}-x0.5" / "meta.json").read_text()) == \
+            half  # the scaled version made once, used again
+        assert list(again[next(iter(again))]["scales"]) == ["0.5"]
+        with pytest.raises(SystemExit):  # a round that is not in the store: named
+            interpolate.main(["--store", str(store), "--user", "concise", "--round", "r0",
+                              "--out", str(tmp_path / "interp")])
 
     # users measured one run at a time land in one table: a later run keeps the earlier rows
     main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",

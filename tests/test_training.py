@@ -1069,6 +1069,48 @@ def test_lora_on_the_top_blocks_leaves_the_blocks_below_as_they_were(tiny_model)
         RoundConfig.from_dict({"tune": {"lora_layers": 0}})
 
 
+def test_the_change_scale_scales_what_the_tuning_changed(tiny_model):
+    """`tune.change_scale` s: the candidate is its start plus s times what the tuning changed,
+    so the same tuning at s 2 moves every weight twice as far (extrapolation), and a full
+    fine-tune at 0.5 half as far; the saved adapter carries the scaled change too, and the
+    summary says which scale was used. Its range is refused by name."""
+    import torch
+
+    from serving.config import ServingConfig
+    from training.config import TuneConfig
+    from training.tune import tune
+
+    fill(16)
+    train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
+    reg = Registry()
+
+    def moved(name: str, **over) -> tuple[dict, Path]:
+        cfg = TuneConfig(method="dpo", max_steps=2, batch_size=4, lora_r=2, lora_alpha=4,
+                         bf16=False, learning_rate=1e-2, **over)
+        loaded = reg.load(None, ServingConfig(dtype="float32"))
+        before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        out = reg.staging(name)
+        summary, _ = tune(loaded.model, loaded.tokenizer, train, cfg, out,
+                          time.monotonic() + 600)
+        assert summary["steps"] == 2 and summary["change_scale"] == cfg.change_scale
+        after = load_file(out.model / "model.safetensors")
+        return {k: v - before[k] for k, v in after.items()}, out.adapter
+
+    for over, scale in (({}, 2.0), ({"full_finetune": True}, 0.5)):
+        plain, plain_adapter = moved(f"plain-{scale}", **over)
+        scaled, scaled_adapter = moved(f"scaled-{scale}", change_scale=scale, **over)
+        assert any(d.abs().max() > 1e-4 for d in plain.values())  # the tuning changed weights
+        for k, d in plain.items():
+            assert torch.allclose(scaled[k], scale * d, atol=1e-5), k
+        if not over:  # the adapter saved is the scaled one: B doubled, A as trained
+            first = load_file(plain_adapter / "adapter_model.safetensors")
+            for k, w in load_file(scaled_adapter / "adapter_model.safetensors").items():
+                assert torch.allclose(w, first[k] * (scale if "lora_B" in k else 1), atol=1e-6)
+    for bad in (0, -1, 5):
+        with pytest.raises(ValueError, match="change_scale"):
+            RoundConfig.from_dict({"tune": {"change_scale": bad}})
+
+
 def test_a_round_killed_in_training_or_promotion_leaves_a_whole_version(tiny_model, tmp_path):
     fill(24)
     _kill_when("tuning", tmp_path, LENIENT)

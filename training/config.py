@@ -153,6 +153,12 @@ class TuneConfig:
                                      "deadline (each step takes the lower of the two)",
                             choices=("steps", "clock"))
     max_length: int = setting(512, "tokens per row (prompt + reply), longer are truncated", low=16)
+    change_scale: float = setting(1.0, "the round's change to the weights times this before the "
+                                       "candidate is saved: 1 keeps it as trained, above 1 "
+                                       "extrapolates past it (ExPO), below 1 interpolates toward "
+                                       "the model the round started from (WiSE-FT); the gate "
+                                       "judges the scaled candidate",
+                                  low=0.0, high=4.0, low_open=True)
     bf16: bool = field(default_factory=machine_bf16, metadata={
         "help": "bfloat16 autocast; default: on where the hardware has native bfloat16 "
                 "(CHAT_DTYPE overrides), off where it would be emulated (several times slower)"})

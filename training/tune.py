@@ -112,6 +112,20 @@ def lora_config(cfg: TuneConfig, model, task_type: str = "CAUSAL_LM"):
                       layers_pattern=linear[0][0], **common)
 
 
+def scale_change(trained, scale: float, start: dict | None = None) -> None:
+    """Scale what training changed by `scale`, in place: the LoRA adapters' B matrices (the
+    change is B A, so the adapter saved and the weights merged both carry it), or with `start`
+    (every weight before a full fine-tune) each weight to `start + scale x (weight - start)`."""
+    if scale == 1:
+        return
+    with torch.no_grad():  # named_parameters: a tied weight once
+        for name, weight in trained.named_parameters():
+            if start is not None:
+                weight.copy_(start[name] + scale * (weight - start[name]))
+            elif "lora_B" in name:
+                weight.mul_(scale)
+
+
 def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
     return dict(output_dir=str(out), per_device_train_batch_size=batch_size,
                 num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -162,8 +176,12 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
         trainer, extra = dpo_trainer(model, tokenizer, train.pairs, cfg, out.trainer, peft,
                                      callbacks=[stop])
         extra["reference"] = use_kept_reference(trainer, train.pairs, reference, reach=reach)
+    start = None if peft is not None or cfg.change_scale == 1 else {
+        k: w.detach().clone() for k, w in model.named_parameters()}
     result = trainer.train()
     trained = trainer.model
+    scale_change(trained, cfg.change_scale, start)
+    extra["change_scale"] = cfg.change_scale
     if peft is not None:
         trained.save_pretrained(out.adapter)
         trained = trained.merge_and_unload()  # what every backend loads: no parent chain
