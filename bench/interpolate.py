@@ -19,7 +19,8 @@ gate cache; counted against the parent with the round's own (c) settings, as
 
 `--round` defaults to the store's latest round whose candidate is registered (promoted or
 rejected); `--user` to the store's folder name (`bench.loop` keeps each user's store in
-`<out>/<user>/data`). Writes `interpolate.json` (rows keyed by store and round; other rows kept)
+`<out>/<user>/data`). Writes `interpolate.json` (rows keyed by store and round; other rows kept,
+and a row's scales measured before with the same user and test settings kept beside new ones)
 and `interpolate.png` (approval and retention against the scale, one line per round). A
 benchmark, not a test: each scale costs about 2 min of test replies and 2 of regression answers
 on 2 cores, and about 700 MB of disk for its weights.
@@ -142,12 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
     except (OSError, ValueError):
         results = {}
     key = f"{store}:{candidate}"
+    measured = {"test_prompts": len(test), "test_samples": args.test_samples,
+                "max_new_tokens": args.max_new_tokens}
+    earlier = results.get(key, {})
     row = results[key] = {"store": str(store), "user": user_name, "round": candidate,
                           "parent": parent, "decision": report.get("decision"),
-                          "settings": {"test_prompts": len(test),
-                                       "test_samples": args.test_samples,
-                                       "max_new_tokens": args.max_new_tokens},
-                          "scales": {}}
+                          "settings": measured,
+                          # scales measured before the same way stay beside the new ones
+                          "scales": earlier.get("scales", {}) if earlier.get("settings") ==
+                          measured and earlier.get("user") == user_name else {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for scale in args.scales:
         t = time.monotonic()

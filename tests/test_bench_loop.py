@@ -327,11 +327,16 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         if "retention_all" in by_round[cand]:  # the candidate's count is the loop's own
             assert irow["scales"]["1"]["retention"]["candidate"] == \
                 by_round[cand]["retention_all"]["candidate"]
-        again = interpolate.main(["--store", str(store), "--user", "concise", "--scales", "0.5",
-                                  "--test-prompts", "1", "--test-samples", "1",
-                                  "--max-new-tokens", "4", "--out", str(tmp_path / "interp")])
+        measured = ["--test-prompts", "2", "--test-samples", "1", "--max-new-tokens", "8"]
+        again = interpolate.main(["--store", str(store), "--user", "concise", "--scales",
+                                  "0.5,0.25", *measured, "--out", str(tmp_path / "interp")])
         assert json.loads((store / "versions" / f"{cand}-x0.5" / "meta.json").read_text()) == \
             half  # the scaled version made once, used again
+        (irow,) = again.values()  # measured the same way: the earlier scales stay beside
+        assert list(irow["scales"]) == ["0", "0.5", "1", "0.25"]
+        measured[1] = "1"  # measured another way: the row starts over
+        again = interpolate.main(["--store", str(store), "--user", "concise", "--scales", "0.5",
+                                  *measured, "--out", str(tmp_path / "interp")])
         assert list(again[next(iter(again))]["scales"]) == ["0.5"]
         with pytest.raises(SystemExit):  # a round that is not in the store: named
             interpolate.main(["--store", str(store), "--user", "concise", "--round", "r0",

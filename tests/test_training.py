@@ -1248,7 +1248,7 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
             good = [t for t in store.get_thread(session=s, user_id=1, conversation_id=conv.id)]
             store.prefer_reply(session=s, user_id=1, message_id=good[1].sibling_ids[0])
     config = {**LENIENT, "tune": {**LENIENT["tune"], "sft_weight": 0.5, "method": "dpo",
-                                  "full_finetune": True}}
+                                  "full_finetune": True, "change_scale": 0.5}}
     # the reference its steps would compute, kept before the round (off its clock)
     ready = training_cli("prepare", config=config, tmp_path=tmp_path)
     assert ready.returncode == 0, ready.stdout[-3000:] + ready.stderr[-3000:]
@@ -1263,6 +1263,8 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
     [report] = (Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json")
     tuning = json.loads(report.read_text())["tuning"]
     assert tuning["loss_type"] == ["sigmoid", "sft"] and tuning["loss_weights"] == [1.0, 0.5]
+    assert tuning["change_scale"] == 0.5  # the round's change halved, every weight's
+    assert "the change scaled by 0.5 (tune.change_scale)" in report.with_suffix(".md").read_text()
     ref = tuning["reference"]  # the new pairs computed before training, the rest kept
     assert ref["source"] == f"kept for {tiny_model.name}" and ref["computed_here"] > 0
     assert ref["kept"] + ref["computed_here"] == ref["pairs"] == tuning["rows"]

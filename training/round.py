@@ -651,7 +651,9 @@ def markdown(r: dict) -> str:
                      + (f", {ref['computed_here']} of {ref['pairs']} pairs computed here in "
                         f"{ref['seconds_here']:.0f} s" if ref.get("computed_here") else "")
                      if (ref := t.get("reference")) else "")
-                  + (f"; {t['step_s']:.1f} s a step" if t.get("step_s") else ""), ""]
+                  + (f"; {t['step_s']:.1f} s a step" if t.get("step_s") else "")
+                  + (f"; the change scaled by {t['change_scale']:g} (tune.change_scale)"
+                     if t.get("change_scale", 1) != 1 else ""), ""]
     if "gate" in r:
         g = r["gate"]
         lines += ["## Gate", "", f"Shown better on (a) or (b): {'yes' if g['improved'] else 'no'}"
