@@ -142,13 +142,15 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = {}
+    print(f"{user_name}: the base model's approval {judged(user, base_texts)['approval']:.0%}",
+          flush=True)
     key = f"{store}:{candidate}"
     measured = {"test_prompts": len(test), "test_samples": args.test_samples,
                 "max_new_tokens": args.max_new_tokens}
     earlier = results.get(key, {})
     row = results[key] = {"store": str(store), "user": user_name, "round": candidate,
                           "parent": parent, "decision": report.get("decision"),
-                          "settings": measured,
+                          "settings": measured, "base": judged(user, base_texts),
                           # scales measured before the same way stay beside the new ones
                           "scales": earlier.get("scales", {}) if earlier.get("settings") ==
                           measured and earlier.get("user") == user_name else {}}

@@ -301,6 +301,7 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         (irow,) = found.values()
         cand, parent = made[-1], irow["parent"]
         assert irow["round"] == cand and (tmp_path / "interp" / "interpolate.png").is_file()
+        assert 0 <= irow["base"]["approval"] <= 1  # the base model's, as the loop measures it
         assert [s["version"] for s in irow["scales"].values()] == [parent, f"{cand}-x0.5", cand]
         half = json.loads((store / "versions" / f"{cand}-x0.5" / "meta.json").read_text())
         assert (half["kind"], half["scale"], half["scaled_from"], half["parent"]) == \
