@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{flag} must be at least 1, not {value}")
     reports = {r["round"]: r for r in (json.loads(p.read_text())
                                        for p in sorted((store / "reports").glob("r*.json")))
-               if (store / "versions" / r["round"] / "meta.json").is_file()}
+               if r.get("round") and (store / "versions" / r["round"] / "meta.json").is_file()}
     if not reports:
         parser.error(f"no round in {store} registered a candidate: nothing to scale")
     if args.round is not None and args.round not in reports:
