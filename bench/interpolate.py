@@ -36,6 +36,10 @@ import time
 from pathlib import Path
 
 from bench.loop import judged, load_prompts, replies
+from serving.setting import Allowed, flag_type
+
+
+SCALE = Allowed(low=0.0, high=math.inf, high_open=True)
 
 
 def scales(text: str) -> list[float]:
@@ -44,7 +48,7 @@ def scales(text: str) -> list[float]:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not numbers separated by commas: {text!r}") from None
-    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    bad = [v for v in values if not SCALE.admits(v)]
     if bad:
         raise argparse.ArgumentTypeError(f"every scale must be a finite number >= 0, not {bad[0]}")
     if len(set(values)) != len(values):
@@ -91,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", type=scales, default=scales("0,0.5,0.75,1,1.25,1.5"),
                         help="comma-separated scales of the round's change (0: its parent, "
                              "1: the candidate)")
-    parser.add_argument("--test-prompts", type=int, default=62)
-    parser.add_argument("--test-samples", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    at_least_1 = flag_type(int, Allowed(low=1))
+    parser.add_argument("--test-prompts", type=at_least_1, default=62)
+    parser.add_argument("--test-samples", type=at_least_1, default=2)
+    parser.add_argument("--max-new-tokens", type=at_least_1, default=256)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "interpolate")
     args = parser.parse_args(argv)
@@ -106,11 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
     if message := unknown_users([user_name]):
         parser.error(f"--user: {message}" if args.user else
                      f"the store's folder name is not a user ({message}): give --user")
-    for flag, value in (("--test-prompts", args.test_prompts),
-                        ("--test-samples", args.test_samples),
-                        ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
-            parser.error(f"{flag} must be at least 1, not {value}")
     reports = {r["round"]: r for r in (json.loads(p.read_text())
                                        for p in sorted((store / "reports").glob("r*.json")))
                if r.get("round") and (store / "versions" / r["round"] / "meta.json").is_file()}
@@ -142,15 +142,15 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = {}
-    print(f"{user_name}: the base model's approval {judged(user, base_texts)['approval']:.0%}",
-          flush=True)
+    base = judged(user, base_texts)
+    print(f"{user_name}: the base model's approval {base['approval']:.0%}", flush=True)
     key = f"{store}:{candidate}"
     measured = {"test_prompts": len(test), "test_samples": args.test_samples,
                 "max_new_tokens": args.max_new_tokens}
     earlier = results.get(key, {})
     row = results[key] = {"store": str(store), "user": user_name, "round": candidate,
                           "parent": parent, "decision": report.get("decision"),
-                          "settings": measured, "base": judged(user, base_texts),
+                          "settings": measured, "base": base,
                           # scales measured before the same way stay beside the new ones
                           "scales": earlier.get("scales", {}) if earlier.get("settings") ==
                           measured and earlier.get("user") == user_name else {}}
