@@ -1111,6 +1111,71 @@ def test_the_change_scale_scales_what_the_tuning_changed(tiny_model):
             RoundConfig.from_dict({"tune": {"change_scale": bad}})
 
 
+def test_replay_learns_the_start_models_own_replies_beside_the_pairs(tiny_model):
+    """`tune.replay_weight`: each DPO step also learns a batch of replay rows (a reply to a
+    general request), its prompt masked from the loss and a reply cut at its length cap given
+    no end of turn; the rows are taken in turn, every one before any again. The same 3 steps
+    with replay leave those replies likelier than without, and the summary says how many rows
+    were taken and their loss."""
+    from serving.config import ServingConfig
+    from training.config import TuneConfig
+    from training.evaluate import load_regression_set, mean_logps
+    from training.replay import ReplayBatches, replay_conversations
+    from training.tune import tune
+
+    requests = replay_conversations()
+    assert len(requests) == 96 and len({r[0]["content"] for r in requests}) == 96
+    regression = {it["question"].lower() for it in load_regression_set()}
+    assert not regression & {r[0]["content"].lower() for r in requests}
+    fill(16)
+    train, _ = split(load_feedback(), DataConfig(heldout_fraction=0.25))
+    reg = Registry()
+    tok = reg.load(None, ServingConfig(dtype="float32")).tokenizer
+    replies = ["Inflation is when prices rise over time.", "A budget is a plan for money.",
+               "Weather changes daily; climate is the long-term pattern.",
+               "Exercise keeps the heart strong, the lungs working well, the muscles and bones "
+               "firm, the mind calm and sleep deep, and it lifts the mood for the whole day."]
+    rows = [{"prompt": requests[i], "reply": r} for i, r in enumerate(replies)]
+    cap = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in replies[:3]) + 2
+    batches = ReplayBatches(tok, rows, 3, 512, 1.0, cap)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for (ids, labels), row in zip(batches.rows, rows):
+        p = len(tok(tok.apply_chat_template(row["prompt"], tokenize=False,
+                                            add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"])
+        assert labels[:p] == [-100] * p and labels[p:] == ids[p:]
+        cut = len(tok(row["reply"], add_special_tokens=False)["input_ids"]) >= cap - 1
+        assert cut == (row is rows[3]) and (end in ids[p:]) != cut  # cut: no end of turn
+    taken = []
+    for _ in range(2):
+        batch = batches.next("cpu")
+        taken += [tuple(i[m.bool()].tolist()) for i, m in zip(batch["input_ids"],
+                                                              batch["attention_mask"])]
+    assert len(taken) == 6 and set(taken[:4]) == {tuple(ids) for ids, _ in batches.rows}
+
+    def trained(weight: float) -> tuple[float, dict]:
+        cfg = TuneConfig(method="dpo", max_steps=3, batch_size=4, lora_r=2, lora_alpha=4,
+                         bf16=False, learning_rate=5e-2, replay_weight=weight)
+        loaded = reg.load(None, ServingConfig(dtype="float32"))
+        out = reg.staging(f"replay-{weight}")
+        summary, trainer = tune(loaded.model, loaded.tokenizer, train, cfg, out,
+                                time.monotonic() + 600,
+                                replay={"rows": rows, "max_new_tokens": 64})
+        model = trainer.model.eval()
+        scored = replace(loaded, model=model)
+        return sum(mean_logps(scored, [{"prompt": r["prompt"], "completion": [
+            {"role": "assistant", "content": r["reply"]}]} for r in rows])), summary
+
+    plain, plain_summary = trained(0.0)
+    replayed, summary = trained(5.0)
+    assert "replay" not in plain_summary
+    assert summary["replay"]["weight"] == 5.0 and summary["replay"]["rows"] == 4
+    assert summary["replay"]["rows_taken"] == 3 * 4 and summary["replay"]["first_nll"] > 0
+    assert replayed > plain + 1.0  # the replies likelier (mean log-probability per token)
+    with pytest.raises(ValueError, match="replay_weight"):
+        RoundConfig.from_dict({"tune": {"replay_weight": -1}})
+
+
 def test_a_round_killed_in_training_or_promotion_leaves_a_whole_version(tiny_model, tmp_path):
     fill(24)
     _kill_when("tuning", tmp_path, LENIENT)
@@ -1248,11 +1313,13 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
             good = [t for t in store.get_thread(session=s, user_id=1, conversation_id=conv.id)]
             store.prefer_reply(session=s, user_id=1, message_id=good[1].sibling_ids[0])
     config = {**LENIENT, "tune": {**LENIENT["tune"], "sft_weight": 0.5, "method": "dpo",
-                                  "full_finetune": True, "change_scale": 0.5}}
+                                  "full_finetune": True, "change_scale": 0.5,
+                                  "replay_weight": 0.5}}
     # the reference its steps would compute, kept before the round (off its clock)
     ready = training_cli("prepare", config=config, tmp_path=tmp_path)
     assert ready.returncode == 0, ready.stdout[-3000:] + ready.stderr[-3000:]
     assert re.search(r"reference log-probabilities of (\d+) of \1 training pairs", ready.stdout)
+    assert "replay: 96 of 96 replies of" in ready.stdout  # the start's replies, off the clock
     assert not unprepared(RoundConfig.from_dict(config))
     fill(3, first=100)  # votes after prepare: `schedule` would prepare again
     assert unprepared(RoundConfig.from_dict(config))
@@ -1265,6 +1332,12 @@ def test_dpo_with_full_fine_tuning_when_asked(tiny_model, tmp_path):
     assert tuning["loss_type"] == ["sigmoid", "sft"] and tuning["loss_weights"] == [1.0, 0.5]
     assert tuning["change_scale"] == 0.5  # the round's change halved, every weight's
     assert "the change scaled by 0.5 (tune.change_scale)" in report.with_suffix(".md").read_text()
+    replay = tuning["replay"]  # every step learnt a batch of the start's replies, all kept
+    assert json.loads(report.read_text())["replay"]["written"] == 0
+    assert replay["rows"] == 96 and replay["rows_taken"] == tuning["steps"] * replay["batch_size"]
+    assert f"replay (tune.replay_weight 0.5): {replay['rows_taken']} rows of 96 " \
+           f"{tiny_model.name} replies (kept by `training prepare`)" in \
+        report.with_suffix(".md").read_text()
     ref = tuning["reference"]  # the new pairs computed before training, the rest kept
     assert ref["source"] == f"kept for {tiny_model.name}" and ref["computed_here"] > 0
     assert ref["kept"] + ref["computed_here"] == ref["pairs"] == tuning["rows"]

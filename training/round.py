@@ -31,6 +31,7 @@ from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, hel
                               load_feedback, own_votes, reward_pairs, split)
 from training.evaluate import Kept, gate, in_time, prepare, share_end
 from training.lock import round_lock
+from training.replay import replay_replies
 from training.memory import peak_mb, reset_peak
 from training.reward import KeptScores, PreparedJudge, train_reward_model
 from training.synthetic import (check_sample, judge_quality, judged_conversations,
@@ -143,6 +144,25 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
         + (f" (the next round's steps reach about {limit}: {reach['source']})"
            if "reach" in record else "") + f", in {record['seconds']:.0f}s")
     return record
+
+
+def gate_cache_dir(registry: Registry) -> Path:
+    return registry.data / "training" / "gate_cache"
+
+
+def replay_rows(registry: Registry, version: str, cfg: RoundConfig,
+                engine=None) -> tuple[dict, dict]:
+    """`version`'s replies to the replay requests (`training.replay`), kept beside the gate's
+    replies: through `engine` when given (it serves `version`), else through one opened here
+    with every slot busy (a batch job)."""
+    own = engine is None
+    engine = engine or open_engine(registry, version, ServingConfig(slots=16))
+    try:
+        return replay_replies(gate_cache_dir(registry), version, engine,
+                              cfg.gate.repetition_penalty, cfg.synthetic.max_new_tokens)
+    finally:
+        if own:
+            engine.close()
 
 
 def judge_dir(registry: Registry) -> Path:
@@ -258,12 +278,17 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
             log(f"preparing the next gate for {name}: {heldout.counts['votes']} held-out votes")
             done = prepare(current=current, base=base, current_engine=engine,
                            heldout=heldout, cfg=cfg.gate, log=log, deadline=deadline,
-                           cache_dir=registry.data / "training" / "gate_cache")
+                           cache_dir=gate_cache_dir(registry))
+            start_name = base_name if cfg.tune.start == "base" else name
+            if cfg.tune.replay_weight > 0:  # the start version's replies the tuning replays
+                _, done["replay"] = replay_rows(registry, start_name, cfg,
+                                                engine if start_name == name else None)
+                log(f"replay: {done['replay']['written']} of {done['replay']['requests']} "
+                    f"replies of {start_name} written in {done['replay']['seconds']:.0f} s")
         finally:
             engine.close()
         tokenizer = current.tokenizer
         del current, base
-        start_name = base_name if cfg.tune.start == "base" else name
         # The judge, when it must be trained again, keeps the time a round would give it: a
         # round without it trains its own in that share of the tuning's time. The reference
         # is written for the pairs the next round's steps can reach (their share of its clock,
@@ -276,7 +301,8 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
         done["judge"] = prepare_judge(registry, base_source, tokenizer, train, heldout, cfg,
                                       deadline, log)
         done["seconds"] = round(done["seconds"] + done["reference"]["seconds"]
-                                + done["judge"]["seconds"], 1)
+                                + done["judge"]["seconds"]
+                                + done.get("replay", {}).get("seconds", 0.0), 1)
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
                   "heldout": heldout.counts, "train": train.counts}
         path = prepared_path()
@@ -454,12 +480,18 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
 
     t = time.monotonic()
     tuning = tuning_config(cfg.tune, continuing=start_name != base_name)
+    replay = None
+    if tuning.replay_weight > 0:
+        replay, report["replay"] = replay_rows(registry, start_name, cfg)
+        log(f"replay: {len(replay['rows'])} replies of {start_name} "
+            f"({report['replay']['written']} written now, {report['replay']['seconds']:.0f} s)")
     log(f"tuning {start_name} ({cfg.tune.method}, "
         f"{'full' if cfg.tune.full_finetune else 'LoRA'}, lr {tuning.learning_rate:g})")
     summary, _ = tune(trainee.model, trainee.tokenizer, train, tuning, staging,
                       train_deadline, judge=judge if quality["trusted"] else None,
                       sampling=cfg.synthetic, reference=reference,
-                      reach=(reach := kept_reach(train_deadline - t, tuning.batch_size))["pairs"])
+                      reach=(reach := kept_reach(train_deadline - t, tuning.batch_size))["pairs"],
+                      replay=replay)
     if "reference" in summary:
         summary["reference"]["reach_source"] = reach["source"]
     report["tuning"] = summary
@@ -490,7 +522,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
                        heldout=heldout, reward_model=judge, calibration=calibration,
                        cfg=cfg.gate, deadline=end - min(FINISH_RESERVE_S, 0.01 * budget_s),
                        log=log,
-                       cache_dir=registry.data / "training" / "gate_cache")
+                       cache_dir=gate_cache_dir(registry))
     finally:
         for engine in engines:
             engine.close()
@@ -653,7 +685,8 @@ def markdown(r: dict) -> str:
                      if (ref := t.get("reference")) else "")
                   + (f"; {t['step_s']:.1f} s a step" if t.get("step_s") else "")
                   + (f"; the change scaled by {t['change_scale']:g} (tune.change_scale)"
-                     if t.get("change_scale", 1) != 1 else ""), ""]
+                     if t.get("change_scale", 1) != 1 else "")
+                  + _replay_line(t.get("replay"), r.get("replay")), ""]
     if "gate" in r:
         g = r["gate"]
         lines += ["## Gate", "", f"Shown better on (a) or (b): {'yes' if g['improved'] else 'no'}"
@@ -673,6 +706,18 @@ def markdown(r: dict) -> str:
               for k, v in r["timings_s"].items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def _replay_line(t: dict | None, made: dict | None) -> str:
+    if not t:
+        return ""
+    if "why" in t:
+        return f"; replay {t['why']}"
+    return (f"; replay (tune.replay_weight {t['weight']:g}): {t['rows_taken']} rows of "
+            f"{t['rows']} {made['version']} replies"
+            + (f" ({made['written']} written in this round)" if made and made["written"]
+               else " (kept by `training prepare`)")
+            + f", loss {_num(t['first_nll'])} -> {_num(t['last_nll'])}")
 
 
 def _prepared_judge_line(p: dict | None) -> str:

@@ -141,14 +141,17 @@ def common_args(cfg: TuneConfig, out: Path, batch_size: int) -> dict:
 
 def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir,
          deadline: float, judge=None, sampling: SyntheticConfig | None = None,
-         reference: ReferenceCache | None = None, reach: int | None = None) -> dict:
+         reference: ReferenceCache | None = None, reach: int | None = None,
+         replay: dict | None = None) -> dict:
     """Train `model` (the current version) on `train`; saves into the version folder `out`
     (the merged weights, and the LoRA adapter) and returns a summary. `judge` (a trusted
     `RewardModel`) and `sampling` (reply length and temperature) serve the online method; without
     a judge it falls back to auto. `reference`: `model`'s log-probabilities of the pairs, kept
     by `training prepare` (DPO then runs no reference forward in its steps); `reach`: how many
     pairs its steps can take before `deadline`, as estimated (`training.round.kept_reach`;
-    None: all of them), of which those not kept are computed first (`use_kept_reference`)."""
+    None: all of them), of which those not kept are computed first (`use_kept_reference`);
+    `replay`: the starting version's replies to the replay requests (`training.replay`'s
+    `replay_replies`), learnt beside DPO's pairs at `cfg.replay_weight`."""
     from transformers import set_seed
 
     method = choose_method(cfg, train, judge)
@@ -174,7 +177,7 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
                                         sampling or SyntheticConfig(), peft, stop)
     else:
         trainer, extra = dpo_trainer(model, tokenizer, train.pairs, cfg, out.trainer, peft,
-                                     callbacks=[stop])
+                                     callbacks=[stop], replay=replay)
         extra["reference"] = use_kept_reference(trainer, train.pairs, reference, reach=reach)
     start = None if peft is not None or cfg.change_scale == 1 else {
         k: w.detach().clone() for k, w in model.named_parameters()}
@@ -194,6 +197,12 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
                           ("val/contain_eos_token", "finished_replies")):
             seen = [h[key] for h in trainer.state.log_history if key in h]
             extra[name] = sum(seen) / len(seen) if seen else None
+    if "replay" in extra:
+        nll = [h["replay_nll"] for h in trainer.state.log_history if "replay_nll" in h]
+        extra["replay"].update(rows_taken=trainer.replay.taken, first_nll=nll[0] if nll
+                               else None, last_nll=nll[-1] if nll else None)
+    elif replay and cfg.replay_weight > 0:
+        extra["replay"] = {"why": f"off: replay joins DPO's steps, and this round ran {method}"}
     if method != cfg.method and cfg.method == "online":
         extra["online_skipped"] = "no trusted reward model to judge the samples"
     return {"method": method, "kind": "lora" if peft is not None else "full",
@@ -205,12 +214,15 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
 
 
 def dpo_trainer(model, tokenizer, pairs: list[dict], cfg: TuneConfig, out: Path, peft,
-                callbacks=()):
+                callbacks=(), replay: dict | None = None):
     """TRL's DPO trainer on `pairs` (length-grouped batches of `cfg.batch_size`); each row also
     carries its pair's position in `pairs` (`index`: TRL drops rows whose prompt alone fills
-    `max_length`, and its own columns are tokenized, so the row is found by it). Returns it and
-    the summary's fields."""
+    `max_length`, and its own columns are tokenized, so the row is found by it). With `replay`
+    (its rows) and `cfg.replay_weight` above 0, each step also learns a batch of them
+    (`training.replay.ReplayLoss`). Returns it and the summary's fields."""
     from trl import DPOConfig, DPOTrainer
+
+    from training.replay import ReplayBatches, ReplayLoss
 
     batch = max(1, min(cfg.batch_size, len(pairs)))
     # sft_weight > 0 adds TRL's "sft" loss (NLL of the chosen reply) beside the sigmoid one
@@ -220,10 +232,20 @@ def dpo_trainer(model, tokenizer, pairs: list[dict], cfg: TuneConfig, out: Path,
     data = Dataset.from_list([{"prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"],
                                "rejected": pairs[i]["rejected"], "index": i}
                               for i in dpo_order(pairs, cfg)])
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=peft, callbacks=list(callbacks))
-    return trainer, {"rows": len(pairs), "loss_type": list(args.loss_type),
-                     "loss_weights": args.loss_weights}
+    replaying = bool(replay and replay["rows"]) and cfg.replay_weight > 0
+    trainer_class = type("ReplayDPOTrainer", (ReplayLoss, DPOTrainer), {}) if replaying \
+        else DPOTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=data,
+                            processing_class=tokenizer, peft_config=peft,
+                            callbacks=list(callbacks))
+    extra = {"rows": len(pairs), "loss_type": list(args.loss_type),
+             "loss_weights": args.loss_weights}
+    if replaying:
+        trainer.replay = ReplayBatches(tokenizer, replay["rows"], batch, cfg.max_length,
+                                       cfg.replay_weight, replay["max_new_tokens"], cfg.seed)
+        extra["replay"] = {"weight": cfg.replay_weight, "rows": len(trainer.replay.rows),
+                           "batch_size": trainer.replay.batch_size}
+    return trainer, extra
 
 
 def dpo_order(pairs: list[dict], cfg: TuneConfig) -> list[int]:
