@@ -3,7 +3,7 @@
     python -m bench.variants --user tips --store bench/results/loop/tips/data \\
         --variants '{"default": {}, "lr 1.5e-3": {"tune": {"learning_rate": 1.5e-3}}}' \\
         [--round-config JSON] [--max-minutes 10] [--test-prompts 62] [--test-samples 2]
-        [--no-prepare] [--out DIR]
+        [--no-prepare] [--no-retention] [--out DIR]
 
 `--store` is a data folder a `bench.loop` run left behind (its `feedback.db`: the simulated
 user's votes; its `models` link: the base checkpoint). For each variant (a name and its
@@ -13,7 +13,9 @@ a candidate there, after `python -m training prepare` computed the base model's 
 gate (as `bench.loop` does; `--no-prepare` skips it). Then each candidate, promoted or
 rejected, answers the test prompts (as in `bench.loop`) and the user judges: approval with its
 95% interval beside the base model's, and the round's decision, minutes, stage times, steps,
-judge AUC and synthetic pairs. Same votes, same clock: what differs is the config.
+judge AUC and synthetic pairs, and (unless `--no-retention`) the candidate's answers to all
+240 regression questions against the base's (bench.loop's `retention_all`). Same votes, same
+clock: what differs is the config.
 `CHAT_DTYPE=float32` in the environment runs every stage as on a CPU without native bfloat16.
 Writes `variants.json` (rows of earlier runs of other users or variants are kept). A
 benchmark, not a test.
@@ -29,8 +31,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from bench.loop import (judged, load_prompts, prepare_next_gate, replies, run_settings,
-                        run_training_round)
+from bench.loop import (judged, load_prompts, prepare_next_gate, replies, retention_all,
+                        run_settings, run_training_round)
 
 
 def merged(base: dict, over: dict) -> dict:
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="before each variant's round, `python -m training prepare` (the "
                              "base model's half of its gate, off the round's clock, as "
                              "bench.loop and `training schedule` do)")
+    parser.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
+                        help="each candidate and the base answer all 240 regression questions "
+                             "(bench.loop's `retention_all`, about 1-2 min a variant)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "variants")
     args = parser.parse_args(argv)
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
             theirs, _ = replies(test, args.test_samples, settings, training["candidate"])
             out["candidate"] = {**judged(user, theirs),
                                 "eval_seconds": round(time.monotonic() - t, 1)}
+            if args.retention and (full := retention_all(data)):
+                out["retention_all"] = full
         row["variants"][name] = out
         path.write_text(json.dumps(results, indent=2) + "\n")  # so far
         print_row(name, out)
@@ -141,7 +148,10 @@ def print_row(name: str, v: dict) -> None:
           f"synth {(t.get('synthetic') or {}).get('pairs', 0)}  "
           f"tune {times.get('tuning', 0):.0f}s {(t.get('tuning') or {}).get('steps', 0)} st  "
           f"gate {times.get('gate', 0):.0f}s, (a)+(b) pooled "
-          f"{'-' if pooled is None else f'{pooled:.2f}'}", flush=True)
+          f"{'-' if pooled is None else f'{pooled:.2f}'}"
+          + (f"  all {full['questions']} Qs: {full['candidate']} vs {full['current']} "
+             f"({full['retention']:.0%})" if (full := v.get("retention_all")) else ""),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,8 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     # two round configs trained on the same votes (a copy each: the loop's store is untouched)
     votes_before = store_votes(store)
     found = variants.main(["--user", "concise", "--store", str(store), "--variants",
-                           json.dumps({"a": {}, "b lr": {"tune": {"learning_rate": 1e-3}}}),
+                           json.dumps({"a": {}, "b lr": {"tune": {"learning_rate": 1e-3,
+                                                                   "replay_weight": 0.5}}}),
                            "--round-config", json.dumps(FAST_ROUND), "--test-prompts", "2",
                            "--test-samples", "1", "--max-new-tokens", "8",
                            "--out", str(tmp_path / "variants")])
@@ -220,6 +221,15 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         if v["training"]["exit_code"] not in (3, 6):
             assert 0 <= v["candidate"]["approval"] <= 1 and v["base"] == vrow["base"]
             assert (copy / "versions" / v["training"]["candidate"]).is_dir()
+            full = v["retention_all"]  # the candidate and the base on every question
+            assert full["questions"] == len(load_regression_set())
+            assert full["candidate"] - full["current"] == full["gained"] - full["lost"]
+            tuning = v["training"]["tuning"]  # "b lr" replays the base's own replies
+            if name == "b lr" and tuning["method"] == "dpo":
+                assert tuning["replay"]["rows"] == 96 and tuning["replay"]["rows_taken"] > 0
+                assert v["prepare"]["prepared"]["replay"]["written"] == 96
+            else:
+                assert "replay" not in tuning
     assert store_votes(store) == votes_before
     with pytest.raises(SystemExit):  # a folder without votes: a clear message, nothing run
         variants.main(["--user", "concise", "--store", str(tmp_path), "--variants", "{}"])
