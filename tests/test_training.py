@@ -1112,8 +1112,8 @@ def test_the_change_scale_scales_what_the_tuning_changed(tiny_model):
 
 
 def test_replay_learns_the_start_models_own_replies_beside_the_pairs(tiny_model):
-    """`tune.replay_weight`: each DPO step also learns a batch of replay rows (a reply to a
-    general request), its prompt masked from the loss and a reply cut at its length cap given
+    """`tune.replay_weight`: each DPO step also learns a batch of replay rows (an answer to a
+    short question), its prompt masked from the loss and a reply cut at its length cap given
     no end of turn; the rows are taken in turn, every one before any again. The same 3 steps
     with replay leave those replies likelier than without, and the summary says how many rows
     were taken and their loss."""

@@ -138,12 +138,12 @@ class TuneConfig:
                                      "chosen replies (RPO), which keeps the model fluent; 0: off",
                                 low=0.0)
     replay_weight: float = setting(0.0, "DPO: weight of an added language-modelling loss on "
-                                        "the starting version's own greedy replies to 96 "
-                                        "general requests (training/replay_set.jsonl, none in "
+                                        "the starting version's own greedy answers to 96 "
+                                        "short questions (training/replay_set.jsonl, none in "
                                         "(c)'s regression set), a batch of them beside each "
-                                        "step's pairs, so the round keeps what the model did "
-                                        "where users asked for nothing else; `training "
-                                        "prepare` writes the replies off the clock; 0: off",
+                                        "step's pairs, so the round keeps what the model knew; "
+                                        "`training prepare` writes the answers off the "
+                                        "clock; 0: off",
                                  low=0.0)
     batch_size: int = setting(4, "rows (KTO) or pairs (DPO) per step; KTO takes at least 2", low=1)
     epochs: float = setting(2.0, "passes over the data, as far as the clock allows; the "

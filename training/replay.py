@@ -1,15 +1,21 @@
-"""Replay: the starting model's own replies to general requests, learnt again beside the users'
-pairs so a round keeps what the model did before where users asked for nothing else.
+"""Replay: the starting model's own answers to short questions, learnt again beside the users'
+pairs, so a round keeps what the model knew while it learns what users want.
 
-`replay_set.jsonl` holds 96 short requests (one-line explanations, definitions, rewrites,
-small reasoning, everyday how-to), none of them in (c)'s regression set (trivia with known
-answers, which stays the gate's independent measure of what the model knew) nor among the
-simulated users' prompts of `bench/prompts.jsonl`. The starting version answers them greedily
-through the serving engine (kept per version beside the gate's replies, so `training prepare`
-writes them off the round's clock), and each DPO step adds `tune.replay_weight` times the
-language-modelling loss of a batch of them (`ReplayBatches`, `ReplayLoss`): the continual
-learning "replay" of the model's own outputs, a pull toward the start on other prompts where
-DPO's beta only holds the pairs' own replies.
+`replay_set.jsonl` holds 96 short questions (geography, history, science, animals, food,
+sport, arithmetic, words), none of them in (c)'s regression set (which stays the gate's
+measure of what the model knew, on other questions) nor among the simulated users' prompts of
+`bench/prompts.jsonl`. The starting version answers them greedily through the serving engine
+(kept per version beside the gate's replies, so `training prepare` writes them off the round's
+clock; their length cap is the synthetic samples', `synthetic.max_new_tokens`), and each DPO
+step adds `tune.replay_weight` times the language-modelling loss of a batch of them
+(`ReplayBatches`, `ReplayLoss`): the continual-learning "replay" of the model's own outputs, a
+pull toward the start on other prompts, where DPO's beta only holds the pairs' own replies.
+No answer key is used: the model keeps its own answers, right or wrong.
+
+Short questions, not general requests: replaying the start's answers to one-line explanations
+and how-to requests (the kind of prompt users ask) held back the style the users asked for
+(structured's session-44 votes: +17 points against +54 with short questions; README,
+session 46).
 """
 
 from __future__ import annotations
