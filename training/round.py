@@ -31,8 +31,8 @@ from training.dataset import (FeedbackData, NotEnoughFeedback, check_enough, hel
                               load_feedback, own_votes, reward_pairs, split)
 from training.evaluate import Kept, gate, in_time, prepare, share_end
 from training.lock import round_lock
-from training.replay import replay_replies
 from training.memory import peak_mb, reset_peak
+from training.replay import replay_replies
 from training.reward import KeptScores, PreparedJudge, train_reward_model
 from training.synthetic import (check_sample, judge_quality, judged_conversations,
                                 synthetic_pairs)
