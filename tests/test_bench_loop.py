@@ -225,11 +225,14 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
             assert full["questions"] == len(load_regression_set())
             assert full["candidate"] - full["current"] == full["gained"] - full["lost"]
             tuning = v["training"]["tuning"]  # "b lr" replays the base's own replies
-            if name == "b lr" and tuning["method"] == "dpo":
+            if name == "a":
+                assert "replay" not in tuning and "replay" not in v["prepare"]["prepared"]
+            elif tuning["method"] == "dpo":
                 assert tuning["replay"]["rows"] == 96 and tuning["replay"]["rows_taken"] > 0
                 assert v["prepare"]["prepared"]["replay"]["written"] == 96
-            else:
-                assert "replay" not in tuning
+            else:  # the tiny model's votes gave KTO too few pairs: replay joins DPO only
+                assert tuning["replay"]["why"] == f"off: replay joins DPO's steps, and this " \
+                                                  f"round ran {tuning['method']}"
     assert store_votes(store) == votes_before
     with pytest.raises(SystemExit):  # a folder without votes: a clear message, nothing run
         variants.main(["--user", "concise", "--store", str(tmp_path), "--variants", "{}"])
