@@ -25,13 +25,11 @@ import torch
 @torch.inference_mode()
 def padded_batches(loaded, rows: list[dict], batch_size: int = 8) -> list[float]:
     """The reference: right-padded batches, the whole vocabulary at every position."""
-    tok, model = loaded.tokenizer, loaded.model
-    encoded = []
-    for r in rows:
-        prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
-        ids = tok(full, add_special_tokens=False)["input_ids"][:loaded.context_window]
-        encoded.append((ids, len(tok(prompt, add_special_tokens=False)["input_ids"])))
+    from training.evaluate import chat_ids
+
+    model = loaded.model
+    encoded = [chat_ids(loaded.tokenizer, r["prompt"], r["completion"], loaded.context_window)
+               for r in rows]
     out = []
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]

@@ -349,7 +349,8 @@ def assert_merged_equals_parent_plus_adapter(reg: Registry, version) -> None:
 def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
     fill(24)
     fill(4, good=LOOP, first=24)  # liked loops: left out of training, and the report says so
-    done = training_cli("run", config=LENIENT, tmp_path=tmp_path)
+    config = {**LENIENT, "tune": {**LENIENT["tune"], "replay_weight": 0.5}}
+    done = training_cli("run", config=config, tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reg = Registry()
     [version] = reg.versions()
@@ -367,6 +368,8 @@ def test_a_round_trains_registers_promotes_and_rolls_back(tiny_model, tmp_path):
     report = json.loads(next((Path(os.environ["CHAT_DATA_DIR"]) / "reports").glob("r*.json"))
                         .read_text())
     assert report["decision"] == "promoted" and report["tuning"]["steps"] == 4
+    # replay joins DPO's steps only: this KTO round wrote no replay reply, and says why
+    assert "replay" not in report and "ran kto" in report["tuning"]["replay"]["why"]
     assert report["data"]["heldout_share"] == 0.3  # FAST: the plain fraction
     every = split(load_feedback(), DataConfig(**FAST["data"], drop_disfluent=False))[0]
     loops = sum(v["completion"][0]["content"] == LOOP for v in every.votes)
@@ -1174,6 +1177,26 @@ def test_replay_learns_the_start_models_own_replies_beside_the_pairs(tiny_model)
     assert replayed > plain + 1.0  # the replies likelier (mean log-probability per token)
     with pytest.raises(ValueError, match="replay_weight"):
         RoundConfig.from_dict({"tune": {"replay_weight": -1}})
+
+    # Kept replies need no engine: those of a version no registry holds (an engine for it
+    # could not open) are read back whole; one missing, and the engine must open.
+    from serving.backends import open_engine
+    from training.replay import replay_replies
+    from training.round import gate_cache_dir, replay_rows
+
+    cfg = RoundConfig.from_dict({"synthetic": {"max_new_tokens": 16}})
+    engine = open_engine(reg)
+    try:
+        made, info = replay_replies(gate_cache_dir(reg), "v-kept-only", engine,
+                                    cfg.gate.repetition_penalty, 16)
+    finally:
+        engine.close()
+    assert info["written"] == 96 and engine.kind == "llama.cpp"  # what `auto` opens first
+    again, info = replay_rows(reg, "v-kept-only", cfg)
+    assert again == made and info["written"] == 0
+    with pytest.raises(Exception, match="v-kept-only"):
+        replay_rows(reg, "v-kept-only", RoundConfig.from_dict({"synthetic": {
+            "max_new_tokens": 17}}))
 
 
 def test_a_round_killed_in_training_or_promotion_leaves_a_whole_version(tiny_model, tmp_path):

@@ -141,18 +141,29 @@ def mean_logps(loaded: LoadedModel, rows: list[dict]) -> list[float]:
     return out
 
 
+def chat_ids(tokenizer, prompt: list[dict], completion: list[dict], limit: int,
+             finished: bool = True) -> tuple[list[int], int]:
+    """`prompt` and its `completion` (messages) as TRL tokenizes a conversation (the chat
+    template's text, then the tokenizer), cut at `limit` tokens, and the prompt's length in
+    tokens (with the generation prompt). A completion not `finished` (a reply cut at its length
+    cap) gets no end of turn: it is the prompt's text and the reply's."""
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False) if finished \
+        else text + "".join(m["content"] for m in completion)
+    p_len = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return tokenizer(full, add_special_tokens=False)["input_ids"][:limit], p_len
+
+
 @torch.inference_mode()
 def reply_token_logps(loaded: LoadedModel, row: dict) -> torch.Tensor | None:
     """The log-probability of each token of `row`'s reply given its prompt and the tokens
     before it (`mean_logps`' figures before their mean); None for an empty reply or one the
     context window cut off."""
-    tok, model = loaded.tokenizer, loaded.model
+    model = loaded.model
     body, head = model.get_decoder(), model.get_output_embeddings()
-    prompt = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-    p_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]
-                        [:loaded.context_window]])
+    row_ids, p_len = chat_ids(loaded.tokenizer, row["prompt"], row["completion"],
+                              loaded.context_window)
+    ids = torch.tensor([row_ids])
     if ids.shape[1] <= p_len:
         return None
     with autocast(model):
@@ -224,8 +235,9 @@ class ReplyCache(Kept):
     so a version's reply to a prompt and seed is always the same) are kept alike."""
 
     def __init__(self, folder: Path | None, version: str, engine,
-                 repetition_penalty: float = 1.0) -> None:
-        super().__init__(folder, f"{version}.{engine.kind}.replies")
+                 repetition_penalty: float = 1.0, kind: str | None = None) -> None:
+        # engine None (with its `kind`): only what is kept can be read
+        super().__init__(folder, f"{version}.{kind or engine.kind}.replies")
         self.version, self.engine, self.penalty = version, engine, repetition_penalty
 
     def _key(self, conversation: list[dict], max_new_tokens: int, seed: int | None) -> str:

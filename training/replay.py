@@ -14,7 +14,7 @@ No answer key is used: the model keeps its own answers, right or wrong.
 
 Short questions, not general requests: replaying the start's answers to one-line explanations
 and how-to requests (the kind of prompt users ask) held back the style the users asked for
-(structured's session-44 votes: +17 points against +54 with short questions; README,
+(structured's session-44 votes: +17 points against +48 with short questions; README,
 session 46).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from training.evaluate import ReplyCache
+from training.evaluate import ReplyCache, chat_ids
 
 REPLAY_SET = Path(__file__).resolve().parent / "replay_set.jsonl"
 
@@ -39,13 +39,16 @@ def replay_conversations(path: Path = REPLAY_SET) -> list[list[dict]]:
 
 
 def replay_replies(cache_dir: Path | None, version: str, engine, repetition_penalty: float,
-                   max_new_tokens: int) -> tuple[dict, dict]:
+                   max_new_tokens: int, kind: str | None = None) -> tuple[dict, dict] | None:
     """`engine`'s version's (`version`) greedy reply to each replay request, at most
     `max_new_tokens` long, kept in `cache_dir` beside the gate's replies: {rows: [{prompt,
-    reply}], max_new_tokens} (what `ReplayBatches` reads), and what it cost."""
+    reply}], max_new_tokens} (what `ReplayBatches` reads), and what it cost. With `engine`
+    None, those kept for an engine of `kind`, or None when one is not kept."""
     conversations = replay_conversations()
-    cache = ReplyCache(cache_dir, version, engine, repetition_penalty)
+    cache = ReplyCache(cache_dir, version, engine, repetition_penalty, kind)
     missing = cache.unkept(conversations, max_new_tokens)
+    if engine is None and missing:
+        return None
     began = time.monotonic()
     replies = cache.answers(conversations, max_new_tokens)
     cache.save()
@@ -69,14 +72,11 @@ class ReplayBatches:
             else tokenizer.eos_token_id
         self.rows = []
         for r in rows:
-            prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=False,
-                                                   add_generation_prompt=True)
             reply_ids = tokenizer(r["reply"], add_special_tokens=False)["input_ids"]
             cut = len(reply_ids) >= max_new_tokens - 1
-            full = prompt + r["reply"] if cut else tokenizer.apply_chat_template(
-                r["prompt"] + [{"role": "assistant", "content": r["reply"]}], tokenize=False)
-            p_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+            ids, p_len = chat_ids(tokenizer, r["prompt"],
+                                  [{"role": "assistant", "content": r["reply"]}], max_length,
+                                  finished=not cut)
             if len(ids) > p_len and r["reply"].strip():
                 self.rows.append((ids, [-100] * p_len + ids[p_len:]))
         if not self.rows:

@@ -116,7 +116,7 @@ def prepare_reference(registry: Registry, start_name: str, train: FeedbackData,
     record = {"version": start_name, "pairs": len(pairs), "written": 0}
     if limit is not None and limit < len(pairs):
         record["reach"] = reach
-    if cfg.method not in ("auto", "dpo") or choose_method(cfg, train) != "dpo":
+    if not runs_dpo(cfg, train):
         return {**record, "items": 0, "seconds": 0.0, "why": "the round runs no DPO"}
     unkept, rows = set(reference.unkept(pairs)), []
     if unkept:
@@ -154,15 +154,29 @@ def replay_rows(registry: Registry, version: str, cfg: RoundConfig,
                 engine=None) -> tuple[dict, dict]:
     """`version`'s replies to the replay requests (`training.replay`), kept beside the gate's
     replies: through `engine` when given (it serves `version`), else through one opened here
-    with every slot busy (a batch job)."""
-    own = engine is None
-    engine = engine or open_engine(registry, version, ServingConfig(slots=16))
+    with every slot busy (a batch job), unless all are kept for the kind of engine it would
+    open first (llama.cpp with the backend setting `auto`)."""
+    args = (gate_cache_dir(registry), version)
+    settings = (cfg.gate.repetition_penalty, cfg.synthetic.max_new_tokens)
+    if engine is not None:
+        return replay_replies(*args, engine, *settings)
+    setting = backend_setting()
+    kept = replay_replies(*args, None, *settings,
+                          kind="llama.cpp" if setting == "auto" else setting)
+    if kept is not None:
+        return kept
+    engine = open_engine(registry, version, ServingConfig(slots=16))
     try:
-        return replay_replies(gate_cache_dir(registry), version, engine,
-                              cfg.gate.repetition_penalty, cfg.synthetic.max_new_tokens)
+        return replay_replies(*args, engine, *settings)
     finally:
-        if own:
-            engine.close()
+        engine.close()
+
+
+def runs_dpo(cfg: TuneConfig, train: FeedbackData) -> bool:
+    """Whether the next round with `cfg` on `train` tunes with DPO on its pairs, as `training
+    prepare` sees it (the reference log-probabilities and the replay replies serve only those
+    steps; an online round samples its own pairs)."""
+    return cfg.method in ("auto", "dpo") and choose_method(cfg, train) == "dpo"
 
 
 def judge_dir(registry: Registry) -> Path:
@@ -280,7 +294,8 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
                            heldout=heldout, cfg=cfg.gate, log=log, deadline=deadline,
                            cache_dir=gate_cache_dir(registry))
             start_name = base_name if cfg.tune.start == "base" else name
-            if cfg.tune.replay_weight > 0:  # the start version's replies the tuning replays
+            # the start version's replies the next round's DPO steps replay
+            if cfg.tune.replay_weight > 0 and runs_dpo(cfg.tune, train):
                 _, done["replay"] = replay_rows(registry, start_name, cfg,
                                                 engine if start_name == name else None)
                 log(f"replay: {done['replay']['written']} of {done['replay']['requests']} "
@@ -481,7 +496,8 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     t = time.monotonic()
     tuning = tuning_config(cfg.tune, continuing=start_name != base_name)
     replay = None
-    if tuning.replay_weight > 0:
+    if tuning.replay_weight > 0 and choose_method(
+            tuning, train, judge if quality["trusted"] else None) == "dpo":
         replay, report["replay"] = replay_rows(registry, start_name, cfg)
         log(f"replay: {len(replay['rows'])} replies of {start_name} "
             f"({report['replay']['written']} written now, {report['replay']['seconds']:.0f} s)")

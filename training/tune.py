@@ -201,8 +201,9 @@ def tune(model, tokenizer, train: FeedbackData, cfg: TuneConfig, out: VersionDir
         nll = [h["replay_nll"] for h in trainer.state.log_history if "replay_nll" in h]
         extra["replay"].update(rows_taken=trainer.replay.taken, first_nll=nll[0] if nll
                                else None, last_nll=nll[-1] if nll else None)
-    elif replay and cfg.replay_weight > 0:
-        extra["replay"] = {"why": f"off: replay joins DPO's steps, and this round ran {method}"}
+    elif cfg.replay_weight > 0:
+        extra["replay"] = {"why": f"off: replay joins DPO's steps, and this round ran {method}"
+                           if method != "dpo" else "off: no replay replies were given"}
     if method != cfg.method and cfg.method == "online":
         extra["online_skipped"] = "no trusted reward model to judge the samples"
     return {"method": method, "kind": "lora" if peft is not None else "full",
