@@ -51,7 +51,8 @@ def replay_replies(cache_dir: Path | None, version: str, engine, repetition_pena
         return None
     began = time.monotonic()
     replies = cache.answers(conversations, max_new_tokens)
-    cache.save()
+    if missing:
+        cache.save()
     rows = [{"prompt": c, "reply": r} for c, r in zip(conversations, replies)]
     return {"rows": rows, "max_new_tokens": max_new_tokens}, {
         "requests": len(rows), "written": missing, "version": version,
