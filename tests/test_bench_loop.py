@@ -10,8 +10,8 @@ import sqlite3
 import pytest
 import torch
 
-from bench import (a_check, b_budget, b_forms, b_sample, c_match, ceiling, gate_replay,
-                   interpolate, judge_lr, reasons, reply_batching, variants)
+from bench import (a_check, approval, b_budget, b_forms, b_sample, c_match, ceiling,
+                   gate_replay, interpolate, judge_lr, reasons, reply_batching, variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
 from serving.config import ServingConfig
@@ -87,6 +87,16 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
         (interpolate.main, ["--store", str(tmp_path), "--scales", "half"],
          "not numbers separated by commas: 'half'"),
         (interpolate.main, ["--store", str(tmp_path)], "holds no reports and versions folders"),
+        (approval.main, ["--user", "nobody", "--version", f"a={tmp_path}"],
+         "unknown users ['nobody']"),
+        (approval.main, ["--user", "tips", "--version", str(tmp_path)],
+         "expected LABEL=STORE[@VERSION]"),
+        (approval.main, ["--user", "tips", "--version", f"a={tmp_path}"],
+         "holds no versions folder"),
+        (approval.main, ["--user", "tips", "--version", f"a={tmp_path}",
+                         "--version", f"a={tmp_path}@base"], "a label is given twice"),
+        (approval.main, ["--user", "tips", "--version", f"a={tmp_path}", "--test-samples", "0"],
+         "--test-samples"),
         (b_budget.main, ["--results", str(tmp_path / "none.json")], "cannot read"),
         (reply_batching.main, ["--questions", "0", "--out", str(tmp_path / "batching")],
          "--questions must be at least 1"),
@@ -355,6 +365,37 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         with pytest.raises(SystemExit):  # a round that is not in the store: named
             interpolate.main(["--store", str(store), "--user", "concise", "--round", "r0",
                               "--out", str(tmp_path / "interp")])
+
+    # versions read with more replies a prompt, each against the first, paired by prompt: the
+    # base model and the store's latest candidate (the base when no round made one)
+    read = ["--user", "concise", "--test-prompts", "2", "--test-samples", "2",
+            "--max-new-tokens", "8", "--out", str(tmp_path / "approval")]
+    found = approval.main(["--version", f"base={store}@base", "--version", f"latest={store}",
+                           *read])
+    base_name = Registry().base_name
+    assert [(r["label"], r["version"]) for r in found["last"]] == \
+        [("base", base_name), ("latest", made[-1] if made else base_name)]
+    first, latest = found["last"]
+    assert first["difference"] == {"estimate": 0, "interval": [0, 0], "p_better": 0}
+    for r in found["last"]:
+        kept = found["versions"][f"{store.resolve()}@{r['version']}"]
+        assert len(kept["per_prompt"]) == 2 and all(0 <= a <= 1 for a in kept["per_prompt"])
+        assert r["approval"] == pytest.approx(sum(kept["per_prompt"]) / 2)
+        assert r["approval_interval"][0] <= r["approval"] <= r["approval_interval"][1]
+    assert latest["difference"]["estimate"] == pytest.approx(
+        latest["approval"] - first["approval"])
+    assert (tmp_path / "approval" / "approval-concise.png").is_file()
+    # the other way round: the same readings (kept, not sampled again), the difference negated
+    again = approval.main(["--version", f"latest={store}", "--version", f"base={store}@base",
+                           *read])
+    assert again["versions"] == found["versions"]
+    assert again["last"][1]["difference"]["estimate"] == \
+        pytest.approx(-latest["difference"]["estimate"])
+    assert list(json.loads((tmp_path / "approval" / "approval.json").read_text()).values()) \
+        == [again]
+    with pytest.raises(SystemExit) as exited:  # a version the store does not hold: named
+        approval.main(["--version", f"x={store}@r0", *read])
+    assert exited.value.code == 2
 
     # users measured one run at a time land in one table: a later run keeps the earlier rows
     main(["--users", "no_filler", "--rounds", "0", "--test-prompts", "2", "--test-samples", "1",
