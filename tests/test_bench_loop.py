@@ -376,7 +376,8 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert [(r["label"], r["version"]) for r in found["last"]] == \
         [("base", base_name), ("latest", made[-1] if made else base_name)]
     first, latest = found["last"]
-    assert first["difference"] == {"estimate": 0, "interval": [0, 0], "p_better": 0}
+    # the first against itself: no difference, and no leaning (ties count half)
+    assert first["difference"] == {"estimate": 0, "interval": [0, 0], "p_better": 0.5}
     for r in found["last"]:
         kept = found["versions"][f"{store.resolve()}@{r['version']}"]
         assert len(kept["per_prompt"]) == 2 and all(0 <= a <= 1 for a in kept["per_prompt"])
