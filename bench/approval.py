@@ -33,8 +33,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.loop import judged, load_prompts, replies
-from serving.setting import Allowed, flag_type
+from bench.loop import judged, load_prompts, reading_flags, replies
 
 
 def version_spec(text: str) -> tuple[str, Path, str | None]:
@@ -70,10 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                         dest="versions", metavar="LABEL=STORE[@VERSION]",
                         help="a version to read (the first: the one the others are compared "
                              "with); STORE a data folder with a versions folder")
-    at_least_1 = flag_type(int, Allowed(low=1))
-    parser.add_argument("--test-prompts", type=at_least_1, default=62)
-    parser.add_argument("--test-samples", type=at_least_1, default=8)
-    parser.add_argument("--max-new-tokens", type=at_least_1, default=256)
+    reading_flags(parser, test_samples=8)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "approval")
     args = parser.parse_args(argv)

@@ -35,8 +35,8 @@ import os
 import time
 from pathlib import Path
 
-from bench.loop import judged, load_prompts, replies
-from serving.setting import Allowed, flag_type
+from bench.loop import judged, load_prompts, reading_flags, replies
+from serving.setting import Allowed
 
 
 SCALE = Allowed(low=0.0, high=math.inf, high_open=True)
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", type=scales, default=scales("0,0.5,0.75,1,1.25,1.5"),
                         help="comma-separated scales of the round's change (0: its parent, "
                              "1: the candidate)")
-    at_least_1 = flag_type(int, Allowed(low=1))
-    parser.add_argument("--test-prompts", type=at_least_1, default=62)
-    parser.add_argument("--test-samples", type=at_least_1, default=2)
-    parser.add_argument("--max-new-tokens", type=at_least_1, default=256)
+    reading_flags(parser, test_samples=2)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "interpolate")
     args = parser.parse_args(argv)

@@ -68,6 +68,16 @@ def replies(prompts: list[dict], n: int, settings,
         engine.close()
 
 
+def reading_flags(parser, test_samples: int) -> None:
+    """--test-prompts, --test-samples, --max-new-tokens: how a version's approval is read
+    (`bench.interpolate`, `bench.approval`)."""
+    from serving.setting import Allowed, flag_type
+    at_least_1 = flag_type(int, Allowed(low=1))
+    parser.add_argument("--test-prompts", type=at_least_1, default=62)
+    parser.add_argument("--test-samples", type=at_least_1, default=test_samples)
+    parser.add_argument("--max-new-tokens", type=at_least_1, default=256)
+
+
 def approval(user, texts: list[list[str]]) -> float:
     flat = [t for ts in texts for t in ts]
     return sum(user.judge(t)[0] for t in flat) / len(flat)
