@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="before each round, `python -m training prepare` (the serving "
                         "version's half of the gate, off the round's clock, as `training "
                         "schedule` does between rounds; timed in the row)")
+    parser.add_argument("--prepare-minutes", type=float, default=20.0,
+                        help="`training prepare`'s own budget (it runs between rounds, off "
+                             "their clock: its reward model, synthetic pairs and reference "
+                             "took 8-11 minutes in a 300-vote round on 2 cores)")
     parser.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
                         help="after each round that reached its gate, both versions' answers "
                         "to every regression question, off the round's clock (the gate asks "
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
             texts, version = replies(prompts, args.replies_per_prompt, settings)
             gen_s, gen_mb = time.monotonic() - t, peak_mb()
             counts = record_votes(user, prompts, texts, version, settings.to_dict(), r)
-            prepared = prepare_next_gate(args.round_config, args.max_minutes) \
+            prepared = prepare_next_gate(args.round_config, args.prepare_minutes) \
                 if args.prepare else None
             training = run_training_round(args.round_config, args.max_minutes)
             t, _ = time.monotonic(), reset_peak()

@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="before each variant's round, `python -m training prepare` (the "
                              "base model's half of its gate, off the round's clock, as "
                              "bench.loop and `training schedule` do)")
+    parser.add_argument("--prepare-minutes", type=float, default=20.0,
+                        help="`training prepare`'s own budget (it runs between rounds, off "
+                             "their clock: its reward model, synthetic pairs and reference "
+                             "took 8-11 minutes in a 300-vote round on 2 cores)")
     parser.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
                         help="each candidate and the base answer all 240 regression questions "
                              "(bench.loop's `retention_all`, about 1-2 min a variant)")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["base"] = {"version": base, **judged(user, before)}
             print(f"{args.user}: base approval {row['base']['approval']:.0%}", flush=True)
         config = merged(args.round_config, overrides)
-        prepared = prepare_next_gate(config, args.max_minutes) if args.prepare else None
+        prepared = prepare_next_gate(config, args.prepare_minutes) if args.prepare else None
         training = run_training_round(config, args.max_minutes)
         # the base's approval of this run beside each variant: a later run of the same user
         # measures the base again (sampled replies: 30-38% for one user in three runs)

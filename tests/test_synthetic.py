@@ -16,8 +16,8 @@ from serving.config import ServingConfig
 from serving.registry import Registry
 from training.config import SyntheticConfig
 from training.dataset import FeedbackData
-from training.synthetic import (check_sample, judge_quality, judged_conversations, judged_pairs,
-                                synthetic_pairs)
+from training.synthetic import (PreparedPairs, check_sample, judge_quality,
+                                judged_conversations, judged_pairs, synthetic_pairs)
 
 
 class LengthJudge:
@@ -158,3 +158,33 @@ def test_the_reward_model_stops_training_in_time_to_score_the_heldout(tiny_model
     twice, _ = train_reward_model(str(tiny_model), tokenizer, pairs, cfg, out,
                                   time.monotonic() + 60)
     assert twice.score(mixed[:3]) == pytest.approx(again.score(mixed[:3]), abs=1e-4)
+
+
+def test_prepared_pairs_serve_only_the_round_with_their_judge_version_and_settings(tmp_path):
+    """`PreparedPairs` (what `training prepare` made off the round's clock): a round uses them
+    with the very judge that scored them (the prepared one), while the version that sampled
+    them serves, with the settings that shaped them; the stage's time share is not one of
+    those. An unreadable file holds none."""
+    cfg = SyntheticConfig()
+    pair = {"prompt": [{"role": "user", "content": "q"}], "source": "synthetic",
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}], "reward_gap_sd": 1.5}
+    summary = {"prompts": 3, "prompts_finished": 3, "replies": 12, "pairs": 1,
+               "pairs_below_margin": 2, "margin_sd": 1.0, "generate_and_score_s": 4.0}
+    path = tmp_path / "training" / "synthetic.json"
+    kept = PreparedPairs.write(path, version="v1", judge_made="t1", cfg=cfg, fluent_chosen=True,
+                               pairs=[pair], summary=summary, seconds=5.04)
+    assert kept.unusable("v1", "t1", cfg, True) is None and kept.pairs == [pair]
+    assert kept.unusable("v1", "t1", SyntheticConfig(time_share=0.5), True) is None
+    assert kept.summary()["prepared"]["version"] == "v1"
+    assert kept.summary()["prepared"]["seconds"] == 5.0 and kept.summary()["pairs"] == 1
+    assert "another reward model" in kept.unusable("v1", "t2", cfg, True)
+    assert "trains its own" in kept.unusable("v1", None, cfg, True)
+    assert "sampled from v1, not v2" in kept.unusable("v2", "t1", cfg, True)
+    for other, fluent in ((SyntheticConfig(margin=0.5), True),
+                          (SyntheticConfig(samples_per_prompt=8), True), (cfg, False)):
+        assert "other synthetic settings" in kept.unusable("v1", "t1", other, fluent)
+    assert PreparedPairs(path).pairs == [pair]  # read back from the file
+    path.write_text("{not json")
+    assert "has made none" in PreparedPairs(path).unusable("v1", "t1", cfg, True)
+    assert PreparedPairs(tmp_path / "none.json").pairs == []

@@ -1248,14 +1248,19 @@ def test_prepare_from_the_command_line_goes_into_the_next_rounds_report(tiny_mod
     from training.evaluate import load_regression_set
 
     fill(24)
+    # a judge that learns GOOD from BAD (12 steps at a high rate): trusted, it makes pairs
+    # (every prompt's best and worst: no margin); DPO, whose steps read their reference
+    JUDGED = {**LENIENT, "reward": {"max_steps": 12, "batch_size": 4, "learning_rate": 3e-3},
+              "synthetic": {**LENIENT["synthetic"], "margin": 0.0},
+              "tune": {**LENIENT["tune"], "method": "dpo"}}
     with round_lock():
-        busy = training_cli("prepare", config=LENIENT, tmp_path=tmp_path)
+        busy = training_cli("prepare", config=JUDGED, tmp_path=tmp_path)
     assert busy.returncode == 4 and "Another round is running" in busy.stderr
-    done = training_cli("prepare", config=LENIENT, tmp_path=tmp_path)
+    done = training_cli("prepare", config=JUDGED, tmp_path=tmp_path)
     questions = len(load_regression_set())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"{questions} of {questions} questions" in done.stdout
-    ran = training_cli("run", config=LENIENT, tmp_path=tmp_path)
+    ran = training_cli("run", config=JUDGED, tmp_path=tmp_path)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     [version] = Registry().versions()
     report = round_report(version.name)
@@ -1267,11 +1272,11 @@ def test_prepare_from_the_command_line_goes_into_the_next_rounds_report(tiny_mod
     assert report["gate"]["replies_kept"][tiny_model.name] >= questions
     a = report["gate"]["checks"]["a_heldout_ranking"]
     assert a["cached"][tiny_model.name] == a["votes"]  # the base serves: one model, prepared
-    # the reward model too: trained by prepare (its 3 steps), used by the round, kept with
+    # the reward model too: trained by prepare (its 12 steps), used by the round, kept with
     # the version like a judge the round trains; its held-out check scored once, in prepare
-    assert re.search(r"a reward model \(3 steps on \d+ pairs\)", done.stdout)
+    assert re.search(r"a reward model \(12 steps on \d+ pairs\)", done.stdout)
     judge = report["reward_model"]
-    assert judge["steps"] == 3 and judge["prepared"]["rows_missing"] == 0
+    assert judge["steps"] == 12 and judge["prepared"]["rows_missing"] == 0
     assert judge["prepared"]["rows"] == report["data"]["train"]["votes"] + \
         report["data"]["train"]["pairs"]
     assert judge["judge"]["heldout_votes"] > 0 and "auc" in judge["judge"]
@@ -1280,8 +1285,29 @@ def test_prepare_from_the_command_line_goes_into_the_next_rounds_report(tiny_mod
                                                f"{version.name}.md").read_text()
     assert "the reward model trained by `training prepare`" in ran.stdout
     assert "training the reward model" not in ran.stdout
-    again = training_cli("prepare", config=LENIENT, tmp_path=tmp_path)  # the same rows:
+    # the synthetic pairs too: sampled by the serving version, scored by that judge, off the
+    # round's clock; the round takes them instead of sampling its own
+    prepared = Path(os.environ["CHAT_DATA_DIR"]) / "training" / "prepared.json"
+    made = json.loads(prepared.read_text())["synthetic"]
+    assert judge["judge"]["trusted"] and made["written"] and made["prompts_finished"] == 4
+    assert made["pairs"] > 0 and f"{made['pairs']} synthetic pairs from 4 of 4" in done.stdout
+    assert made["reference"]["written"] == made["pairs"]  # their reference, kept too
+    syn = report["synthetic"]
+    assert syn["pairs"] == made["pairs"] and syn["prepared"]["version"] == tiny_model.name
+    assert "synthetic pairs made by `training prepare`" in ran.stdout
+    assert "made by `training prepare` (off the round's clock)" in (
+        Path(os.environ["CHAT_DATA_DIR"]) / "reports" / f"{version.name}.md").read_text()
+    tuned = report["tuning"]
+    assert tuned["method"] == "dpo" and tuned["rows"] == report["data"]["train"]["pairs"] + \
+        made["pairs"]
+    assert tuned["reference"]["kept"] == tuned["rows"]  # none computed in the round
+    again = training_cli("prepare", config=JUDGED, tmp_path=tmp_path)  # the same rows:
     assert "prepare (reward model)" not in again.stdout  # nothing trained again
+    # the round promoted its candidate: the new serving version samples the next pairs
+    assert "prepare (synthetic pairs): " in again.stdout and "prepare (reference)" in again.stdout
+    third = training_cli("prepare", config=JUDGED, tmp_path=tmp_path)
+    assert third.returncode == 0 and "prepare (synthetic pairs)" not in third.stdout  # kept
+    assert json.loads(prepared.read_text())["synthetic"]["written"] is False
 
 
 def test_a_prepared_judge_serves_the_rounds_whose_training_rows_it_mostly_saw(tmp_path):

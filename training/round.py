@@ -34,8 +34,8 @@ from training.lock import round_lock
 from training.memory import peak_mb, reset_peak
 from training.replay import replay_replies
 from training.reward import KeptScores, PreparedJudge, train_reward_model
-from training.synthetic import (check_sample, judge_quality, judged_conversations,
-                                synthetic_pairs)
+from training.synthetic import (PreparedPairs, check_sample, judge_quality,
+                                judged_conversations, synthetic_pairs)
 from training.tune import (ReferenceCache, choose_method, dpo_trainer, lora_config,
                            reference_forward, steps_read_kept, tune)
 
@@ -245,6 +245,61 @@ def judge_current(registry: Registry, base_source: str, cfg: RoundConfig,
         base_source, cfg.reward, train, max_missing=0.0) is None
 
 
+def synthetic_path(registry: Registry) -> Path:
+    return registry.data / "training" / "synthetic.json"
+
+
+def prepare_synthetic(registry: Registry, name: str, base_source: str, tokenizer,
+                      train: FeedbackData, cfg: RoundConfig, deadline: float,
+                      log=print) -> tuple[list[dict], dict]:
+    """The next round's synthetic pairs (`training.synthetic.PreparedPairs`): the serving
+    version `name` samples the training prompts, the prepared reward model scores the replies,
+    best against worst past the margin, as the round's own stage does, but off its clock and
+    with sampling bounded by `deadline` (time.monotonic()) alone. Nothing when the round would
+    make none (off, online tuning, no prepared judge or one at chance), or when pairs from
+    this version and this judge are kept. Returns (the pairs, what was done)."""
+    t = time.monotonic()
+    kept_judge = PreparedJudge(judge_dir(registry))
+    path = synthetic_path(registry)
+
+    def none(why: str) -> tuple[list[dict], dict]:
+        log(f"prepare (synthetic pairs): none, {why}")
+        return [], {"pairs": 0, "why": why, "seconds": 0.0}
+
+    if cfg.synthetic.samples_per_prompt == 0:
+        return none("off (synthetic.samples_per_prompt = 0)")
+    if cfg.tune.method == "online":
+        return none("online tuning samples its own pairs")
+    if (why := kept_judge.unusable(base_source, cfg.reward, train, 0.0)) is not None:
+        return none(f"no reward model prepared for these votes ({why}): the round makes its "
+                    "own")
+    if not kept_judge.record.get("check", {}).get("trusted"):
+        return none("the prepared reward model's held-out ranking is not above chance")
+    made_at = kept_judge.record["finished_at"]
+    fluent = cfg.data.drop_disfluent
+    kept = PreparedPairs(path)
+    if kept.unusable(name, made_at, cfg.synthetic, fluent) is None:
+        return kept.pairs, {**kept.summary(), "written": False, "seconds": 0.0}
+    if deadline <= t:
+        _, record = none("no time left")
+        return [], {**record, "stopped_by_deadline": True}
+    judge = kept_judge.load(base_source, tokenizer, cfg.reward.max_length)
+    engine = open_engine(registry, name, ServingConfig(slots=16))  # a batch job: every slot
+    try:  # sampling to the deadline less a fifth of the time left, for the judging after it
+        pairs, summary = synthetic_pairs(engine, judge, train, cfg.synthetic,
+                                         share_end(t, deadline, 0.8), log=log,
+                                         fluent_chosen=fluent)
+    finally:
+        engine.close()
+    del judge
+    seconds = time.monotonic() - t
+    PreparedPairs.write(path, version=name, judge_made=made_at, cfg=cfg.synthetic,
+                        fluent_chosen=fluent, pairs=pairs, summary=summary, seconds=seconds)
+    log(f"prepare (synthetic pairs): {len(pairs)} from {summary['prompts_finished']} of "
+        f"{summary['prompts']} prompts in {seconds:.0f}s")
+    return pairs, {**summary, "written": True, "seconds": round(seconds, 1)}
+
+
 def training_share_s(cfg: RoundConfig) -> float:
     """The seconds of a round's clock before its gate: its reward model's and tuning's."""
     return (1 - cfg.gate_share) * cfg.max_minutes * 60
@@ -265,7 +320,10 @@ def prepared_line(p: dict) -> str:
             + (f", reference log-probabilities of {ref['items']} of {ref['pairs']} training "
                "pairs" if ref and not ref.get("why") else "")
             + (f", a reward model ({judge['steps']} steps on {judge['pairs']} pairs)"
-               if (judge := p.get("judge")) and not judge.get("why") else ""))
+               if (judge := p.get("judge")) and not judge.get("why") else "")
+            + (f", {syn['pairs']} synthetic pairs from {syn['prompts_finished']} of "
+               f"{syn['prompts']} prompts" if (syn := p.get("synthetic")) and not syn.get("why")
+               else ""))
 
 
 def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
@@ -315,8 +373,17 @@ def prepare_gate(cfg: RoundConfig | None = None, *, log=print,
                                               deadline - reserve, log, reach)
         done["judge"] = prepare_judge(registry, base_source, tokenizer, train, heldout, cfg,
                                       deadline, log)
+        # the synthetic pairs the round would otherwise sample on its clock, and their
+        # reference (the users' pairs' is kept above): the round's steps read both
+        made, done["synthetic"] = prepare_synthetic(registry, name, base_source, tokenizer,
+                                                    train, cfg, deadline, log)
+        if made:
+            done["synthetic"]["reference"] = prepare_reference(
+                registry, start_name, FeedbackData(train.votes, train.pairs + made), cfg.tune,
+                deadline, log, reach)
         done["seconds"] = round(done["seconds"] + done["reference"]["seconds"]
-                                + done["judge"]["seconds"]
+                                + done["judge"]["seconds"] + done["synthetic"]["seconds"]
+                                + done["synthetic"].get("reference", {}).get("seconds", 0.0)
                                 + done.get("replay", {}).get("seconds", 0.0), 1)
         record = {**done, "finished_at": datetime.now(timezone.utc).isoformat(),
                   "heldout": heldout.counts, "train": train.counts}
@@ -458,6 +525,12 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     report["synthetic"] = {"pairs": 0}
     reads_kept = steps_read_kept(reference, train.pairs, cfg.tune, kept_reach(
         train_deadline - t, cfg.tune.batch_size)["pairs"])
+    # pairs `training prepare` made with this very judge cost the tuning no time
+    prepared_pairs = PreparedPairs(synthetic_path(registry))
+    unprepared = prepared_pairs.unusable(
+        current_name, prepared_judge.record["finished_at"] if why_not is None else None,
+        cfg.synthetic, cfg.data.drop_disfluent)
+    sampling_s = 0.0 if unprepared is None else cfg.synthetic.time_share * (train_deadline - t)
     if cfg.synthetic.samples_per_prompt == 0:
         report["synthetic"]["why"] = "off (synthetic.samples_per_prompt = 0)"
     elif not quality["trusted"]:
@@ -471,13 +544,19 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
     elif cfg.synthetic.only_if_reached and (reach := tuning_reach(
             (step := tuning_step_estimate(report["reward_model"].get("step_s"), cfg.synthetic,
                                           kept=reads_kept))["step_s"],
-            (1 - cfg.synthetic.time_share) * (train_deadline - t), cfg.tune.batch_size,
+            train_deadline - t - sampling_s, cfg.tune.batch_size,
             len(train.pairs))) is not None:
         report["synthetic"]["why"] = (
             f"the tuning's time left after sampling reaches at most {reach} of the users' "
             f"{len(train.pairs)} pairs (a step takes about {step['step_s']:.0f} s: "
             f"{step['source']}): synthetic pairs would mostly go unseen, so their time goes to "
             "the tuning")
+    elif unprepared is None:
+        made = prepared_pairs.pairs
+        report["synthetic"] = prepared_pairs.summary()
+        log(f"synthetic pairs made by `training prepare` "
+            f"({report['synthetic']['prepared']['finished_at'][:19]}), off the round's clock")
+        train = FeedbackData(train.votes, train.pairs + made, train.left_out)
     else:
         # sampling gets 80% of the synthetic stage's share, judging the rest
         sampling_end = share_end(t, train_deadline, 0.8 * cfg.synthetic.time_share)
@@ -489,6 +568,7 @@ def _run(cfg: RoundConfig, echo, start: float) -> RoundResult:
                 fluent_chosen=cfg.data.drop_disfluent)
         finally:
             engine.close()
+        report["synthetic"]["prepared"] = {"why_not": unprepared}
         train = FeedbackData(train.votes, train.pairs + made, train.left_out)
     log(report["synthetic"].get("why") or f"{report['synthetic']['pairs']} synthetic pairs")
     timed("synthetic", t)
@@ -760,9 +840,12 @@ def _synthetic_line(s: dict | None) -> str:
         return "- synthetic pairs: none"
     if "why" in s:
         return f"- synthetic pairs: none ({s['why']})"
+    made = s.get("prepared", {})
     return (f"- synthetic pairs: {s['pairs']} from {s['prompts_finished']} of {s['prompts']} "
             f"prompts ({s['replies']} sampled replies; {s['pairs_below_margin']} prompts below "
-            f"the {s['margin_sd']} s.d. margin), {s['generate_and_score_s']} s")
+            f"the {s['margin_sd']} s.d. margin), {s['generate_and_score_s']} s"
+            + (f", made by `training prepare` (off the round's clock) from {made['version']}"
+               if "finished_at" in made else ""))
 
 
 def status() -> dict:

@@ -45,10 +45,19 @@ def reference_short(ref: dict) -> bool:
     return ref.get("missing", ref["pairs"] - ref["items"]) > 0
 
 
+def synthetic_short(syn: dict) -> bool:
+    """Whether `prepare`'s clock stopped the synthetic pairs short: before their sampling, in
+    it (prompts left unfinished), or before the reference of those it made."""
+    return bool(syn.get("stopped_by_deadline")) \
+        or syn.get("prompts_finished", 0) < syn.get("prompts", 0) \
+        or reference_short(syn.get("reference") or {"why": "none"})
+
+
 def unprepared(cfg: RoundConfig) -> bool:
     """Whether what `prepare_gate` makes may be incomplete: it has not run for the serving
     version, or the held-out or training votes changed since it did, or its clock stopped it
-    short (of the gate's half or of the tuning's reference, or before the reward model).
+    short (of the gate's half or of the tuning's reference, before the reward model, or in
+    the synthetic pairs' sampling).
     Reads the store only (no model)."""
     record = read_prepared()
     if record is None or record.get("version") != Registry().current_name() \
@@ -57,9 +66,11 @@ def unprepared(cfg: RoundConfig) -> bool:
     train, heldout = split(load_feedback(cfg.data), cfg.data)
     ref = record["reference"]  # short, unless the round runs no DPO ("why")
     judge = record.get("judge")  # its clock may have left the reward model to the round
+    syn = record.get("synthetic") or {}  # or stopped its sampling short
     short = any(record.get(part, {}).get("items", 0) < record.get(total, 0) for part, total in
                 (("c_replies", "questions"), ("b_replies", "prompts"), ("a_logps", "votes"))) \
         or reference_short(ref) \
+        or synthetic_short(syn) \
         or (cfg.reward.prepare and (judge is None or "why" in judge))
     return short or record.get("heldout") != heldout.counts or \
         record.get("train") != train.counts

@@ -15,15 +15,21 @@ all finish are left out.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
 from statistics import pstdev
+
+from feedback.config import make_folder
 
 from serving.chat import PromptTooLong, split_system
 from serving.config import GenerationSettings
 from training.config import SyntheticConfig
 from training.dataset import FeedbackData, fluency_failure
-from training.evaluate import alternating
+from training.evaluate import Kept, alternating
 from training.stats import Calibration, platt
 
 
@@ -172,3 +178,70 @@ def _wait(reply, timeout: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+class PreparedPairs:
+    """Synthetic pairs `python -m training prepare` makes between rounds, off the round's clock,
+    with the reward model it prepared: in a 10-minute round the stage took about 100 s of the
+    tuning's time for 19 pairs from 29 of 48 prompts (session 48's tips round); made before
+    the round, it samples every prompt and the round's tuning keeps those seconds for steps.
+    Kept in one file (`<data>/training/synthetic.json`) with what made them: the version that
+    sampled them, the judge that scored them (its `finished_at`) and the settings that shape
+    them. A round uses them only with that very judge (the prepared one) while that version
+    serves; else it samples its own as before."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.record = json.loads(path.read_text())
+            assert isinstance(self.record, dict) and isinstance(self.record.get("pairs"), list)
+        except (OSError, ValueError, AssertionError):
+            self.record = None
+
+    @staticmethod
+    def settings_key(cfg: SyntheticConfig, fluent_chosen: bool) -> str:
+        """What shapes the pairs: not the stage's time share nor its reach estimate."""
+        shaping = {k: getattr(cfg, k) for k in ("samples_per_prompt", "max_prompts", "margin",
+                                                "temperature", "max_new_tokens")}
+        return Kept.key(shaping, fluent_chosen)
+
+    def unusable(self, version: str, judge_made: str | None, cfg: SyntheticConfig,
+                 fluent_chosen: bool) -> str | None:
+        """Why a round serving `version`, judging with the prepared reward model finished at
+        `judge_made` (None: a judge of the round's own), cannot use these pairs; None when it
+        can."""
+        if self.record is None:
+            return "`training prepare` has made none"
+        if judge_made is None:
+            return "the round trains its own reward model"
+        if self.record.get("judge") != judge_made:
+            return "made with another reward model"
+        if self.record.get("version") != version:
+            return f"sampled from {self.record.get('version')}, not {version}"
+        if self.record.get("settings") != self.settings_key(cfg, fluent_chosen):
+            return "made with other synthetic settings"
+        return None
+
+    @property
+    def pairs(self) -> list[dict]:
+        return list(self.record["pairs"]) if self.record else []
+
+    def summary(self) -> dict:
+        """What a round's report says of them: the stage's own report and when it was made."""
+        return {**self.record["summary"], "prepared": {
+            "finished_at": self.record["finished_at"], "seconds": self.record["seconds"],
+            "version": self.record["version"]}}
+
+    @classmethod
+    def write(cls, path: Path, *, version: str, judge_made: str, cfg: SyntheticConfig,
+              fluent_chosen: bool, pairs: list[dict], summary: dict,
+              seconds: float) -> "PreparedPairs":
+        make_folder(path.parent)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({
+            "version": version, "judge": judge_made,
+            "settings": cls.settings_key(cfg, fluent_chosen), "pairs": pairs,
+            "summary": summary, "seconds": round(seconds, 1),
+            "finished_at": datetime.now(timezone.utc).isoformat()}) + "\n")
+        os.replace(tmp, path)
+        return cls(path)
