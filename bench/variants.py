@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prepare-minutes", type=float, default=20.0,
                         help="`training prepare`'s own budget (it runs between rounds, off "
                              "their clock: its reward model, synthetic pairs and reference "
-                             "took 8-11 minutes in a 300-vote round on 2 cores)")
+                             "took 648-701 s for 300 votes on 2 cores, session 49)")
     parser.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
                         help="each candidate and the base answer all 240 regression questions "
                              "(bench.loop's `retention_all`, about 1-2 min a variant)")
