@@ -3,7 +3,7 @@
     python -m bench.variants --user tips --store bench/results/loop/tips/data \\
         --variants '{"default": {}, "lr 1.5e-3": {"tune": {"learning_rate": 1.5e-3}}}' \\
         [--round-config JSON] [--max-minutes 10] [--test-prompts 62] [--test-samples 2]
-        [--no-prepare] [--no-retention] [--out DIR]
+        [--no-prepare] [--prepare-minutes 20] [--synthetic-by-user] [--no-retention] [--out DIR]
 
 `--store` is a data folder a `bench.loop` run left behind (its `feedback.db`: the simulated
 user's votes; its `models` link: the base checkpoint). For each variant (a name and its
@@ -16,6 +16,11 @@ rejected, answers the test prompts (as in `bench.loop`) and the user judges: app
 judge AUC and synthetic pairs, and (unless `--no-retention`) the candidate's answers to all
 240 regression questions against the base's (bench.loop's `retention_all`). Same votes, same
 clock: what differs is the config.
+The synthetic pairs `training prepare` made are read by the user's own rule (`synthetic_by_user`:
+how many its chosen reply is liked and its rejected one not, the reverse, both liked, neither);
+`--synthetic-by-user` replaces them, before the round, with pairs the user picks from fresh
+samples of the same prompts (a reward model that is always right: what a better judge could
+gain; bench only).
 `CHAT_DTYPE=float32` in the environment runs every stage as on a CPU without native bfloat16.
 Writes `variants.json` (rows of earlier runs of other users or variants are kept). A
 benchmark, not a test.
@@ -54,6 +59,67 @@ def fresh_store(store: Path, data: Path) -> None:
     (data / "models").symlink_to((store / "models").resolve())
 
 
+class UserAsJudge:
+    """The simulated user's own rule in place of a reward model: 1 for a reply it likes."""
+
+    def __init__(self, user) -> None:
+        self.user = user
+
+    def score(self, conversations: list[list[dict]]) -> list[float]:
+        return [float(self.user.judge(c[-1]["content"])[0]) for c in conversations]
+
+
+def synthetic_by_user(user, path: Path) -> dict | None:
+    """The kept synthetic pairs at `path` as the simulated user judges their two replies."""
+    try:
+        pairs = json.loads(path.read_text())["pairs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    counts = {"pairs": len(pairs), "right": 0, "wrong": 0, "both liked": 0, "neither liked": 0}
+    for pair in pairs:
+        chosen, rejected = (user.judge(pair[k][-1]["content"])[0] for k in ("chosen", "rejected"))
+        counts["both liked" if chosen and rejected else "right" if chosen else
+               "wrong" if rejected else "neither liked"] += 1
+    return counts
+
+
+def user_picked_pairs(user, config: dict) -> dict:
+    """Replaces the synthetic pairs `training prepare` made (the serving version's samples,
+    picked by its reward model) with pairs the simulated user picks from new samples of the
+    same training prompts, under the same header (version, judge, settings), so that the round
+    takes them as prepare's. Their reference log-probabilities are computed by the next
+    `training prepare`."""
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from serving.registry import Registry
+    from training.config import RoundConfig
+    from training.dataset import load_feedback, split
+    from training.round import synthetic_path
+    from training.synthetic import PreparedPairs, synthetic_pairs
+
+    cfg = RoundConfig.from_dict(config)
+    registry = Registry()
+    kept = PreparedPairs(synthetic_path(registry))
+    if kept.record is None:
+        return {"why": "`training prepare` kept no synthetic pairs to replace"}
+    train, _ = split(load_feedback(cfg.data), cfg.data)
+    fluent = cfg.data.drop_disfluent
+    start = time.monotonic()
+    engine = open_engine(registry, kept.record["version"], ServingConfig(slots=16))
+    try:
+        pairs, summary = synthetic_pairs(engine, UserAsJudge(user), train, cfg.synthetic,
+                                         start + 3600, fluent_chosen=fluent)
+    finally:
+        engine.close()
+    summary["picked_by"] = f"the simulated user {user.name}"
+    PreparedPairs.write(kept.path, version=kept.record["version"],
+                        judge_made=kept.record["judge"], cfg=cfg.synthetic, fluent_chosen=fluent,
+                        pairs=pairs, summary=summary, seconds=time.monotonic() - start)
+    print(f"synthetic pairs picked by the user: {len(pairs)} from {summary['prompts_finished']} "
+          f"of {summary['prompts']} prompts", flush=True)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--user", required=True, help="the simulated user who cast the votes")
@@ -75,6 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="`training prepare`'s own budget (it runs between rounds, off "
                              "their clock: its reward model, synthetic pairs and reference "
                              "took 648-701 s for 300 votes on 2 cores, session 49)")
+    parser.add_argument("--synthetic-by-user", action="store_true",
+                        help="after `training prepare`, replace its synthetic pairs with "
+                             "pairs the simulated user picks from fresh samples (an always-"
+                             "right judge), then prepare again for their reference")
     parser.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
                         help="each candidate and the base answer all 240 regression questions "
                              "(bench.loop's `retention_all`, about 1-2 min a variant)")
@@ -91,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
             isinstance(v, dict) for v in args.variants.values()):
         parser.error('--variants must be a JSON object of named overrides, e.g. '
                      '{"default": {}, "lr": {"tune": {"learning_rate": 1e-3}}}')
+    if args.synthetic_by_user and not args.prepare:
+        parser.error("--synthetic-by-user replaces the pairs `training prepare` makes: drop "
+                     "--no-prepare")
 
     from serving.config import GenerationSettings
 
@@ -118,12 +191,20 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{args.user}: base approval {row['base']['approval']:.0%}", flush=True)
         config = merged(args.round_config, overrides)
         prepared = prepare_next_gate(config, args.prepare_minutes) if args.prepare else None
+        picked = None
+        if args.synthetic_by_user:
+            picked = {"judge's": synthetic_by_user(user, data / "training" / "synthetic.json"),
+                      "sampled": user_picked_pairs(user, config)}
+            picked["prepare_again"] = prepare_next_gate(config, args.prepare_minutes)
         training = run_training_round(config, args.max_minutes)
         # the base's approval of this run beside each variant: a later run of the same user
         # measures the base again (sampled replies: 30-38% for one user in three runs)
         out = {"config": config, "store": str(args.store),
                "dtype": os.environ.get("CHAT_DTYPE", "auto"), "base": row["base"],
-               "prepare": prepared, "training": training}
+               "prepare": prepared, "training": training,
+               "synthetic_by_user": synthetic_by_user(user, data / "training" / "synthetic.json")}
+        if picked:
+            out["synthetic_picked_by_user"] = picked
         if training["candidate"] and (data / "versions" / training["candidate"]).is_dir():
             t = time.monotonic()
             theirs, _ = replies(test, args.test_samples, settings, training["candidate"])
@@ -149,7 +230,9 @@ def print_row(name: str, v: dict) -> None:
     print(f"{name:<24} candidate {shown:<16} {t.get('decision') or '-':>9} "
           f"{t.get('seconds', 0) / 60:4.1f} min  RM {times.get('reward_model', 0):.0f}s "
           f"{rm.get('steps', 0)} st AUC {'-' if auc is None else f'{auc:.2f}'}  "
-          f"synth {(t.get('synthetic') or {}).get('pairs', 0)}  "
+          f"synth {(t.get('synthetic') or {}).get('pairs', 0)}"
+          + (f" ({by['right']} right, {by['wrong']} wrong by the user)"
+             if (by := v.get("synthetic_by_user")) else "") + "  "
           f"tune {times.get('tuning', 0):.0f}s {(t.get('tuning') or {}).get('steps', 0)} st  "
           f"gate {times.get('gate', 0):.0f}s, (a)+(b) pooled "
           f"{'-' if pooled is None else f'{pooled:.2f}'}"

@@ -48,18 +48,52 @@ def test_prompt_set_and_users():
     assert not filler.judge("Sure! Here you go.")[0] and filler.judge("Tea needs 3 minutes.")[0]
 
 
+def test_the_users_own_rule_reads_and_picks_synthetic_pairs(tmp_path):
+    """`bench.variants` reads a round's synthetic pairs by the simulated user's rule (right,
+    wrong, both liked, neither) and, with --synthetic-by-user, picks them by it: 1 for a reply
+    it likes, 0 for one it does not. An unreadable file reads as nothing."""
+    [tips] = make_users(["tips"], list(range(1, 101)))
+    liked, disliked = "Boil it. Tip: salt the water.", "Boil it."
+    judge = variants.UserAsJudge(tips)
+    assert judge.score([[{"role": "user", "content": "How?"},
+                         {"role": "assistant", "content": t}] for t in (liked, disliked)]) \
+        == [1.0, 0.0]
+
+    def pair(chosen, rejected):
+        return {"prompt": [{"role": "user", "content": "Pasta?"}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    path = tmp_path / "synthetic.json"
+    path.write_text(json.dumps({"pairs": [pair(liked, disliked), pair(liked, disliked),
+                                          pair(disliked, liked), pair(liked, liked),
+                                          pair(disliked, disliked)]}))
+    assert variants.synthetic_by_user(tips, path) == {
+        "pairs": 5, "right": 2, "wrong": 1, "both liked": 1, "neither liked": 1}
+    path.write_text("{not json")
+    assert variants.synthetic_by_user(tips, path) is None
+    assert variants.synthetic_by_user(tips, tmp_path / "none.json") is None
+
+
 def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
     """An unknown user, a negative round count, a --report without a run, a gate setting that
     does not exist or is out of range, results that are not there, no questions to ask: a
     message naming the problem at once, nothing written (before, an unknown user failed after
     minutes of the base model's replies, and --report on an empty folder with a traceback)."""
     out = tmp_path / "loop"
+    store = tmp_path / "store"  # votes and models, as a bench.loop run leaves them
+    store.mkdir()
+    (store / "feedback.db").touch()
+    (store / "models").mkdir()
     cases = [
         (main, ["--users", "concise,nobody", "--out", str(out)], "unknown users ['nobody']"),
         (main, ["--users", "concise", "--rounds", "-1", "--out", str(out)], "--rounds"),
         (main, ["--report", "--out", str(out)], "cannot read"),
         (variants.main, ["--user", "nobody", "--store", str(tmp_path), "--variants", "{}"],
          "unknown users ['nobody']"),
+        (variants.main, ["--user", "tips", "--store", str(store), "--variants", '{"a": {}}',
+                         "--synthetic-by-user", "--no-prepare", "--out", str(out)],
+         "--synthetic-by-user replaces the pairs `training prepare` makes: drop --no-prepare"),
         (reasons.main, ["--users", "tips,nobody", "--out", str(tmp_path / "reasons")],
          "unknown users ['nobody']"),
         (b_sample.main, ["--store", str(tmp_path), "--user", "nobody"],
@@ -108,7 +142,9 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit) as exited:
             command(argv)
         assert exited.value.code == 2 and message in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())  # nothing written, no store deleted or made
+    # nothing written, no store deleted or made
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+    assert sorted(p.name for p in store.iterdir()) == ["feedback.db", "models"]
 
 
 def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
@@ -212,7 +248,7 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
                                                                    "replay_weight": 0.5}}}),
                            "--round-config", json.dumps(FAST_ROUND), "--test-prompts", "2",
                            "--test-samples", "1", "--max-new-tokens", "8",
-                           "--out", str(tmp_path / "variants")])
+                           "--synthetic-by-user", "--out", str(tmp_path / "variants")])
     assert found == json.loads((tmp_path / "variants" / "variants.json").read_text())
     vrow = found["users"]["concise"]
     assert 0 <= vrow["base"]["approval"] <= 1 and set(vrow["variants"]) == {"a", "b lr"}
@@ -224,6 +260,16 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         # its gate prepared for the base model, which serves in the fresh copy
         assert v["prepare"]["exit_code"] == 0
         assert v["prepare"]["prepared"]["version"] == row["versions"][0]
+        # the pairs prepare made (if its judge was trusted) replaced by ones the user picked,
+        # then prepared again for their reference; the round's report says who picked them
+        picked = v["synthetic_picked_by_user"]
+        assert picked["prepare_again"]["exit_code"] == 0
+        if "why" in picked["sampled"]:
+            assert picked["judge's"] is None and v["synthetic_by_user"] is None
+        else:
+            assert picked["sampled"]["picked_by"] == "the simulated user concise"
+            assert v["synthetic_by_user"]["pairs"] == picked["sampled"]["pairs"]
+            assert v["synthetic_by_user"]["right"] == picked["sampled"]["pairs"]
         # trained and gated (promoted or rejected), or, as in the loop's rounds above, the tiny
         # model's votes gave too little to train on (exit 3: one label, too few pairs; exit 6:
         # the user liked nearly all the serving version's replies)
