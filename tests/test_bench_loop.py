@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bench import (a_check, approval, b_budget, b_forms, b_sample, c_match, ceiling,
-                   gate_replay, interpolate, judge_lr, reasons, reply_batching, variants)
+                   gate_replay, interpolate, judge_lr, judge_picks, reasons, reply_batching,
+                   variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
 from serving.config import ServingConfig
@@ -91,6 +92,16 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
         (main, ["--report", "--out", str(out)], "cannot read"),
         (variants.main, ["--user", "nobody", "--store", str(tmp_path), "--variants", "{}"],
          "unknown users ['nobody']"),
+        (judge_picks.main, ["--store", str(store), "--user", "nobody"], "unknown users"),
+        (judge_picks.main, ["--store", str(store), "--user", "concise"], "read another user"),
+        (judge_picks.main, ["--store", str(store), "--user", "tips", "--samples", "1"],
+         "--samples: 2 to 16 replies a prompt, not 1"),
+        (judge_picks.main, ["--store", str(store), "--user", "tips", "--margins", "1,x"],
+         "--margins: numbers separated by commas, not '1,x'"),
+        (judge_picks.main, ["--store", str(store), "--user", "tips", "--margins", "-1"],
+         "--margins: at least one, each a finite number >= 0"),
+        (judge_picks.main, ["--store", str(store), "--user", "tips", "--out", str(out)],
+         "holds no reward model prepared by `training prepare`"),
         (variants.main, ["--user", "tips", "--store", str(store), "--variants", '{"a": {}}',
                          "--synthetic-by-user", "--no-prepare", "--out", str(out)],
          "--synthetic-by-user replaces the pairs `training prepare` makes: drop --no-prepare"),
@@ -292,6 +303,24 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     assert store_votes(store) == votes_before
     with pytest.raises(SystemExit):  # a folder without votes: a clear message, nothing run
         variants.main(["--user", "concise", "--store", str(tmp_path), "--variants", "{}"])
+
+    # a variant's prepared judge read against a user's rule on fresh samples of its prompts
+    copy = tmp_path / "variants" / "concise" / "a" / "data"
+    if (copy / "training" / "judge" / "judge.json").is_file():
+        files = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+        found = judge_picks.main(["--store", str(copy), "--user", "tips", "--samples", "2",
+                                  "--margins", "0,1", "--max-new-tokens", "8",
+                                  "--out", str(tmp_path / "picks")])
+        assert found == json.loads((tmp_path / "picks" / "judge_picks.json").read_text())
+        got = found[str(copy)]
+        assert got["replies"] == 2 * got["prompts"] > 0 and 0 <= got["liked"] <= got["replies"]
+        assert got["auc_all"] is None or 0 <= got["auc_all"] <= 1
+        assert set(got["picks"]) == {"2"} and set(got["picks"]["2"]["judge"]) == {"0", "1"}
+        for m, c in got["picks"]["2"]["judge"].items():
+            assert c["pairs"] == c["right"] + c["wrong"] + c["both liked"] + c["neither liked"]
+            assert c["pairs"] <= got["prompts"]
+        assert got["picks"]["2"]["user would make"] <= got["prompts"]
+        assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == files  # nothing written
 
     # a round's judge trained again at other learning rates, in its time, checked the same way
     lr_out = ["--out", str(tmp_path / "judge_lr")]

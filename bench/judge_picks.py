@@ -1,0 +1,212 @@
+"""Does a round's judge pick the synthetic pairs its user would? The prepared reward model of a
+store, read against the simulated user's own rule on the same sampled replies.
+
+    python -m bench.judge_picks --store STORE --user USER [--store ...] [--samples 8]
+        [--margins 0,0.5,1,1.5,2] [--max-new-tokens 256] [--out bench/results/judge_picks]
+
+A round's synthetic pairs (`training.synthetic.synthetic_pairs`) are the serving version's
+samples of each training prompt, best against worst by the reward model, where the two differ
+by `synthetic.margin` standard deviations. A `bench.variants` run reads the pairs a round took
+by its user's rule; this reads the judge itself: each STORE's base model (the version its
+round 1 sampled) answers each training prompt `--samples` times, at the round's synthetic
+settings, through the serving engine, the store's prepared judge (`training prepare`'s,
+`<data>/training/judge`) scores every reply and the simulated user judges it. Reported, per
+store:
+- the judge's AUC on the samples by the user's thumbs, over all replies and within prompts
+  (each prompt's liked replies against its disliked ones, pooled);
+- for the first k replies of each prompt (k = 2, 4, ... up to `--samples`) and each margin, the
+  pairs `judged_pairs` makes, counted right (chosen liked, rejected not), wrong, both liked
+  and neither liked, beside the pairs the user would make (prompts with a liked and a disliked
+  reply among the k).
+Writes `judge_picks.json` (one row per store, others kept); reads the store and writes
+nothing there. A benchmark, not a test: 48 prompts x 8 replies take about 4-6 minutes on 2
+cores, and loading and scoring about 1 more a store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench.variants import UserAsJudge
+
+
+class RecordingJudge:
+    """A judge that keeps what it scored: (conversation, score) rows."""
+
+    def __init__(self, judge) -> None:
+        self.judge, self.rows = judge, []
+
+    def score(self, conversations: list[list[dict]]) -> list[float]:
+        scores = self.judge.score(conversations)
+        self.rows += list(zip(conversations, scores))
+        return scores
+
+
+def auc(liked: list[float], disliked: list[float]) -> float | None:
+    """P(a liked reply scores above a disliked one), ties counting half; None without both."""
+    if not liked or not disliked:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in liked for b in disliked)
+    return wins / (len(liked) * len(disliked))
+
+
+def within_prompt_auc(groups: list[list[tuple[float, bool]]]) -> dict:
+    """Each prompt's liked replies against its disliked ones, the comparisons pooled."""
+    wins = total = 0.0
+    for group in groups:
+        liked = [s for s, ok in group if ok]
+        disliked = [s for s, ok in group if not ok]
+        wins += sum((a > b) + 0.5 * (a == b) for a in liked for b in disliked)
+        total += len(liked) * len(disliked)
+    return {"auc": wins / total if total else None, "comparisons": int(total),
+            "prompts": sum(any(ok for _, ok in g) and not all(ok for _, ok in g)
+                           for g in groups)}
+
+
+def pick_counts(user, scored: list[tuple[list[dict], str, float]], margin: float,
+                fluent: bool) -> dict:
+    """The pairs `judged_pairs` makes from (prompt, reply, score) rows, by the user's rule."""
+    from training.synthetic import judged_pairs
+
+    pairs, _, _ = judged_pairs(scored, margin, fluent)
+    counts = {"pairs": len(pairs), "right": 0, "wrong": 0, "both liked": 0,
+              "neither liked": 0}
+    for pair in pairs:
+        chosen, rejected = (user.judge(pair[k][-1]["content"])[0]
+                            for k in ("chosen", "rejected"))
+        counts["both liked" if chosen and rejected else "right" if chosen else
+               "wrong" if rejected else "neither liked"] += 1
+    return counts
+
+
+def read_store(store: Path, user, samples: int, margins: list[float],
+               max_new_tokens: int) -> dict:
+    import os
+
+    from serving.backends import open_engine
+    from serving.config import ServingConfig
+    from serving.model import resolve_base
+    from serving.registry import Registry
+    from training.config import RoundConfig
+    from training.dataset import load_feedback, split
+    from training.reward import PreparedJudge, load_judge
+    from training.round import judge_dir
+    from training.synthetic import synthetic_pairs
+
+    os.environ["CHAT_DATA_DIR"] = str(store)
+    cfg = RoundConfig()
+    registry = Registry()
+    kept = PreparedJudge(judge_dir(registry))
+    if kept.record is None:
+        raise SystemExit(f"{store}: `training prepare` kept no reward model there "
+                         "(training/judge)")
+    train, _ = split(load_feedback(cfg.data), cfg.data)
+    synthetic = replace(cfg.synthetic, samples_per_prompt=samples,
+                        max_new_tokens=max_new_tokens or cfg.synthetic.max_new_tokens)
+    _, source = resolve_base()
+    t = time.monotonic()
+    engine = open_engine(registry, registry.base_name, ServingConfig(slots=16))
+    tokenizer = registry.tokenizer()
+    try:  # sampled and scored as the round's stage does, every score kept
+        judge = RecordingJudge(load_judge(source, tokenizer, kept.folder / "adapter",
+                                          cfg.reward.max_length))
+        synthetic_pairs(engine, judge, train, synthetic, t + 3600)
+    finally:
+        engine.close()
+    seconds = time.monotonic() - t
+    by_prompt: dict[str, list[tuple[list[dict], str, float, bool]]] = {}
+    for conversation, score in judge.rows:
+        prompt, reply = conversation[:-1], conversation[-1]["content"]
+        by_prompt.setdefault(repr(prompt), []).append(
+            (prompt, reply, score, user.judge(reply)[0]))
+    groups = list(by_prompt.values())
+    liked = [s for g in groups for _, _, s, ok in g if ok]
+    disliked = [s for g in groups for _, _, s, ok in g if not ok]
+    fluent = cfg.data.drop_disfluent
+    picks = {}
+    for k in sorted({*range(2, samples + 1, 2), samples}):
+        firsts = [g[:k] for g in groups]
+        rows = [(p, r, s) for g in firsts for p, r, s, _ in g]
+        user_rows = [(p, r, float(ok)) for g in firsts for p, r, _, ok in g]
+        picks[str(k)] = {
+            "user would make": pick_counts(user, user_rows, 0.0, fluent)["pairs"],
+            "judge": {f"{m:g}": pick_counts(user, rows, m, fluent) for m in margins}}
+    return {"judge": {"finished_at": kept.record["finished_at"],
+                      "summary": kept.record.get("summary"),
+                      "check": kept.record.get("check")},
+            "prompts": len(groups), "replies": len(judge.rows),
+            "liked": len(liked), "sample_seconds": round(seconds, 1),
+            "auc_all": auc(liked, disliked),
+            "auc_within_prompts": within_prompt_auc([[(s, ok) for _, _, s, ok in g]
+                                                     for g in groups]),
+            "picks": picks}
+
+
+def print_store(name: str, row: dict) -> None:
+    within = row["auc_within_prompts"]
+    print(f"{name}: {row['replies']} replies to {row['prompts']} prompts, "
+          f"{row['liked']} liked; judge AUC {row['auc_all'] or float('nan'):.2f} over all, "
+          f"{within['auc'] or float('nan'):.2f} within {within['prompts']} prompts", flush=True)
+    for k, pick in row["picks"].items():
+        for m, c in pick["judge"].items():
+            print(f"  {k} a prompt, margin {m}: {c['pairs']} pairs, {c['right']} right, "
+                  f"{c['wrong']} wrong, {c['both liked']} both liked, {c['neither liked']} "
+                  f"neither (the user would make {pick['user would make']})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", type=Path, action="append", required=True,
+                        help="a data folder where `training prepare` trained a reward model "
+                             "(a bench.loop or bench.variants store)")
+    parser.add_argument("--user", required=True, help="the simulated user who cast its votes")
+    parser.add_argument("--samples", type=int, default=8, help="replies a training prompt")
+    parser.add_argument("--margins", default="0,0.5,1,1.5,2",
+                        help="synthetic.margin values to read, comma-separated")
+    parser.add_argument("--max-new-tokens", type=int, default=0,
+                        help="a reply's token cap (default: the round's synthetic setting)")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "judge_picks")
+    args = parser.parse_args(argv)
+    from bench.users import make_users, unknown_users
+    if message := unknown_users([args.user]):
+        parser.error(f"--user: {message}")
+    if args.user == "concise":
+        parser.error("--user: concise's word limit comes from a loop run's base replies; "
+                     "read another user")
+    if not 2 <= args.samples <= 16:
+        parser.error(f"--samples: 2 to 16 replies a prompt, not {args.samples}")
+    try:
+        margins = [float(m) for m in args.margins.split(",") if m.strip()]
+    except ValueError:
+        parser.error(f"--margins: numbers separated by commas, not {args.margins!r}")
+    if not margins or any(not 0 <= m < float("inf") for m in margins):
+        parser.error("--margins: at least one, each a finite number >= 0")
+    if args.max_new_tokens < 0:
+        parser.error("--max-new-tokens: 0 (the round's setting) or more")
+    for store in args.store:
+        if not (store / "training" / "judge" / "judge.json").is_file():
+            parser.error(f"{store} holds no reward model prepared by `training prepare` "
+                         "(training/judge/judge.json)")
+    [user] = make_users([args.user], [1])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "judge_picks.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    for store in args.store:
+        row = {"user": args.user, "samples": args.samples,
+               **read_store(store, user, args.samples, margins, args.max_new_tokens)}
+        results[str(store)] = row
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print_store(str(store), row)
+    return results
+
+
+if __name__ == "__main__":
+    main()
