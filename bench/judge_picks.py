@@ -13,7 +13,8 @@ settings, through the serving engine, the store's prepared judge (`training prep
 `<data>/training/judge`) scores every reply and the simulated user judges it. Reported, per
 store:
 - the judge's AUC on the samples by the user's thumbs, over all replies and within prompts
-  (each prompt's liked replies against its disliked ones, pooled);
+  (each prompt's liked replies against its disliked ones, pooled), and every reply's score and
+  thumb (`scored`: prompt index, score, liked);
 - for the first k replies of each prompt (k = 2, 4, ... up to `--samples`) and each margin, the
   pairs `judged_pairs` makes, counted right (chosen liked, rejected not), wrong, both liked
   and neither liked, beside the pairs the user would make (prompts with a liked and a disliked
@@ -131,9 +132,9 @@ def read_store(store: Path, user, samples: int, margins: list[float],
     for k in sorted({*range(2, samples + 1, 2), samples}):
         firsts = [g[:k] for g in groups]
         rows = [(p, r, s) for g in firsts for p, r, s, _ in g]
-        user_rows = [(p, r, float(ok)) for g in firsts for p, r, _, ok in g]
-        picks[str(k)] = {
-            "user would make": pick_counts(user, user_rows, 0.0, fluent)["pairs"],
+        picks[str(k)] = {  # a prompt with a liked and a disliked reply among its first k
+            "user would make": sum(any(ok for *_, ok in g) and not all(ok for *_, ok in g)
+                                   for g in firsts),
             "judge": {f"{m:g}": pick_counts(user, rows, m, fluent) for m in margins}}
     return {"judge": {"finished_at": kept.record["finished_at"],
                       "summary": kept.record.get("summary"),
@@ -143,7 +144,10 @@ def read_store(store: Path, user, samples: int, margins: list[float],
             "auc_all": auc(liked, disliked),
             "auc_within_prompts": within_prompt_auc([[(s, ok) for _, _, s, ok in g]
                                                      for g in groups]),
-            "picks": picks}
+            "picks": picks,
+            # every reply: its prompt's index, the judge's score, liked by the user
+            "scored": [[i, round(score, 4), ok] for i, g in enumerate(groups)
+                       for _, _, score, ok in g]}
 
 
 def print_store(name: str, row: dict) -> None:

@@ -319,7 +319,12 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
         for m, c in got["picks"]["2"]["judge"].items():
             assert c["pairs"] == c["right"] + c["wrong"] + c["both liked"] + c["neither liked"]
             assert c["pairs"] <= got["prompts"]
-        assert got["picks"]["2"]["user would make"] <= got["prompts"]
+        liked = {}
+        for i, _, ok in got["scored"]:
+            liked.setdefault(i, []).append(ok)
+        assert len(got["scored"]) == got["replies"] and len(liked) == got["prompts"]
+        assert got["picks"]["2"]["user would make"] == sum(any(v) and not all(v)
+                                                           for v in liked.values())
         assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == files  # nothing written
 
     # a round's judge trained again at other learning rates, in its time, checked the same way
