@@ -32,7 +32,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.variants import UserAsJudge
+from bench.variants import counted_by_user
 
 
 class RecordingJudge:
@@ -74,14 +74,7 @@ def pick_counts(user, scored: list[tuple[list[dict], str, float]], margin: float
     from training.synthetic import judged_pairs
 
     pairs, _, _ = judged_pairs(scored, margin, fluent)
-    counts = {"pairs": len(pairs), "right": 0, "wrong": 0, "both liked": 0,
-              "neither liked": 0}
-    for pair in pairs:
-        chosen, rejected = (user.judge(pair[k][-1]["content"])[0]
-                            for k in ("chosen", "rejected"))
-        counts["both liked" if chosen and rejected else "right" if chosen else
-               "wrong" if rejected else "neither liked"] += 1
-    return counts
+    return counted_by_user(user, pairs)
 
 
 def read_store(store: Path, user, samples: int, margins: list[float],

@@ -69,18 +69,24 @@ class UserAsJudge:
         return [float(self.user.judge(c[-1]["content"])[0]) for c in conversations]
 
 
-def synthetic_by_user(user, path: Path) -> dict | None:
-    """The kept synthetic pairs at `path` as the simulated user judges their two replies."""
-    try:
-        pairs = json.loads(path.read_text())["pairs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def counted_by_user(user, pairs: list[dict]) -> dict:
+    """Synthetic pairs as the simulated user judges their two replies: right (the chosen
+    liked, the rejected not), wrong, both liked, neither liked."""
     counts = {"pairs": len(pairs), "right": 0, "wrong": 0, "both liked": 0, "neither liked": 0}
     for pair in pairs:
         chosen, rejected = (user.judge(pair[k][-1]["content"])[0] for k in ("chosen", "rejected"))
         counts["both liked" if chosen and rejected else "right" if chosen else
                "wrong" if rejected else "neither liked"] += 1
     return counts
+
+
+def synthetic_by_user(user, path: Path) -> dict | None:
+    """The kept synthetic pairs at `path` as the simulated user judges them; None if none."""
+    try:
+        pairs = json.loads(path.read_text())["pairs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return counted_by_user(user, pairs)
 
 
 def user_picked_pairs(user, config: dict) -> dict:
