@@ -47,22 +47,24 @@ class RecordingJudge:
         return scores
 
 
-def auc(liked: list[float], disliked: list[float]) -> float | None:
-    """P(a liked reply scores above a disliked one), ties counting half; None without both."""
-    if not liked or not disliked:
-        return None
-    wins = sum((a > b) + 0.5 * (a == b) for a in liked for b in disliked)
-    return wins / (len(liked) * len(disliked))
+def overall_auc(rows: list[tuple[float, bool]]) -> float | None:
+    """`training.stats.auc` of (score, liked) rows; None without both thumbs."""
+    from training.stats import auc
+
+    labels = [ok for _, ok in rows]
+    return auc([s for s, _ in rows], labels) if any(labels) and not all(labels) else None
 
 
 def within_prompt_auc(groups: list[list[tuple[float, bool]]]) -> dict:
-    """Each prompt's liked replies against its disliked ones, the comparisons pooled."""
+    """Each prompt's liked replies against its disliked ones, the comparisons pooled (each
+    prompt's AUC weighted by its liked x disliked comparisons)."""
     wins = total = 0.0
     for group in groups:
-        liked = [s for s, ok in group if ok]
-        disliked = [s for s, ok in group if not ok]
-        wins += sum((a > b) + 0.5 * (a == b) for a in liked for b in disliked)
-        total += len(liked) * len(disliked)
+        if (prompt_auc := overall_auc(group)) is not None:
+            liked = sum(ok for _, ok in group)
+            comparisons = liked * (len(group) - liked)
+            wins += prompt_auc * comparisons
+            total += comparisons
     return {"auc": wins / total if total else None, "comparisons": int(total),
             "prompts": sum(any(ok for _, ok in g) and not all(ok for _, ok in g)
                            for g in groups)}
@@ -118,8 +120,7 @@ def read_store(store: Path, user, samples: int, margins: list[float],
         by_prompt.setdefault(repr(prompt), []).append(
             (prompt, reply, score, user.judge(reply)[0]))
     groups = list(by_prompt.values())
-    liked = [s for g in groups for _, _, s, ok in g if ok]
-    disliked = [s for g in groups for _, _, s, ok in g if not ok]
+    thumbs = [[(s, ok) for _, _, s, ok in g] for g in groups]
     fluent = cfg.data.drop_disfluent
     picks = {}
     for k in sorted({*range(2, samples + 1, 2), samples}):
@@ -133,10 +134,9 @@ def read_store(store: Path, user, samples: int, margins: list[float],
                       "summary": kept.record.get("summary"),
                       "check": kept.record.get("check")},
             "prompts": len(groups), "replies": len(judge.rows),
-            "liked": len(liked), "sample_seconds": round(seconds, 1),
-            "auc_all": auc(liked, disliked),
-            "auc_within_prompts": within_prompt_auc([[(s, ok) for _, _, s, ok in g]
-                                                     for g in groups]),
+            "liked": sum(ok for g in thumbs for _, ok in g), "sample_seconds": round(seconds, 1),
+            "auc_all": overall_auc([row for g in thumbs for row in g]),
+            "auc_within_prompts": within_prompt_auc(thumbs),
             "picks": picks,
             # every reply: its prompt's index, the judge's score, liked by the user
             "scored": [[i, round(score, 4), ok] for i, g in enumerate(groups)
