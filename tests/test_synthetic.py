@@ -56,6 +56,89 @@ def test_best_and_worst_of_each_prompt_become_a_pair_past_the_margin(engine):
     assert none == [] and report["pairs_below_margin"] > 0
 
 
+class AskedEngine:
+    """The real engine, keeping what each reply was asked (the messages submitted)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.asked = engine, []
+
+    def submit(self, messages, settings=None):
+        self.asked.append(messages[-1]["content"])
+        return self.engine.submit(messages, settings)
+
+
+class SeeingJudge(LengthJudge):
+    def __init__(self) -> None:
+        self.seen = []
+
+    def score(self, conversations):
+        self.seen += conversations
+        return super().score(conversations)
+
+
+def test_hinted_samples_are_asked_for_a_form_and_judged_as_replies_to_the_prompt(engine):
+    cfg = SyntheticConfig(samples_per_prompt=2, hinted_samples=3, hints=" Ask A. | |Ask B.",
+                          max_prompts=3, margin=0.0, max_new_tokens=24, temperature=1.5)
+    asking, judge, rows = AskedEngine(engine), SeeingJudge(), []
+    pairs, report = synthetic_pairs(asking, judge, TRAIN, cfg, time.monotonic() + 120,
+                                    scored_out=rows)
+    # prompts 0, 2 and 4 of six: two plain replies each, then three requests, rotating
+    q = [f"Question {i}?" for i in (0, 2, 4)]
+    assert asking.asked == [q[0], q[0], f"{q[0]}\n\nAsk A.", f"{q[0]}\n\nAsk B.",
+                            f"{q[0]}\n\nAsk A.", q[1], q[1], f"{q[1]}\n\nAsk B.",
+                            f"{q[1]}\n\nAsk A.", f"{q[1]}\n\nAsk B.", q[2], q[2],
+                            f"{q[2]}\n\nAsk A.", f"{q[2]}\n\nAsk B.", f"{q[2]}\n\nAsk A."]
+    # judged, kept and paired as replies to the stored prompt: the request is nowhere
+    assert judge.seen and all(c[:-1] in [v["prompt"] for v in TRAIN.votes] for c in judge.seen)
+    assert len(rows) == report["replies"] == len(judge.seen)
+    assert {hint for *_, hint in rows} <= {None, "Ask A.", "Ask B."}
+    hinted = report["hinted"]
+    assert hinted["replies"] == sum(hint is not None for *_, hint in rows) > 0
+    assert report["pairs"] == len(pairs) > 0
+    for pair in pairs:
+        assert pair["prompt"] in [v["prompt"] for v in TRAIN.votes]
+        for side in ("chosen", "rejected"):
+            reply = pair[side][0]["content"]
+            assert pair[f"{side}_hint"] in [h for p, t, _, h in rows
+                                            if p == pair["prompt"] and t == reply]
+    assert hinted["chosen"] == sum(p["chosen_hint"] is not None for p in pairs)
+    assert hinted["rejected"] == sum(p["rejected_hint"] is not None for p in pairs)
+    assert sum(c["chosen"] + c["rejected"] for c in hinted["by_hint"].values()) == 2 * len(pairs)
+    # without hinted samples the report and the pairs are as before
+    plain = SyntheticConfig(samples_per_prompt=2, max_prompts=3, margin=0.0, max_new_tokens=24)
+    pairs, report = synthetic_pairs(engine, LengthJudge(), TRAIN, plain, time.monotonic() + 120)
+    assert "hinted" not in report and all("chosen_hint" not in p for p in pairs)
+
+
+def test_a_request_too_long_for_the_context_leaves_its_prompt_out_and_frees_the_engine(engine):
+    cfg = SyntheticConfig(samples_per_prompt=2, hinted_samples=1, hints="word " * 10_000,
+                          max_prompts=3, margin=0.0, max_new_tokens=24)
+    pairs, report = synthetic_pairs(engine, LengthJudge(), TRAIN, cfg, time.monotonic() + 120)
+    assert pairs == [] and report["prompts"] == 0 and report["prompts_too_long"] == 3
+    reply = engine.submit([{"role": "user", "content": "hi"}])  # its plain replies cancelled
+    reply.wait(60)
+    assert reply.done
+
+
+def test_hinted_samples_need_a_request_and_change_the_prepared_pairs_key():
+    from training.config import ConfigError, RoundConfig
+
+    with pytest.raises(ConfigError, match="synthetic.hints"):
+        RoundConfig.from_dict({"synthetic": {"hinted_samples": 2, "hints": " | "}})
+    with pytest.raises(ConfigError, match="hinted_samples"):
+        RoundConfig.from_dict({"synthetic": {"hinted_samples": 17}})
+    with pytest.raises(ConfigError, match="hints must be"):
+        RoundConfig.from_dict({"synthetic": {"hints": 3}})
+    assert SyntheticConfig(hints="A.| B. |").hint_list == ["A.", "B."]
+    key = PreparedPairs.settings_key
+    # off, the requests do not shape the pairs: pairs prepared before hints existed still fit
+    assert key(SyntheticConfig(), False) == key(SyntheticConfig(hints="Other."), False)
+    on = key(SyntheticConfig(hinted_samples=2), False)
+    assert on != key(SyntheticConfig(), False)
+    assert on != key(SyntheticConfig(hinted_samples=2, hints="Other."), False)
+    assert on != key(SyntheticConfig(hinted_samples=3), False)
+
+
 def test_the_chosen_reply_is_the_best_fluent_one_when_asked():
     """A judge that likes lists may score a list looping to the token cap highest: with
     `fluent_chosen` the pair takes the best reply that passes the gate's fluency check."""

@@ -186,6 +186,24 @@ class SyntheticConfig:
     temperature: float = setting(0.9, "sampling temperature of the replies", low=0.0,
                                  high=2.0, low_open=True)
     max_new_tokens: int = setting(192, "reply length cap of the samples", low=16, high=2048)
+    hinted_samples: int = setting(
+        0, "replies per training prompt sampled besides samples_per_prompt, each with one "
+           "answer-form request from synthetic.hints added to the prompt's last user message "
+           "(the hints rotate over the prompts); judged and paired as replies to the prompt "
+           "without it, so the tuning learns, unasked, the forms the judge finds users like. "
+           "The base model seldom tries a form on its own: asked at the end of the user's "
+           "message, it ended 52% of its replies with a tip instead of 17% (session 51). "
+           "0: none", low=0, high=16)
+    hints: str = setting(
+        'At the end, add one line that starts with "Tip:".'
+        '|Include one sentence that starts with "For example,".'
+        '|Answer as a list: each point on its own line, starting with "- ".'
+        "|Write the key terms in **bold**."
+        "|Answer in at most three sentences."
+        "|Start directly with the answer, without any greeting or preamble.",
+        "the answer-form requests of synthetic.hinted_samples, separated by '|': forms "
+        "people often ask a chat assistant for (a tip, an example, a list, bold key terms, "
+        "brevity, no preamble); the judge, not this list, decides which the users like")
     time_share: float = setting(0.25, "share of the training time left after the reward model "
                                       "that sampling and judging may take",
                                 low=0.0, high=1.0, low_open=True, high_open=True)
@@ -208,6 +226,15 @@ class SyntheticConfig:
                                                  "0.5, sessions 34-35); on every block (1) it was "
                                                  "2.05-2.34 (session 31)",
                                             low=0.0, low_open=True)
+
+    def __post_init__(self) -> None:
+        if self.hinted_samples and not self.hint_list:
+            raise ConfigError("synthetic.hinted_samples needs at least one request in "
+                              "synthetic.hints (separated by '|')")
+
+    @property
+    def hint_list(self) -> list[str]:
+        return [h.strip() for h in str(self.hints).split("|") if h.strip()]
 
 
 @dataclass

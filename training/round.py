@@ -844,6 +844,8 @@ def _synthetic_line(s: dict | None) -> str:
     return (f"- synthetic pairs: {s['pairs']} from {s['prompts_finished']} of {s['prompts']} "
             f"prompts ({s['replies']} sampled replies; {s['pairs_below_margin']} prompts below "
             f"the {s['margin_sd']} s.d. margin), {s['generate_and_score_s']} s"
+            + (f"; {h['replies']} replies asked for a form, chosen in {h['chosen']} pairs, "
+               f"rejected in {h['rejected']}" if (h := s.get("hinted")) else "")
             + (f", made by `training prepare` (off the round's clock) from {made['version']}"
                if "finished_at" in made else ""))
 

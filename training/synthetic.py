@@ -7,6 +7,13 @@ scores every reply, and the best and the worst become a preference pair when the
 enough apart (`margin`, in standard deviations of all the scores). Those pairs join the users'
 own for preference tuning.
 
+A judge can only choose among what the model already writes: where the serving version never
+gives the form a user wants, no sample holds it. With `hinted_samples`, each prompt is also
+answered with answer-form requests added to its last user message (`hints`: a tip, an example,
+a list, ...); those replies are scored and paired as replies to the prompt without the request,
+like the plain ones, so what the judge prefers is learned unasked (context distillation, the
+judge choosing which forms). The report counts how many pairs chose or rejected a hinted reply.
+
 Only a judge that has shown it agrees with users is trusted: its ranking of the held-out votes
 (AUC, a label-stratified bootstrap interval) must lie above chance, else no synthetic pair is
 made and the report says why. Generation stops at its deadline; prompts whose replies did not
@@ -89,45 +96,68 @@ def training_prompts(train: FeedbackData, limit: int) -> list[list[dict]]:
     return prompts[::step][:limit]
 
 
+def with_hint(turns: list[dict], hint: str | None) -> list[dict]:
+    """`turns` with `hint` (an answer-form request) added to the last user message."""
+    if not hint:
+        return turns
+    return turns[:-1] + [{**turns[-1], "content": f"{turns[-1]['content']}\n\n{hint}"}]
+
+
+def sample_hints(cfg: SyntheticConfig, index: int) -> list[str | None]:
+    """What the replies to the `index`-th training prompt are asked besides the prompt: None
+    for each plain sample, then `cfg.hinted_samples` requests from `cfg.hints`, rotating."""
+    hints = cfg.hint_list
+    return [None] * cfg.samples_per_prompt + [
+        hints[(index * cfg.hinted_samples + j) % len(hints)] for j in range(cfg.hinted_samples)]
+
+
 def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
-                    deadline: float, log=lambda line: None, *,
-                    fluent_chosen: bool = False) -> tuple[list[dict], dict]:
+                    deadline: float, log=lambda line: None, *, fluent_chosen: bool = False,
+                    scored_out: list | None = None) -> tuple[list[dict], dict]:
     """(pairs for DPO, what was done): `cfg.samples_per_prompt` replies to each training prompt
-    from `engine`, scored by `judge`; best vs worst where they differ by `cfg.margin` s.d.
-    With `fluent_chosen`, the best is the best-scored reply that passes `fluency_failure`
-    (a judge that likes lists may score a list looping to the token cap highest)."""
+    from `engine` (and `cfg.hinted_samples` more, each asked for a form: `sample_hints`),
+    scored by `judge` as replies to the prompt itself; best vs worst where they differ by
+    `cfg.margin` s.d. With `fluent_chosen`, the best is the best-scored reply that passes
+    `fluency_failure` (a judge that likes lists may score a list looping to the token cap
+    highest). `scored_out`, when given, gets every scored (prompt, reply, score, hint) row."""
     start = time.monotonic()
     prompts = training_prompts(train, cfg.max_prompts)
     settings = GenerationSettings(temperature=cfg.temperature, top_p=0.95,
                                   max_new_tokens=cfg.max_new_tokens)
     sampled, handles, too_long = [], [], 0
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         system, turns = split_system(prompt)
         s = replace(settings, system_prompt=system)
-        try:  # the same prompt each time: the first submit refuses before anything is queued
-            group = [engine.submit(turns, s) for _ in range(cfg.samples_per_prompt)]
+        asks, group = sample_hints(cfg, index), []
+        try:  # a prompt too long refuses at its first submit, before anything is queued
+            for hint in asks:
+                group.append((engine.submit(with_hint(turns, hint), s), hint))
         except PromptTooLong:  # no room for a reply in the context window: not sampled
+            for reply, _ in group:  # a hint longer than the room the plain prompt left
+                reply.cancel()
             too_long += 1
             continue
         sampled.append(prompt)
         handles.append(group)
     for group in handles:
-        for reply in group:
+        for reply, _ in group:
             left = deadline - time.monotonic()
             if left <= 0 or not _wait(reply, left):
                 break
     for group in handles:  # past the deadline: what is unfinished is dropped
-        for reply in group:
+        for reply, _ in group:
             if not reply.done:
                 reply.cancel()
-    done = [(p, [r.text for r in g]) for p, g in zip(sampled, handles)
-            if all(r.done and r.finish_reason in ("stop", "length") for r in g)]
+    done = [(p, [(r.text, hint) for r, hint in g]) for p, g in zip(sampled, handles)
+            if all(r.done and r.finish_reason in ("stop", "length") for r, _ in g)]
     generated_s = time.monotonic() - start
-    flat = [(p, t) for p, texts in done for t in texts if t.strip()]
-    scores = judge.score([p + [{"role": "assistant", "content": t}] for p, t in flat]) \
+    flat = [(p, t, hint) for p, texts in done for t, hint in texts if t.strip()]
+    scores = judge.score([p + [{"role": "assistant", "content": t}] for p, t, _ in flat]) \
         if flat else []
+    if scored_out is not None:
+        scored_out += [(p, t, score, hint) for (p, t, hint), score in zip(flat, scores)]
     pairs, gaps, passed_over = judged_pairs(
-        [(p, t, score) for (p, t), score in zip(flat, scores)], cfg.margin, fluent_chosen)
+        [(p, t, score) for (p, t, _), score in zip(flat, scores)], cfg.margin, fluent_chosen)
     report = {"prompts": len(sampled), "prompts_too_long": too_long,
               "prompts_finished": len(done),
               "replies": len(flat), "pairs": len(pairs),
@@ -135,9 +165,28 @@ def synthetic_pairs(engine, judge, train: FeedbackData, cfg: SyntheticConfig,
               "best_disfluent": passed_over,
               "generate_and_score_s": round(time.monotonic() - start, 1),
               "generate_s": round(generated_s, 1)}
+    if cfg.hinted_samples:
+        report["hinted"] = hinted_summary(pairs, flat)
     log(f"synthetic pairs: {len(pairs)} of {len(gaps)} prompts past the {cfg.margin} s.d. "
         f"margin ({len(flat)} replies in {report['generate_and_score_s']:.0f}s)")
     return pairs, report
+
+
+def hinted_summary(pairs: list[dict], flat: list[tuple[list[dict], str, str | None]]) -> dict:
+    """Which pairs' chosen and rejected replies were asked for a form (each pair gets its
+    `chosen_hint` and `rejected_hint`, None for a plain sample), counted per request."""
+    asked = {(repr(p), t): hint for p, t, hint in flat}
+    by_hint: dict[str, dict[str, int]] = {}
+    for pair in pairs:
+        key = repr(pair["prompt"])
+        for side in ("chosen", "rejected"):
+            hint = pair[f"{side}_hint"] = asked.get((key, pair[side][0]["content"]))
+            counts = by_hint.setdefault(hint or "(plain)", {"chosen": 0, "rejected": 0})
+            counts[side] += 1
+    return {"replies": sum(hint is not None for _, _, hint in flat),
+            "chosen": sum(p["chosen_hint"] is not None for p in pairs),
+            "rejected": sum(p["rejected_hint"] is not None for p in pairs),
+            "by_hint": by_hint}
 
 
 def judged_pairs(scored: list[tuple[list[dict], str, float]], margin: float,
@@ -203,6 +252,8 @@ class PreparedPairs:
         """What shapes the pairs: not the stage's time share nor its reach estimate."""
         shaping = {k: getattr(cfg, k) for k in ("samples_per_prompt", "max_prompts", "margin",
                                                 "temperature", "max_new_tokens")}
+        if cfg.hinted_samples:  # absent when off: pairs prepared before hints existed still fit
+            shaping.update(hinted_samples=cfg.hinted_samples, hints=cfg.hint_list)
         return Kept.key(shaping, fluent_chosen)
 
     def unusable(self, version: str, judge_made: str | None, cfg: SyntheticConfig,
