@@ -30,6 +30,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from bench import earlier_results
+
 
 def gates(store: Path) -> list[dict]:
     """One row per round of `store` that reached its gate: both forms of (a) and decisions."""
@@ -117,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "user's data folder, e.g. bench/results/loop/tips/data")
     os.environ.setdefault("CHAT_DATA_DIR", tempfile.mkdtemp())  # nothing is written there
     path = args.out / "a_check.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
+    results = earlier_results(path)
     for store in args.store:
         rows = gates(store)
         results = {k: v for k, v in results.items() if not k.startswith(f"{store}:")}

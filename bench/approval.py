@@ -33,6 +33,7 @@ import os
 import time
 from pathlib import Path
 
+from bench import earlier_results
 from bench.loop import judged, load_prompts, reading_flags, replies
 
 
@@ -97,10 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     measured = {"test_prompts": len(test), "test_samples": args.test_samples,
                 "max_new_tokens": args.max_new_tokens}
     path = args.out / "approval.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
+    results = earlier_results(path)
     key = f"{args.user} {len(test)}x{args.test_samples}, {args.max_new_tokens} tokens"
     row = results.setdefault(key, {"user": args.user, "settings": measured, "versions": {}})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ import os
 import time
 from pathlib import Path
 
+from bench import earlier_results
+
 
 def substring(item: dict, reply: str) -> bool:
     """The regression match until session 43: any (lower-case) answer anywhere in the reply."""
@@ -200,10 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "bench.loop user's data folder, e.g. bench/results/loop/tips/data")
     name = "c_match_all" if args.answer else "c_match"
     path = args.out / (f"{name}_cap{args.cap}.json" if args.cap else f"{name}.json")
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
+    results = earlier_results(path)
     for store in args.store:
         rows = gates(store, args.answer, args.cap)
         results = {k: v for k, v in results.items() if not k.startswith(f"{store}:")}

@@ -29,6 +29,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from bench import earlier_results
 from serving.setting import Allowed, flag_type
 
 
@@ -111,10 +112,7 @@ def store_user(store: Path) -> str:
 def keep_rows(path: Path, key: str, rows, work: Path) -> dict:
     """`path`'s results with `rows` under `key` (the other keys kept), written back; the
     scratch folder `work` removed."""
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
+    results = earlier_results(path)
     results[key] = rows
     path.write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

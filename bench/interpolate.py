@@ -35,6 +35,7 @@ import os
 import time
 from pathlib import Path
 
+from bench import earlier_results
 from bench.loop import judged, load_prompts, reading_flags, replies
 from serving.setting import Allowed
 
@@ -135,10 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_texts, _ = replies(test, args.test_samples, settings, registry.base_name)
     [user] = make_users([user_name], [words(x) for xs in base_texts for x in xs])
     path = args.out / "interpolate.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
+    results = earlier_results(path)
     base = judged(user, base_texts)
     print(f"{user_name}: the base model's approval {base['approval']:.0%}", flush=True)
     key = f"{store}:{candidate}"

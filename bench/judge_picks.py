@@ -2,7 +2,8 @@
 store, read against the simulated user's own rule on the same sampled replies.
 
     python -m bench.judge_picks --store STORE --user USER [--store ...] [--samples 8]
-        [--margins 0,0.5,1,1.5,2] [--max-new-tokens 256] [--out bench/results/judge_picks]
+        [--hinted 0] [--margins 0,0.5,1,1.5,2] [--max-new-tokens 256]
+        [--out bench/results/judge_picks]
 
 A round's synthetic pairs (`training.synthetic.synthetic_pairs`) are the serving version's
 samples of each training prompt, best against worst by the reward model, where the two differ
@@ -14,11 +15,14 @@ settings, through the serving engine, the store's prepared judge (`training prep
 store:
 - the judge's AUC on the samples by the user's thumbs, over all replies and within prompts
   (each prompt's liked replies against its disliked ones, pooled), and every reply's score and
-  thumb (`scored`: prompt index, score, liked);
+  thumb (`scored`: prompt index, score, liked, what it was asked);
 - for the first k replies of each prompt (k = 2, 4, ... up to `--samples`) and each margin, the
   pairs `judged_pairs` makes, counted right (chosen liked, rejected not), wrong, both liked
   and neither liked, beside the pairs the user would make (prompts with a liked and a disliked
-  reply among the k).
+  reply among the k);
+- with `--hinted N`, N more replies a prompt asked for an answer form (the round's
+  `synthetic.hints`, as `synthetic.hinted_samples` asks them): per request, how many the user
+  liked and the judge's mean score, and the same pair counts over all the replies.
 Writes `judge_picks.json` (one row per store, others kept); reads the store and writes
 nothing there. A benchmark, not a test: 48 prompts x 8 replies take about 4-6 minutes on 2
 cores, and loading and scoring about 1 more a store.
@@ -32,19 +36,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench import earlier_results
 from bench.variants import counted_by_user
-
-
-class RecordingJudge:
-    """A judge that keeps what it scored: (conversation, score) rows."""
-
-    def __init__(self, judge) -> None:
-        self.judge, self.rows = judge, []
-
-    def score(self, conversations: list[list[dict]]) -> list[float]:
-        scores = self.judge.score(conversations)
-        self.rows += list(zip(conversations, scores))
-        return scores
 
 
 def overall_auc(rows: list[tuple[float, bool]]) -> float | None:
@@ -80,7 +73,7 @@ def pick_counts(user, scored: list[tuple[list[dict], str, float]], margin: float
 
 
 def read_store(store: Path, user, samples: int, margins: list[float],
-               max_new_tokens: int) -> dict:
+               max_new_tokens: int, hinted: int = 0) -> dict:
     import os
 
     from serving.backends import open_engine
@@ -101,46 +94,65 @@ def read_store(store: Path, user, samples: int, margins: list[float],
         raise SystemExit(f"{store}: `training prepare` kept no reward model there "
                          "(training/judge)")
     train, _ = split(load_feedback(cfg.data), cfg.data)
-    synthetic = replace(cfg.synthetic, samples_per_prompt=samples,
+    synthetic = replace(cfg.synthetic, samples_per_prompt=samples, hinted_samples=hinted,
                         max_new_tokens=max_new_tokens or cfg.synthetic.max_new_tokens)
     _, source = resolve_base()
     t = time.monotonic()
     engine = open_engine(registry, registry.base_name, ServingConfig(slots=16))
     tokenizer = registry.tokenizer()
+    scored: list = []
     try:  # sampled and scored as the round's stage does, every score kept
-        judge = RecordingJudge(load_judge(source, tokenizer, kept.folder / "adapter",
-                                          cfg.reward.max_length))
-        synthetic_pairs(engine, judge, train, synthetic, t + 3600)
+        judge = load_judge(source, tokenizer, kept.folder / "adapter", cfg.reward.max_length)
+        synthetic_pairs(engine, judge, train, synthetic, t + 3600, scored_out=scored)
     finally:
         engine.close()
     seconds = time.monotonic() - t
-    by_prompt: dict[str, list[tuple[list[dict], str, float, bool]]] = {}
-    for conversation, score in judge.rows:
-        prompt, reply = conversation[:-1], conversation[-1]["content"]
+    by_prompt: dict[str, list[tuple[list[dict], str, float, str | None, bool]]] = {}
+    for prompt, reply, score, hint in scored:
         by_prompt.setdefault(repr(prompt), []).append(
-            (prompt, reply, score, user.judge(reply)[0]))
+            (prompt, reply, score, hint, user.judge(reply)[0]))
     groups = list(by_prompt.values())
-    thumbs = [[(s, ok) for _, _, s, ok in g] for g in groups]
+    plain = [[row for row in g if row[3] is None] for g in groups]
     fluent = cfg.data.drop_disfluent
     picks = {}
-    for k in sorted({*range(2, samples + 1, 2), samples}):
-        firsts = [g[:k] for g in groups]
-        rows = [(p, r, s) for g in firsts for p, r, s, _ in g]
-        picks[str(k)] = {  # a prompt with a liked and a disliked reply among its first k
+    subsets = [(str(k), [g[:k] for g in plain])
+               for k in sorted({*range(2, samples + 1, 2), samples})]
+    if hinted:  # every reply, the plain ones and those asked for a form
+        subsets.append((f"{samples}+{hinted} hinted", groups))
+    for label, subset in subsets:
+        rows = [(p, r, s) for g in subset for p, r, s, *_ in g]
+        picks[label] = {  # a prompt with a liked and a disliked reply among them
             "user would make": sum(any(ok for *_, ok in g) and not all(ok for *_, ok in g)
-                                   for g in firsts),
+                                   for g in subset),
             "judge": {f"{m:g}": pick_counts(user, rows, m, fluent) for m in margins}}
+    hints = synthetic.hint_list if hinted else []
+    thumbs = [[(s, ok) for _, _, s, _, ok in g] for g in groups]
     return {"judge": {"finished_at": kept.record["finished_at"],
                       "summary": kept.record.get("summary"),
                       "check": kept.record.get("check")},
-            "prompts": len(groups), "replies": len(judge.rows),
+            "prompts": len(groups), "replies": len(scored), "hinted": hinted,
             "liked": sum(ok for g in thumbs for _, ok in g), "sample_seconds": round(seconds, 1),
             "auc_all": overall_auc([row for g in thumbs for row in g]),
             "auc_within_prompts": within_prompt_auc(thumbs),
+            "by_hint": by_hint(groups, hints),
             "picks": picks,
-            # every reply: its prompt's index, the judge's score, liked by the user
-            "scored": [[i, round(score, 4), ok] for i, g in enumerate(groups)
-                       for _, _, score, ok in g]}
+            # every reply: its prompt's index, the judge's score, liked by the user, and the
+            # index in `by_hint`'s requests of what it was asked (-1: nothing, a plain sample)
+            "scored": [[i, round(score, 4), ok, hints.index(hint) if hint else -1]
+                       for i, g in enumerate(groups) for _, _, score, hint, ok in g]}
+
+
+def by_hint(groups: list[list[tuple]], hints: list[str]) -> list[dict]:
+    """Per request (the plain samples first): replies, liked by the user, the judge's mean
+    score."""
+    out = []
+    for hint in [None, *hints]:
+        rows = [row for g in groups for row in g if row[3] == hint]
+        scores = [score for _, _, score, _, _ in rows]
+        out.append({"request": hint, "replies": len(rows),
+                    "liked": sum(ok for *_, ok in rows),
+                    "mean_score": round(sum(scores) / len(scores), 4) if scores else None})
+    return out
 
 
 def print_store(name: str, row: dict) -> None:
@@ -148,6 +160,10 @@ def print_store(name: str, row: dict) -> None:
     print(f"{name}: {row['replies']} replies to {row['prompts']} prompts, "
           f"{row['liked']} liked; judge AUC {row['auc_all'] or float('nan'):.2f} over all, "
           f"{within['auc'] or float('nan'):.2f} within {within['prompts']} prompts", flush=True)
+    if row.get("hinted"):
+        for h in row["by_hint"]:
+            print(f"  {h['request'] or '(plain)'}: {h['liked']} of {h['replies']} liked, "
+                  f"judge's mean score {h['mean_score']}", flush=True)
     for k, pick in row["picks"].items():
         for m, c in pick["judge"].items():
             print(f"  {k} a prompt, margin {m}: {c['pairs']} pairs, {c['right']} right, "
@@ -162,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "(a bench.loop or bench.variants store)")
     parser.add_argument("--user", required=True, help="the simulated user who cast its votes")
     parser.add_argument("--samples", type=int, default=8, help="replies a training prompt")
+    parser.add_argument("--hinted", type=int, default=0,
+                        help="replies a prompt besides --samples, each asked for an answer "
+                             "form (synthetic.hinted_samples, its synthetic.hints), 0-16")
     parser.add_argument("--margins", default="0,0.5,1,1.5,2",
                         help="synthetic.margin values to read, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=0,
@@ -177,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "read another user")
     if not 2 <= args.samples <= 16:
         parser.error(f"--samples: 2 to 16 replies a prompt, not {args.samples}")
+    if not 0 <= args.hinted <= 16:
+        parser.error(f"--hinted: 0 to 16 replies a prompt, not {args.hinted}")
     try:
         margins = [float(m) for m in args.margins.split(",") if m.strip()]
     except ValueError:
@@ -192,13 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
     [user] = make_users([args.user], [1])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "judge_picks.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
+    results = earlier_results(path)
     for store in args.store:
         row = {"user": args.user, "samples": args.samples,
-               **read_store(store, user, args.samples, margins, args.max_new_tokens)}
+               **read_store(store, user, args.samples, margins, args.max_new_tokens,
+                            args.hinted)}
         results[str(store)] = row
         path.write_text(json.dumps(results, indent=2) + "\n")
         print_store(str(store), row)

@@ -36,6 +36,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from bench import earlier_results
 from bench.loop import (judged, load_prompts, prepare_next_gate, replies, retention_all,
                         run_settings, run_training_round)
 
@@ -178,11 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     test = test[:args.test_prompts]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=None)
     path = args.out / "variants.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {"users": {}}
-    row = results["users"].setdefault(args.user, {"variants": {}})
+    results = earlier_results(path)
+    row = results.setdefault("users", {}).setdefault(args.user, {"variants": {}})
     row["args"] = run_settings({k: str(v) for k, v in vars(args).items()
                                 if k not in ("user", "store", "variants")})
     user = None

@@ -96,6 +96,8 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
         (judge_picks.main, ["--store", str(store), "--user", "concise"], "read another user"),
         (judge_picks.main, ["--store", str(store), "--user", "tips", "--samples", "1"],
          "--samples: 2 to 16 replies a prompt, not 1"),
+        (judge_picks.main, ["--store", str(store), "--user", "tips", "--hinted", "17"],
+         "--hinted: 0 to 16"),
         (judge_picks.main, ["--store", str(store), "--user", "tips", "--margins", "1,x"],
          "--margins: numbers separated by commas, not '1,x'"),
         (judge_picks.main, ["--store", str(store), "--user", "tips", "--margins", "-1"],
@@ -309,22 +311,32 @@ def test_small_loop_runs_the_real_pipeline(tiny_model, tmp_path):
     if (copy / "training" / "judge" / "judge.json").is_file():
         files = sorted(p.relative_to(copy) for p in copy.rglob("*"))
         found = judge_picks.main(["--store", str(copy), "--user", "tips", "--samples", "2",
-                                  "--margins", "0,1", "--max-new-tokens", "8",
+                                  "--hinted", "1", "--margins", "0,1", "--max-new-tokens", "8",
                                   "--out", str(tmp_path / "picks")])
         assert found == json.loads((tmp_path / "picks" / "judge_picks.json").read_text())
         got = found[str(copy)]
-        assert got["replies"] == 2 * got["prompts"] > 0 and 0 <= got["liked"] <= got["replies"]
+        assert got["replies"] == 3 * got["prompts"] > 0 and 0 <= got["liked"] <= got["replies"]
         assert got["auc_all"] is None or 0 <= got["auc_all"] <= 1
-        assert set(got["picks"]) == {"2"} and set(got["picks"]["2"]["judge"]) == {"0", "1"}
-        for m, c in got["picks"]["2"]["judge"].items():
-            assert c["pairs"] == c["right"] + c["wrong"] + c["both liked"] + c["neither liked"]
-            assert c["pairs"] <= got["prompts"]
-        liked = {}
-        for i, _, ok in got["scored"]:
-            liked.setdefault(i, []).append(ok)
+        assert set(got["picks"]) == {"2", "2+1 hinted"}
+        for pick in got["picks"].values():
+            assert set(pick["judge"]) == {"0", "1"}
+            for c in pick["judge"].values():
+                assert c["pairs"] == (c["right"] + c["wrong"] + c["both liked"]
+                                      + c["neither liked"]) <= got["prompts"]
+        liked, everything = {}, {}
+        for i, _, ok, asked in got["scored"]:
+            everything.setdefault(i, []).append(ok)
+            if asked == -1:  # a plain sample
+                liked.setdefault(i, []).append(ok)
         assert len(got["scored"]) == got["replies"] and len(liked) == got["prompts"]
         assert got["picks"]["2"]["user would make"] == sum(any(v) and not all(v)
                                                            for v in liked.values())
+        assert got["picks"]["2+1 hinted"]["user would make"] == sum(
+            any(v) and not all(v) for v in everything.values())
+        plain, *asked = got["by_hint"]  # one request a prompt, rotating over the hints
+        assert plain["request"] is None and plain["replies"] == 2 * got["prompts"]
+        assert sum(h["replies"] for h in asked) == got["prompts"]
+        assert sum(h["liked"] for h in got["by_hint"]) == got["liked"]
         assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == files  # nothing written
 
     # a round's judge trained again at other learning rates, in its time, checked the same way

@@ -291,7 +291,6 @@ def prepare_synthetic(registry: Registry, name: str, base_source: str, tokenizer
                                          fluent_chosen=fluent)
     finally:
         engine.close()
-    del judge
     seconds = time.monotonic() - t
     PreparedPairs.write(path, version=name, judge_made=made_at, cfg=cfg.synthetic,
                         fluent_chosen=fluent, pairs=pairs, summary=summary, seconds=seconds)
