@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bench import (a_check, approval, b_budget, b_forms, b_sample, c_match, ceiling,
-                   gate_replay, interpolate, judge_lr, judge_picks, reasons, reply_batching,
-                   variants)
+                   gate_replay, hints, interpolate, judge_lr, judge_picks, reasons,
+                   reply_batching, variants)
 from bench.loop import load_prompts, main
 from bench.users import make_users
 from serving.config import ServingConfig
@@ -98,6 +98,11 @@ def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
          "--samples: 2 to 16 replies a prompt, not 1"),
         (judge_picks.main, ["--store", str(store), "--user", "tips", "--hinted", "17"],
          "--hinted: 0 to 16"),
+        (hints.main, ["--prompts", "0"], "--prompts: 1 to 248 training prompts, not 0"),
+        (hints.main, ["--samples", "17"], "--samples: 1 to 16 replies, not 17"),
+        (hints.main, ["--hints", " | "], "--hints: at least one request"),
+        (hints.main, ["--places", "system,nowhere"], "--places: one or both of system, message"),
+        (hints.main, ["--max-new-tokens", "-1"], "--max-new-tokens: 0"),
         (judge_picks.main, ["--store", str(store), "--user", "tips", "--margins", "1,x"],
          "--margins: numbers separated by commas, not '1,x'"),
         (judge_picks.main, ["--store", str(store), "--user", "tips", "--margins", "-1"],
@@ -530,6 +535,28 @@ def test_reasons_bench_trains_both_judges_on_the_same_votes(tiny_model, tmp_path
     assert plain["steps"] == margin["steps"] == 2 and plain["pairs"] == margin["pairs"]
     assert plain["pairs_with_margin"] == 0
     assert -1 <= row["auc_difference"]["low"] <= row["auc_difference"]["high"] <= 1
+
+
+def test_hints_bench_reads_every_user_plain_and_asked_in_each_place(tiny_model, tmp_path):
+    out = tmp_path / "hints"
+    found = hints.main(["--prompts", "3", "--samples", "2", "--hints", "Say A.|Say B.",
+                        "--max-new-tokens", "8", "--out", str(out)])
+    assert found == json.loads((out / "hints.json").read_text())
+    [row] = found.values()
+    assert row["prompts"] == 3 and row["samples"] == 2
+    assert list(row["readings"]) == ["plain", "system: Say A.", "message: Say A.",
+                                     "system: Say B.", "message: Say B."]
+    for reading in row["readings"].values():
+        assert set(reading) == {u.name for u in make_users(
+            ["bold", "concise", "example", "no_filler", "structured", "tips"], [1])}
+        for r in reading.values():
+            low, high = r["approval_interval"]
+            assert 0 <= low <= r["approval"] <= high <= 1 and 0 <= r["prompts_liked"] <= 3
+    # a second reading with other settings joins the first
+    again = hints.main(["--prompts", "2", "--samples", "1", "--hints", "Say A.", "--places",
+                        "message", "--max-new-tokens", "8", "--out", str(out)])
+    assert len(again) == 2 and list(again[[k for k in again if k.endswith("2x1")][0]][
+        "readings"]) == ["plain", "message: Say A."]
 
 
 def test_b_forms_counts_each_measured_round_once_by_its_change(tmp_path, capsys):
