@@ -190,10 +190,11 @@ class SyntheticConfig:
         0, "replies per training prompt sampled besides samples_per_prompt, each with one "
            "answer-form request from synthetic.hints added to the prompt's last user message "
            "(the hints rotate over the prompts); judged and paired as replies to the prompt "
-           "without it, so the tuning learns, unasked, the forms the judge finds users like. "
-           "The base model seldom tries a form on its own: asked at the end of the user's "
-           "message, it ended 52% of its replies with a tip instead of 17% (session 51). "
-           "0: none", low=0, high=16)
+           "without it, so the tuning learns, unasked, the forms the judge finds users like "
+           "(the 135M model follows a request there, not in the system prompt: "
+           "bench/hints.py). 0 (none) by default: tips' round with 4 gained +11 points, "
+           "+12 without on the same votes, +15 with its simulated user picking the pairs "
+           "(session 51, 6 replies a test prompt)", low=0, high=16)
     hints: str = setting(
         'At the end, add one line that starts with "Tip:".'
         '|Include one sentence that starts with "For example,".'
