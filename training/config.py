@@ -191,8 +191,8 @@ class SyntheticConfig:
            "answer-form request from synthetic.hints added to the prompt's last user message "
            "(the hints rotate over the prompts); judged and paired as replies to the prompt "
            "without it, so the tuning learns, unasked, the forms the judge finds users like "
-           "(the 135M model follows a request there, not in the system prompt: "
-           "bench/hints.py). 0 (none) by default: tips' round with 4 gained +11 points, "
+           "(the 135M model follows a request there far more often than in the system "
+           "prompt: bench/hints.py). 0 (none) by default: tips' round with 4 gained +11 points, "
            "+12 without on the same votes, +15 with its simulated user picking the pairs "
            "(session 51, 6 replies a test prompt)", low=0, high=16)
     hints: str = setting(
