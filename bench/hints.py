@@ -77,17 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--prompts: 1 to {len(train)} training prompts, not {args.prompts}")
     if not 1 <= args.samples <= 16:
         parser.error(f"--samples: 1 to 16 replies, not {args.samples}")
+    if args.max_new_tokens < 0:
+        parser.error("--max-new-tokens: 0 (synthetic.max_new_tokens) or more")
     cfg = SyntheticConfig() if args.hints is None else SyntheticConfig(hints=args.hints)
     cfg = replace(cfg, max_new_tokens=args.max_new_tokens or cfg.max_new_tokens)
     if not cfg.hint_list:
         parser.error("--hints: at least one request, separated by '|'")
-    if args.max_new_tokens < 0:
-        parser.error("--max-new-tokens: 0 (synthetic.max_new_tokens) or more")
     places = [p.strip() for p in args.places.split(",") if p.strip()]
     if not places or set(places) - set(PLACES):
         parser.error(f"--places: one or both of {', '.join(PLACES)}, not {args.places!r}")
 
-    from bench.users import USER_NAMES, make_users
+    from bench.users import USER_NAMES, make_users, words
     from serving.backends import open_engine
     from serving.config import GenerationSettings, ServingConfig
     from serving.registry import Registry
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     readings, start = {}, time.monotonic()
     try:
         plain = sampled(engine, prompts, args.samples, None, "", settings)
-        users = make_users(list(USER_NAMES), [len(t.split()) for ts in plain for t in ts])
+        users = make_users(list(USER_NAMES), [words(t) for ts in plain for t in ts])
         readings["plain"] = reading(users, plain)
         print(f"plain: {_line(readings['plain'])}", flush=True)
         for hint in cfg.hint_list:
