@@ -3,13 +3,17 @@
 SQLite gets WAL (readers never block the writer), a busy timeout, foreign keys, and write
 transactions that start with `BEGIN IMMEDIATE`: a deferred transaction that later writes fails
 at once with SQLITE_BUSY whatever the timeout, so writers take the lock up front and wait.
+Switching a blank file to WAL is such an upgrade inside SQLite (a read, then the write lock), so
+processes opening a new file together retry that switch themselves until the busy timeout.
 Any other SQLAlchemy URL (PostgreSQL) is used as it is.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,13 +39,35 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _switch_to_wal(cursor, timeout_s: float) -> None:
+    """`PRAGMA journal_mode=WAL`, retried while another connection holds the lock.
+
+    On a file still in rollback mode SQLite takes a read lock and then upgrades it to switch
+    the mode; the upgrade fails at once with "database is locked" when another process is
+    doing the same (the busy handler is not called for an upgrade), as 16 processes opening
+    a blank database together showed. A file already in WAL answers at once, lock-free."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+def _configure_sqlite(engine: Engine, timeout_s: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         # Hand transaction control to SQLAlchemy's "begin" event below.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor, timeout_s)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -79,7 +105,7 @@ def _make_engine(url: str) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             make_folder(Path(parsed.database).expanduser().parent)
         engine = create_engine(url, connect_args=connect_args)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT_S)))
         return engine
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args)

@@ -277,6 +277,32 @@ def test_a_sqlite_folder_in_the_way_is_named_and_nothing_is_made(tmp_path):
     assert not (tmp_path / "unmounted").exists() and (tmp_path / "a-file").read_text() == "kept"
 
 
+def test_opening_a_blank_file_waits_while_another_program_holds_its_write_lock(tmp_path):
+    """Switching a rollback-mode file to WAL upgrades a read lock, which SQLite refuses at once
+    (no busy handler) while another connection holds the write lock: the store waits and
+    retries instead (the 16-processes test below failed on this once in CI). A lock held
+    past the busy timeout still ends in the clear 'busy' message."""
+    path = tmp_path / "feedback.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("create table notes (x)")
+    threading.Timer(0.4, lambda: other.execute("COMMIT")).start()
+    engine = db.make_engine(f"sqlite:///{path}?timeout=10")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+
+    held = sqlite3.connect(tmp_path / "held.db", isolation_level=None)
+    held.execute("BEGIN IMMEDIATE")
+    held.execute("create table notes (x)")
+    url = f"sqlite:///{tmp_path / 'held.db'}?timeout=0.3"
+    with pytest.raises(StoreUnavailable, match="busy"), db.transaction(url=url):
+        pass
+    held.execute("COMMIT")
+    with db.transaction(write=True, url=url) as session:
+        store.get_or_create_user(session=session, username="u")
+
+
 def test_sixteen_processes_opening_a_blank_database_all_succeed(tmp_path):
     """First use races: every process migrates under BEGIN IMMEDIATE, so none fails with
     'database is locked' and the schema is made once."""
