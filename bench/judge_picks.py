@@ -35,6 +35,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 from bench import earlier_results
 from bench.variants import counted_by_user
@@ -107,12 +108,12 @@ def read_store(store: Path, user, samples: int, margins: list[float],
     finally:
         engine.close()
     seconds = time.monotonic() - t
-    by_prompt: dict[str, list[tuple[list[dict], str, float, str | None, bool]]] = {}
+    by_prompt: dict[str, list[Scored]] = {}
     for prompt, reply, score, hint in scored:
         by_prompt.setdefault(repr(prompt), []).append(
-            (prompt, reply, score, hint, user.judge(reply)[0]))
+            Scored(prompt, reply, score, hint, user.judge(reply)[0]))
     groups = list(by_prompt.values())
-    plain = [[row for row in g if row[3] is None] for g in groups]
+    plain = [[row for row in g if row.hint is None] for g in groups]
     fluent = cfg.data.drop_disfluent
     picks = {}
     subsets = [(str(k), [g[:k] for g in plain])
@@ -120,13 +121,13 @@ def read_store(store: Path, user, samples: int, margins: list[float],
     if hinted:  # every reply, the plain ones and those asked for a form
         subsets.append((f"{samples}+{hinted} hinted", groups))
     for label, subset in subsets:
-        rows = [(p, r, s) for g in subset for p, r, s, *_ in g]
+        rows = [(row.prompt, row.reply, row.score) for g in subset for row in g]
         picks[label] = {  # a prompt with a liked and a disliked reply among them
-            "user would make": sum(any(ok for *_, ok in g) and not all(ok for *_, ok in g)
-                                   for g in subset),
+            "user would make": sum(any(row.liked for row in g)
+                                   and not all(row.liked for row in g) for g in subset),
             "judge": {f"{m:g}": pick_counts(user, rows, m, fluent) for m in margins}}
     hints = synthetic.hint_list if hinted else []
-    thumbs = [[(s, ok) for _, _, s, _, ok in g] for g in groups]
+    thumbs = [[(row.score, row.liked) for row in g] for g in groups]
     return {"judge": {"finished_at": kept.record["finished_at"],
                       "summary": kept.record.get("summary"),
                       "check": kept.record.get("check")},
@@ -138,19 +139,29 @@ def read_store(store: Path, user, samples: int, margins: list[float],
             "picks": picks,
             # every reply: its prompt's index, the judge's score, liked by the user, and the
             # index in `by_hint`'s requests of what it was asked (-1: nothing, a plain sample)
-            "scored": [[i, round(score, 4), ok, hints.index(hint) if hint else -1]
-                       for i, g in enumerate(groups) for _, _, score, hint, ok in g]}
+            "scored": [[i, round(row.score, 4), row.liked,
+                        hints.index(row.hint) if row.hint else -1]
+                       for i, g in enumerate(groups) for row in g]}
 
 
-def by_hint(groups: list[list[tuple]], hints: list[str]) -> list[dict]:
+class Scored(NamedTuple):
+    """One sampled reply: the judge's score and the simulated user's thumb."""
+    prompt: list[dict]
+    reply: str
+    score: float
+    hint: str | None  # the answer form it was asked for; None for a plain sample
+    liked: bool
+
+
+def by_hint(groups: list[list[Scored]], hints: list[str]) -> list[dict]:
     """Per request (the plain samples first): replies, liked by the user, the judge's mean
     score."""
     out = []
     for hint in [None, *hints]:
-        rows = [row for g in groups for row in g if row[3] == hint]
-        scores = [score for _, _, score, _, _ in rows]
+        rows = [row for g in groups for row in g if row.hint == hint]
+        scores = [row.score for row in rows]
         out.append({"request": hint, "replies": len(rows),
-                    "liked": sum(ok for *_, ok in rows),
+                    "liked": sum(row.liked for row in rows),
                     "mean_score": round(sum(scores) / len(scores), 4) if scores else None})
     return out
 

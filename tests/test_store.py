@@ -303,6 +303,25 @@ def test_opening_a_blank_file_waits_while_another_program_holds_its_write_lock(t
         store.get_or_create_user(session=session, username="u")
 
 
+def test_alembic_on_the_command_line_migrates_through_the_stores_engine(tmp_path):
+    """`alembic -x url=... upgrade head` (the operator's path) makes the same schema, with the
+    store's pragmas (WAL), as the first use does."""
+    import argparse
+
+    from alembic import command
+    from alembic.config import Config
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    cfg = Config(cmd_opts=argparse.Namespace(x=[f"url={url}"]))
+    cfg.set_main_option("script_location", str(db.MIGRATIONS_DIR))
+    command.upgrade(cfg, "head")
+    con = sqlite3.connect(tmp_path / "cli.db")
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert "users" in {r[0] for r in con.execute("select name from sqlite_master")}
+    with db.transaction(write=True, url=url) as session:  # first use: nothing left to migrate
+        store.get_or_create_user(session=session, username="u")
+
+
 def test_sixteen_processes_opening_a_blank_database_all_succeed(tmp_path):
     """First use races: every process migrates under BEGIN IMMEDIATE, so none fails with
     'database is locked' and the schema is made once."""
