@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not places or set(places) - set(PLACES):
         parser.error(f"--places: one or both of {', '.join(PLACES)}, not {args.places!r}")
 
-    from bench.users import USER_NAMES, make_users, words
+    from bench.users import RULES, make_users, words
     from serving.backends import open_engine
     from serving.config import GenerationSettings, ServingConfig
     from serving.registry import Registry
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     readings, start = {}, time.monotonic()
     try:
         plain = sampled(engine, prompts, args.samples, None, "", settings)
-        users = make_users(list(USER_NAMES), [words(t) for ts in plain for t in ts])
+        users = make_users(list(RULES), [words(t) for ts in plain for t in ts])
         readings["plain"] = reading(users, plain)
         print(f"plain: {_line(readings['plain'])}", flush=True)
         for hint in cfg.hint_list:

@@ -56,7 +56,7 @@ def replies(prompts: list[dict], n: int, settings,
     from serving.registry import Registry
 
     registry = Registry()
-    key = (version or registry.current_name(), tuple(p["id"] for p in prompts), n)
+    key = (version or registry.current_name(), tuple(repr(p["messages"]) for p in prompts), n)
     if key in _cache:
         return _cache[key]
     engine = open_engine(registry, version)
@@ -149,12 +149,36 @@ def judge_on_test(user, prompts: list[dict], current: list[list[str]],
             "of": len(differ), "seconds": round(time.monotonic() - t, 1)}
 
 
+def edited_prompts(user, count: int) -> list[int]:
+    """The indices of the prompts whose replies `user` edits (none for most users)."""
+    return [i for i in range(count) if (i % 100) < user.edit_share * 100]
+
+
+def additions(user, prompts: list[dict], settings) -> dict[int, str | None]:
+    """For each prompt `user` edits, the words it adds: taken from the serving version's reply
+    to the prompt with `user.edit_request` added (standing in for what the user would write)."""
+    from training.synthetic import with_hint
+
+    chosen = edited_prompts(user, len(prompts))
+    if not chosen:
+        return {}
+    asked = [{**prompts[i], "messages": with_hint(prompts[i]["messages"], user.edit_request)}
+             for i in chosen]
+    texts, _ = replies(asked, 1, settings)
+    return {i: user.addition(t[0]) for i, t in zip(chosen, texts)}
+
+
 def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str,
-                 settings: dict, round_no: int) -> dict:
-    """Store the replies and the user's votes (and picks) through the page's own `ChatSession`."""
+                 settings: dict, added: dict[int, str | None] | None = None) -> dict:
+    """Store the replies and the user's votes (and picks, and edits: `added` holds the words
+    the user adds to a reply it dislikes, by prompt index) through the page's own
+    `ChatSession`."""
     from streamlit_app.chat_session import ChatSession
 
+    added = added or {}
     counts = {"votes": 0, "liked": 0, "picks": 0, "with_reason": 0}
+    if user.edit_share:
+        counts |= {"edits": 0, "edits_without_words": 0}
     chat = ChatSession(ChatSession.sign_in(f"sim-{user.name}"))
     for i, (prompt, options) in enumerate(zip(prompts, texts)):
         parent_id = chat.start_conversation(prompt["messages"])
@@ -170,11 +194,20 @@ def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str
             counts["votes"] += 1
             counts["liked"] += liked
             counts["with_reason"] += bool(reasons)
-            shown.append((liked, message_id))
+            shown.append((liked, message_id, text))
         # Some users regenerate and pick the reply they like when the replies differ.
-        if (i % 100) < user.regenerate_share * 100 and len({lk for lk, _ in shown}) == 2:
-            chat.prefer(next(mid for lk, mid in shown if lk))
+        if (i % 100) < user.regenerate_share * 100 and len({lk for lk, *_ in shown}) == 2:
+            chat.prefer(next(mid for lk, mid, _ in shown if lk))
             counts["picks"] += 1
+        # An editing user turns the first reply it dislikes into one it likes.
+        disliked = [(mid, text) for lk, mid, text in shown if not lk]
+        if user.edit_share and i in added and disliked:
+            edited = user.edited(disliked[0][1], added[i])
+            if edited:
+                chat.edit(disliked[0][0], edited)
+                counts["edits"] += 1
+            else:
+                counts["edits_without_words"] += 1
     return counts
 
 
@@ -365,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
             t, _ = time.monotonic(), reset_peak()
             texts, version = replies(prompts, args.replies_per_prompt, settings)
             gen_s, gen_mb = time.monotonic() - t, peak_mb()
-            counts = record_votes(user, prompts, texts, version, settings.to_dict(), r)
+            added = additions(user, prompts, settings)
+            counts = record_votes(user, prompts, texts, version, settings.to_dict(), added)
             prepared = prepare_next_gate(args.round_config, args.prepare_minutes) \
                 if args.prepare else None
             training = run_training_round(args.round_config, args.max_minutes)
@@ -414,8 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
                           f"{full['current']} ({full['retention']:.0%}; lost {full['lost']}, "
                           f"gained {full['gained']})", flush=True)
             serving = after
+            edits = f", {counts['edits']} edits" if "edits" in counts else ""
             print(f"{name}: round {r + 1}: {counts['votes']} votes ({counts['liked']} liked, "
-                  f"{counts['picks']} picks), training {training['decision']} in "
+                  f"{counts['picks']} picks{edits}), training {training['decision']} in "
                   f"{training['seconds']:.0f}s; approval {row['approval'][-1]:.0%} ({version})",
                   flush=True)
             save()

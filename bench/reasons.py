@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     for user in users:
         # each user's own store (the base model's replies are shared)
         os.environ["CHAT_DATABASE_URL"] = f"sqlite:///{data / (user.name + '.db')}"
-        counts = record_votes(user, prompts, texts, version, settings.to_dict(), 0)
+        counts = record_votes(user, prompts, texts, version, settings.to_dict())
         train, heldout = split(load_feedback(), DataConfig())
         row = {"describe": user.describe, "votes": counts, "train": train.counts,
                "heldout": heldout.counts, "runs": {}}

@@ -3,9 +3,13 @@
 A user sees a reply and returns (liked, reasons), using the page's own reason chips. As people
 do, a user states a reason only when the case is clear-cut (far over a length limit, a long
 reply without anything it wants, what it wants there twice) and gives a bare thumb otherwise.
-Some users also regenerate and pick the reply they like best. The concise user's word limit is
-calibrated on the base model's own replies, so that the base model pleases it about a third of
-the time.
+Some users also regenerate and pick the reply they like best, and one edits: `tips_edits`
+wants what `tips` wants and, on a third of the prompts, edits a reply it dislikes into one it
+likes by adding a tip at its end (the page's "edit" button: a pair, the edit over the original).
+The tip's words stand in for the user's own: the bench asks the serving model for a reply
+ending in a tip (`edit_request`) and takes the first sentence holding a tip word from it. The
+concise user's word limit is calibrated on the base model's own replies, so that the base model
+pleases it about a third of the time.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ class SimUser:
     describe: str
     judge: Callable[[str], tuple[bool, list[str]]]
     regenerate_share: float = 0.0  # share of prompts where the user also regenerates and picks
+    edit_share: float = 0.0  # share of prompts where the user edits a reply it dislikes
+    edit_request: str = ""  # asks the serving model for the words the user adds in an edit
+    addition: Callable[[str], str | None] | None = None  # those words, from that reply
+
+    def edited(self, reply: str, addition: str | None) -> str | None:
+        """`reply` with `addition` at its end when that makes a reply this user likes."""
+        if not addition or addition.strip() in reply:
+            return None
+        text = f"{reply.rstrip()}\n\n{addition.strip()}"
+        return text if self.judge(text)[0] else None
 
 
 def concise(limit_words: int) -> SimUser:
@@ -86,6 +100,31 @@ def practical_tip() -> SimUser:
                            '"note that", "make sure")', judge)
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MARKER = re.compile(r"^\s*([-*•]|\d+[.)])\s+")
+
+
+def tip_sentence(text: str, max_words: int = 40) -> str | None:
+    """The first sentence of `text` that holds a tip word (list markers and emphasis
+    dropped), if it is at most `max_words` long."""
+    for line in text.splitlines():
+        for sentence in SENTENCE_END.split(MARKER.sub("", line).replace("**", "").strip()):
+            if TIP.search(sentence) and 3 <= words(sentence) <= max_words:
+                return sentence.strip()
+    return None
+
+
+def tips_edits() -> SimUser:
+    user = practical_tip()
+    user.name = "tips_edits"
+    user.describe += "; edits a third of the replies it dislikes by adding one"
+    user.edit_share = 0.34
+    user.edit_request = ('End your answer with one practical tip on its own line, starting '
+                         'with "Tip:".')
+    user.addition = tip_sentence
+    return user
+
+
 def percentile(values: list[int], q: float) -> int:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -94,10 +133,11 @@ def percentile(values: list[int], q: float) -> int:
 def _factories(base_reply_lengths: list[int]) -> dict:
     return {"concise": lambda: concise(max(1, percentile(base_reply_lengths, 0.35))),
             "example": with_example, "structured": structured, "no_filler": no_filler,
-            "bold": bold_terms, "tips": practical_tip}
+            "bold": bold_terms, "tips": practical_tip, "tips_edits": tips_edits}
 
 
 USER_NAMES = tuple(sorted(_factories([1])))
+RULES = tuple(n for n in USER_NAMES if n != "tips_edits")  # tips_edits reads replies as tips does
 
 
 def unknown_users(names: list[str]) -> str | None:

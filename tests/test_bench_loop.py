@@ -76,6 +76,51 @@ def test_the_users_own_rule_reads_and_picks_synthetic_pairs(tmp_path):
     assert variants.synthetic_by_user(tips, tmp_path / "none.json") is None
 
 
+def test_the_editing_user_stores_each_edit_as_a_pair_over_the_original():
+    """`tips_edits` adds a tip to the first reply it dislikes on its share of the prompts,
+    through the page's own edit: the store keeps the edit as the selected reply and a pair
+    (source "edit") over the original, which training reads. No words to add, or words that
+    would not please it, and it leaves the reply alone."""
+    from bench.loop import edited_prompts, record_votes
+    from bench.users import tip_sentence
+    from feedback import db, io
+    from training.dataset import load_feedback
+
+    assert tip_sentence("Boil it.\n\n- **Tip:** Salt the water. It helps.") == \
+        "Tip: Salt the water."
+    assert tip_sentence("Boil it. Then eat.") is None
+    assert tip_sentence("Remember " + "this " * 60) is None  # too long to be a sentence added
+    [user] = make_users(["tips_edits"], list(range(1, 101)))
+    [tips] = make_users(["tips"], [1])
+    for reply in ("Boil it.", "Remember the salt.", "word " * 120):
+        assert user.judge(reply) == tips.judge(reply)  # wants what tips wants
+    assert edited_prompts(user, 100) == list(range(34)) and edited_prompts(user, 3) == [0, 1, 2]
+    assert user.edited("Boil it.", "Keep in mind the salt.") == \
+        "Boil it.\n\nKeep in mind the salt."
+    assert user.edited("Boil it.", "Add salt.") is None  # still no tip: not an edit it makes
+    assert user.edited("Boil it.", None) is None
+
+    prompts = load_prompts()[0][:4]
+    texts = [["Boil it.", "Tip: salt the water."], ["Plain.", "Also plain."],
+             ["Remember the lid.", "Make sure it boils."], ["Stir.", ""]]
+    added = {0: "Remember to salt the water.", 1: None, 2: "Keep in mind the time.",
+             3: "Add salt."}
+    counts = record_votes(user, prompts, texts, "base", {}, added)
+    assert counts == {"votes": 7, "liked": 3, "picks": 0, "with_reason": 0, "edits": 1,
+                      "edits_without_words": 2}
+    with db.transaction() as session:
+        pairs = list(io.iter_pair_rows(session=session))
+    assert [(p["source"], p["chosen"][0]["content"], p["rejected"][0]["content"])
+            for p in pairs] == [("edit", "Boil it.\n\nRemember to salt the water.", "Boil it.")]
+    assert pairs[0]["prompt"] == prompts[0]["messages"]
+    data = load_feedback()
+    assert any(p["chosen"][0]["content"].endswith("salt the water.") for p in data.pairs)
+
+    assert "edits" not in record_votes(tips, prompts, texts, "base", {}, added)  # no others
+    with db.transaction() as session:
+        assert len(list(io.iter_pair_rows(session=session))) == 1
+
+
 def test_bench_command_lines_refuse_bad_input_before_any_work(tmp_path, capsys):
     """An unknown user, a negative round count, a --report without a run, a gate setting that
     does not exist or is out of range, results that are not there, no questions to ask: a
