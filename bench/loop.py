@@ -154,9 +154,10 @@ def edited_prompts(user, count: int) -> list[int]:
     return [i for i in range(count) if (i % 100) < user.edit_share * 100]
 
 
-def additions(user, prompts: list[dict], settings) -> dict[int, str | None]:
-    """For each prompt `user` edits, the words it adds: taken from the serving version's reply
-    to the prompt with `user.edit_request` added (standing in for what the user would write)."""
+def additions(user, prompts: list[dict], settings, tries: int = 3) -> dict[int, str | None]:
+    """For each prompt `user` edits, the words it adds: taken from the first of `tries` replies
+    of the serving version to the prompt with `user.edit_request` added that holds them
+    (standing in for what the user would write); None where none does."""
     from training.synthetic import with_hint
 
     chosen = edited_prompts(user, len(prompts))
@@ -164,8 +165,9 @@ def additions(user, prompts: list[dict], settings) -> dict[int, str | None]:
         return {}
     asked = [{**prompts[i], "messages": with_hint(prompts[i]["messages"], user.edit_request)}
              for i in chosen]
-    texts, _ = replies(asked, 1, settings)
-    return {i: user.addition(t[0]) for i, t in zip(chosen, texts)}
+    texts, _ = replies(asked, tries, settings)
+    found = [[user.addition(t) for t in ts] for ts in texts]
+    return {i: next((a for a in words if a), None) for i, words in zip(chosen, found)}
 
 
 def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str,

@@ -76,12 +76,13 @@ def test_the_users_own_rule_reads_and_picks_synthetic_pairs(tmp_path):
     assert variants.synthetic_by_user(tips, tmp_path / "none.json") is None
 
 
-def test_the_editing_user_stores_each_edit_as_a_pair_over_the_original():
+def test_the_editing_user_stores_each_edit_as_a_pair_over_the_original(tiny_model):
     """`tips_edits` adds a tip to the first reply it dislikes on its share of the prompts,
     through the page's own edit: the store keeps the edit as the selected reply and a pair
     (source "edit") over the original, which training reads. No words to add, or words that
     would not please it, and it leaves the reply alone."""
-    from bench.loop import edited_prompts, record_votes
+    from bench.loop import additions, edited_prompts, record_votes, replies
+    from serving.config import GenerationSettings
     from bench.users import tip_sentence
     from feedback import db, io
     from training.dataset import load_feedback
@@ -117,6 +118,19 @@ def test_the_editing_user_stores_each_edit_as_a_pair_over_the_original():
     assert any(p["chosen"][0]["content"].endswith("salt the water.") for p in data.pairs)
 
     assert "edits" not in record_votes(tips, prompts, texts, "base", {}, added)  # no others
+    assert additions(tips, prompts, GenerationSettings(max_new_tokens=8)) == {}
+
+    # the words come from the serving version asked for a tip: each of the user's prompts
+    # gets some (a sentence with a tip word) or None; the asked replies are kept apart from
+    # the plain replies to the same prompts
+    settings = GenerationSettings(max_new_tokens=8, seed=None)
+    words = additions(user, prompts[:2], settings, tries=2)
+    assert set(words) == {0, 1}
+    assert all(w is None or tip_sentence(w) == w for w in words.values())
+    asked = [{**p, "messages": p["messages"][:-1] + [{**p["messages"][-1], "content": p[
+        "messages"][-1]["content"] + "\n\n" + user.edit_request}]} for p in prompts[:2]]
+    asked_texts = replies(asked, 2, settings)[0]  # kept from the call above, by its messages
+    assert len(asked_texts) == 2 and replies(prompts[:2], 2, settings)[0] is not asked_texts
     with db.transaction() as session:
         assert len(list(io.iter_pair_rows(session=session))) == 1
 
