@@ -651,6 +651,18 @@ def test_work_in_chunks_starts_no_chunk_that_would_end_past_its_deadline():
                                       at_least=0) if time.sleep(0.2) is None]
     assert len(blind) == 1  # started, and ended 0.1 s past its deadline
 
+    # Batched chunks ((b): one wave of the engine's slots, as long as its longest reply): a
+    # short last chunk is priced as a full one, so with 0.15 s left after two chunks of 0.2 s
+    # the last 2 items are not started; priced by their count (0.1 s) they would be, and end
+    # past the deadline.
+    for batched, expected in ((True, 8), (False, 10)):
+        done, deadline = [], time.monotonic() + 0.55
+        for rows in in_time(list(range(10)), deadline, chunk=4, at_least=0, batched=batched):
+            time.sleep(0.2)
+            done += rows
+        assert len(done) == expected
+        assert (time.monotonic() < deadline) == batched
+
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 0.05)])
 def test_mean_log_probabilities_count_the_reply_tokens_only(tiny_model, monkeypatch, dtype,

@@ -385,17 +385,22 @@ def judge_verdict(candidate: list, current: list, calibration: Calibration,
 
 
 def in_time(items: list, deadline: float, *, chunk: int, at_least: int, cost=len,
-            pace: list[float] | None = None):
+            pace: list[float] | None = None, batched: bool = False):
     """`items` a chunk at a time, while the work on the next chunk (done by the caller between
     chunks) can end by `deadline` (time.monotonic()), judged by the slowest rate so far in
     seconds per unit of `cost(chunk)` (read before the chunk is worked on: (a)'s cached votes
     cost one model, new ones three); the first `at_least` items are always given. `pace`, a
     one-item list, carries that rate from an earlier pass over the same kind of work (read at
-    the start, updated after each chunk), so a second pass does not start blind."""
+    the start, updated after each chunk), so a second pass does not start blind. `batched`:
+    a chunk is one wave of the engine's slots, decoded together, so a short last chunk takes
+    about as long as a full one (its longest reply sets the time) and is costed as one. (In
+    session 52 (b) had about 84 s for 27 prompts in chunks of 8; after three chunks of about
+    24 s, the last 3 prompts, priced at 3/8 of a chunk, started with 12 s left and the round
+    ended 8 s past its 10 minutes.)"""
     done, rate = 0, pace[0] if pace else 0.0
     while done < len(items):
         rows = items[done:done + chunk]
-        units = max(cost(rows), 1)
+        units = max(cost(rows) * (chunk / len(rows) if batched else 1), 1)
         if done >= at_least and time.monotonic() + rate * units >= deadline:
             return
         began = time.monotonic()
@@ -604,7 +609,7 @@ def gate(*, current: LoadedModel, candidate: LoadedModel, base: LoadedModel,
         # (session 40's replays of tips' round 1)
         for rows in in_time(asked, deadline, at_least=cfg.min_heldout_prompts, cost=work,
                             chunk=-(-cfg.min_heldout_prompts // k) if deadline < float("inf")
-                            else len(asked)):
+                            else len(asked), batched=True):
             o, c = (kp.answers(rows, cfg.judged_max_new_tokens, k) for kp in kept)
             each = [p for p in rows for _ in range(k)]  # a prompt's replies together
             scores = reward_model.score([p + [{"role": "assistant", "content": r}] for p, r in
