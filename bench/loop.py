@@ -149,9 +149,15 @@ def judge_on_test(user, prompts: list[dict], current: list[list[str]],
             "of": len(differ), "seconds": round(time.monotonic() - t, 1)}
 
 
+def in_share(i: int, share: float) -> bool:
+    """Whether the `i`-th prompt is among the `share` of prompts a user acts on (regenerates
+    and picks, edits): the first `share` of every hundred."""
+    return (i % 100) < share * 100
+
+
 def edited_prompts(user, count: int) -> list[int]:
     """The indices of the prompts whose replies `user` edits (none for most users)."""
-    return [i for i in range(count) if (i % 100) < user.edit_share * 100]
+    return [i for i in range(count) if in_share(i, user.edit_share)]
 
 
 def additions(user, prompts: list[dict], settings, tries: int = 3) -> dict[int, str | None]:
@@ -198,7 +204,7 @@ def record_votes(user, prompts: list[dict], texts: list[list[str]], version: str
             counts["with_reason"] += bool(reasons)
             shown.append((liked, message_id, text))
         # Some users regenerate and pick the reply they like when the replies differ.
-        if (i % 100) < user.regenerate_share * 100 and len({lk for lk, *_ in shown}) == 2:
+        if in_share(i, user.regenerate_share) and len({lk for lk, *_ in shown}) == 2:
             chat.prefer(next(mid for lk, mid, _ in shown if lk))
             counts["picks"] += 1
         # An editing user turns the first reply it dislikes into one it likes.

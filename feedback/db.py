@@ -39,6 +39,11 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
+def _busy(text: str) -> bool:
+    """Whether a database error's text says another program holds the lock."""
+    return "locked" in text or "busy" in text
+
+
 def _switch_to_wal(cursor, timeout_s: float) -> None:
     """`PRAGMA journal_mode=WAL`, retried while another connection holds the lock.
 
@@ -53,7 +58,7 @@ def _switch_to_wal(cursor, timeout_s: float) -> None:
             cursor.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _busy(str(exc)):
                 raise
             if time.monotonic() >= deadline:
                 raise
@@ -99,13 +104,14 @@ def make_engine(url: str) -> Engine:
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        timeout_s = float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT_S))
         connect_args = {"check_same_thread": False}
         if "timeout" not in parsed.query:
-            connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
+            connect_args["timeout"] = timeout_s
         if parsed.database and parsed.database != ":memory:":
             make_folder(Path(parsed.database).expanduser().parent)
         engine = create_engine(url, connect_args=connect_args)
-        _configure_sqlite(engine, float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT_S)))
+        _configure_sqlite(engine, timeout_s)
         return engine
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
@@ -157,7 +163,7 @@ def _unavailable(exc: Exception, engine: Engine) -> StoreUnavailable:
     text = str(getattr(exc, "orig", exc)) or type(exc).__name__
     detail = f"{where}: {text}"
     log.warning("database error: %s", detail)
-    if "locked" in text or "busy" in text:
+    if _busy(text):
         return StoreUnavailable("The database is busy (locked by another program) and nothing "
                                 "was saved. Try again in a moment.", detail)
     return StoreUnavailable("The database cannot be reached and nothing was saved. Try again "
